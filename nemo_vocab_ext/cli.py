@@ -1,0 +1,169 @@
+"""The ``nemo-vocab-ext`` command line: a thin layer over the library.
+
+Known errors end here as one line and an exit code (1 for bad input, 2 for usage); ``--debug``
+shows the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from .core.resize import Init
+from .errors import VocabExtError
+from .io import Format, format_for_destination, load_checkpoint, save_checkpoint
+
+F = TypeVar("F", bound=Callable[..., Any])
+INIT_CHOICES = click.Choice([i.value for i in Init])
+
+
+def _report_errors(fn: F) -> F:
+    """Map library errors to one line on stderr and their exit code."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        debug = click.get_current_context().find_root().params.get("debug", False)
+        try:
+            return fn(*args, **kwargs)
+        except VocabExtError as e:
+            if debug:
+                raise
+            click.echo(f"error: {e}", err=True)
+            sys.exit(e.exit_code)
+        except (OSError, MemoryError) as e:
+            if debug:
+                raise
+            click.echo(f"error: {e}", err=True)
+            sys.exit(1)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _say(msg: str) -> None:
+    if not click.get_current_context().find_root().params.get("quiet", False):
+        click.echo(msg, err=True)
+
+
+@click.group(
+    epilog="""\b
+Examples:
+  nemo-vocab-ext inspect base.nemo
+  nemo-vocab-ext validate base.nemo --tokenizer merged/ --tp 2 --data data/th_text_document
+  nemo-vocab-ext resize base.nemo extended.nemo --tokenizer merged/ --init mean --dry-run
+  nemo-vocab-ext convert extended.nemo extended.safetensors
+"""
+)
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress or notes on stderr.")
+@click.version_option(package_name="nemo_vocab_ext")
+def main(debug: bool, quiet: bool) -> None:
+    """Inspect, validate, convert and resize NeMo Megatron GPT checkpoints (.nemo, .ckpt, safetensors)."""
+
+
+@main.command()
+@click.argument("ckpt", type=click.Path(exists=True, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_report_errors
+def inspect(ckpt: Path, as_json: bool) -> None:
+    """Show a checkpoint's layout, vocabulary and sizes."""
+    from .describe import describe
+
+    loaded, fmt = load_checkpoint(ckpt)
+    info = describe(loaded, str(fmt))
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    width = max(len(k) for k in info)
+    for key, value in info.items():
+        click.echo(f"{key:<{width}}  {value if value is not None else '-'}")
+
+
+@main.command()
+@click.argument("ckpt", type=click.Path(exists=True, path_type=Path))
+@click.option("--tokenizer", type=click.Path(exists=True, path_type=Path), help="Tokenizer to train with (default: the checkpoint's own).")
+@click.option("--tp", type=click.IntRange(min=1), help="Tensor-parallel size of the run (default: the config's).")
+@click.option("--divisible-by", type=click.IntRange(min=1), help="make_vocab_size_divisible_by (default: the config's).")
+@click.option("--data", "data", multiple=True, metavar="PREFIX", help="Megatron .bin/.idx prefix to scan for out-of-range ids; repeatable.")
+@click.option("--json", "as_json", is_flag=True, help='Print {"ok": ..., "checks": [...]}.')
+@_report_errors
+def validate(ckpt: Path, tokenizer: Path | None, tp: int | None, divisible_by: int | None, data: tuple[str, ...], as_json: bool) -> None:
+    """Check padded vocab size, token ids, artifacts, tied weights, NaN/Inf and data. Exit 1 on any failure."""
+    from .validate import validate_checkpoint
+
+    loaded, _ = load_checkpoint(ckpt)
+    report = validate_checkpoint(loaded, tokenizer_path=tokenizer, tensor_parallel=tp, divisible_by=divisible_by, data_prefixes=data)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        click.echo("\n".join(report.lines()))
+        click.echo("ok" if report.ok else "FAILED")
+    sys.exit(0 if report.ok else 1)
+
+
+@main.command()
+@click.argument("src", type=click.Path(exists=True, path_type=Path))
+@click.argument("dst", type=click.Path(path_type=Path))
+@click.option("--to", "to", type=click.Choice([f.value for f in Format]), help="Output format (default: from DST's suffix).")
+@click.option("--force", is_flag=True, help="Overwrite DST.")
+@_report_errors
+def convert(src: Path, dst: Path, to: str | None, force: bool) -> None:
+    """Convert between .nemo, .ckpt and safetensors; every tensor is read back and compared."""
+    fmt = format_for_destination(dst, Format(to) if to else None)
+    loaded, src_fmt = load_checkpoint(src)
+    if fmt is not Format.CKPT:
+        # Weights only: optimizer state belongs to training checkpoints.
+        loaded.tensors = {k: v for k, v in loaded.tensors.items() if not k.startswith("optimizer.")}
+    save_checkpoint(loaded, dst, fmt, force=force)
+    _say(f"wrote {dst} ({fmt}, {loaded.layout} layout) from {src} ({src_fmt}); {len(loaded.tensors)} entries verified")
+
+
+@main.command()
+@click.argument("src", type=click.Path(exists=True, path_type=Path))
+@click.argument("dst", type=click.Path(path_type=Path))
+@click.option("--tokenizer", type=click.Path(exists=True, path_type=Path), help="The merged tokenizer (vocab.json+merges.txt folder, tokenizer.json or .model).")
+@click.option("--vocab-size", type=click.IntRange(min=1), help="New tokenizer size, when no tokenizer is given.")
+@click.option("--init", "init", type=INIT_CHOICES, default=Init.ZEROS.value, show_default=True, help="How new tokens' rows start.")
+@click.option("--padding-init", type=click.Choice([Init.ZEROS.value, Init.MEAN.value, Init.NORMAL.value]), default=Init.MEAN.value, show_default=True)
+@click.option("--tp", type=click.IntRange(min=1), help="Tensor-parallel size to pad for (default: the config's).")
+@click.option("--divisible-by", type=click.IntRange(min=1), help="make_vocab_size_divisible_by (default: the config's).")
+@click.option("--allow-shrink", is_flag=True, help="Allow dropping trained rows.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the 'normal' init.")
+@click.option("--dry-run", is_flag=True, help="Print the plan; write nothing.")
+@click.option("--force", is_flag=True, help="Overwrite DST.")
+@_report_errors
+def resize(
+    src: Path, dst: Path, tokenizer: Path | None, vocab_size: int | None, init: str, padding_init: str,
+    tp: int | None, divisible_by: int | None, allow_shrink: bool, seed: int, dry_run: bool, force: bool,
+) -> None:
+    """Grow (or, with --allow-shrink, shrink) the vocabulary of SRC into a new .nemo DST."""
+    from .resize_job import run_resize
+
+    if (tokenizer is None) == (vocab_size is None):
+        raise click.UsageError("give exactly one of --tokenizer and --vocab-size")
+    lines = run_resize(
+        src, dst, tokenizer=tokenizer, vocab_size=vocab_size, init=Init(init), padding_init=Init(padding_init),
+        tensor_parallel=tp, divisible_by=divisible_by, allow_shrink=allow_shrink, seed=seed, dry_run=dry_run, force=force,
+    )
+    click.echo("\n".join(lines))
+
+
+def _attach_subcommands() -> None:
+    try:
+        from .cli_tokenizer import tokenizer
+    except ImportError:  # built separately; absent in a partial checkout
+        return
+    main.add_command(tokenizer)
+
+
+_attach_subcommands()
+
+
+if __name__ == "__main__":
+    main()
+

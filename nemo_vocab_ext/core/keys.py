@@ -1,0 +1,86 @@
+"""State-dict key names as data.
+
+Keys are matched exactly after normalising the spellings NeMo produces (O2's ``model.module.``
+and torch.compile's ``_orig_mod.``), never by substring: ``"word_embeddings" in key`` would also
+catch unrelated tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+# Canonical names (after normalize_key) of the vocabulary-sized tensors, per model family.
+MCORE = "mcore"
+LEGACY = "legacy"
+
+EMBEDDING_KEYS: dict[str, str] = {
+    MCORE: "model.embedding.word_embeddings.weight",
+    LEGACY: "model.language_model.embedding.word_embeddings.weight",
+}
+OUTPUT_LAYER_KEYS: dict[str, str] = {
+    MCORE: "model.output_layer.weight",
+    LEGACY: "model.language_model.output_layer.weight",
+}
+# Legacy pipeline-parallel models with tied weights keep a copy of the embedding on the last stage.
+TIED_HEAD_COPY_KEYS: dict[str, tuple[str, ...]] = {
+    MCORE: (),
+    LEGACY: ("model.word_embeddings_for_head.weight", "model.word_embeddings.weight"),
+}
+
+_O2_PREFIX = "model.module."
+_COMPILE_SEGMENT = "_orig_mod."
+
+
+def normalize_key(key: str) -> str:
+    """Map every spelling of a key to its canonical form (``model.`` prefix, no wrappers)."""
+    key = key.replace(_COMPILE_SEGMENT, "")
+    if key.startswith(_O2_PREFIX):
+        key = "model." + key[len(_O2_PREFIX) :]
+    return key
+
+
+class UnknownKeysError(KeyError):
+    """No embedding table under any known key name."""
+
+    def __init__(self, sample: list[str]):
+        self.sample = sample
+        expected = ", ".join(sorted(EMBEDDING_KEYS.values()))
+        super().__init__(
+            f"no word-embedding tensor found; expected one of {expected} "
+            f"(O2 'model.module.' spellings accepted); first keys present: {', '.join(sample) or 'none'}"
+        )
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+@dataclass(frozen=True)
+class VocabKeys:
+    """The stored spellings of the vocabulary-sized tensors of one checkpoint."""
+
+    family: str
+    embedding: str
+    output_layer: str | None
+    tied_copies: tuple[str, ...] = ()
+
+    @property
+    def tied(self) -> bool:
+        return self.output_layer is None
+
+    def all(self) -> tuple[str, ...]:
+        """Every key whose rows follow the vocabulary, embedding first."""
+        extra = (self.output_layer,) if self.output_layer else ()
+        return (self.embedding, *extra, *self.tied_copies)
+
+
+def find_vocab_keys(keys: Iterable[str]) -> VocabKeys:
+    """Locate the embedding, the untied output layer and tied copies among stored ``keys``."""
+    stored = list(keys)
+    by_canonical = {normalize_key(k): k for k in stored}
+    for family, embedding in EMBEDDING_KEYS.items():
+        if embedding in by_canonical:
+            output = by_canonical.get(OUTPUT_LAYER_KEYS[family])
+            copies = tuple(by_canonical[k] for k in TIED_HEAD_COPY_KEYS[family] if k in by_canonical)
+            return VocabKeys(family, by_canonical[embedding], output, copies)
+    raise UnknownKeysError(sorted(stored)[:5])

@@ -1,0 +1,45 @@
+"""What ``inspect`` reports about a checkpoint."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import Checkpoint
+from .errors import VocabExtError
+from .vocab import divisible_by_of, expected_rows, load_checkpoint_tokenizer, tensor_parallel_of, vocab_tables
+
+
+def describe(ckpt: Checkpoint, fmt: str) -> dict[str, Any]:
+    tables = vocab_tables(ckpt)
+    keys = ckpt.vocab_keys()
+    embedding = tables[keys.embedding]
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            tok = load_checkpoint_tokenizer(ckpt, Path(tmp))
+        except VocabExtError:
+            tok = None
+    vocab = tok.vocab_size if tok is not None else None
+    states = list(ckpt.rank_tensors.values()) if ckpt.rank_tensors else [ckpt.tensors]
+    # Parameters only: a training checkpoint also stores optimizer moments under "optimizer.".
+    weights = [t for s in states for k, t in s.items() if isinstance(t, torch.Tensor) and not k.startswith("optimizer.")]
+    return {
+        "format": fmt,
+        "layout": ckpt.layout,
+        "embedding_key": keys.embedding,
+        "embedding_rows": int(embedding.shape[0]),
+        "hidden_size": int(embedding.shape[1]),
+        "dtype": str(embedding.dtype).replace("torch.", ""),
+        "tied": keys.tied,
+        "has_output_layer": keys.output_layer is not None,
+        "tokenizer_vocab_size": vocab,
+        "padded_vocab_size": expected_rows(vocab, ckpt.config) if vocab is not None else None,
+        "make_vocab_size_divisible_by": divisible_by_of(ckpt.config),
+        "tensor_model_parallel_size": tensor_parallel_of(ckpt.config),
+        "pipeline_model_parallel_size": int(ckpt.config.get("pipeline_model_parallel_size") or 1),
+        "num_tensors": len(weights),
+        "num_parameters": int(sum(t.numel() for t in weights)),
+    }

@@ -1,0 +1,1 @@
+"""One adapter per checkpoint format, all reading into and writing from ``Checkpoint``."""

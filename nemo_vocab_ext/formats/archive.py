@@ -1,0 +1,135 @@
+"""Safe reading and atomic writing of .nemo tar archives."""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import shutil
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from ..errors import CheckpointFormatError, OutputExistsError, UnsafeCheckpointError
+
+
+def normalize_member(name: str) -> str:
+    """``./model_config.yaml`` and ``model_config.yaml`` name the same member."""
+    while name.startswith("./"):
+        name = name[2:]
+    return name.rstrip("/")
+
+
+def _check_member(path: Path, member: tarfile.TarInfo) -> None:
+    # Refuse the whole archive rather than skip members, as PEP 706's 'data' filter does:
+    # skipping silently would hide tampering.
+    name = member.name
+    if name.startswith("/") or posixpath.isabs(name) or (len(name) > 1 and name[1] == ":"):
+        raise UnsafeCheckpointError(f"{path}: member '{name}' has an absolute path; refusing the archive")
+    if ".." in posixpath.normpath(name).split("/") or ".." in name.split("/"):
+        raise UnsafeCheckpointError(f"{path}: member '{name}' points outside the archive ('..'); refusing it")
+    if member.issym() or member.islnk():
+        raise UnsafeCheckpointError(
+            f"{path}: member '{name}' is a link (to '{member.linkname}'); refusing the archive"
+        )
+    if not (member.isfile() or member.isdir()):
+        raise UnsafeCheckpointError(f"{path}: member '{name}' is not a regular file or folder; refusing it")
+
+
+class NemoArchive:
+    """A .nemo archive opened for reading: plain tar, or tar.gz for archives older than NeMo 1.7."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise CheckpointFormatError(f"{self.path}: no such file")
+        self._tar = self._open()
+        try:
+            members = self._tar.getmembers()
+        except (tarfile.TarError, EOFError, OSError) as e:
+            self._tar.close()
+            raise CheckpointFormatError(f"{self.path}: truncated or corrupt archive ({e}); re-copy the file") from e
+        for m in members:
+            _check_member(self.path, m)
+        self.members = {normalize_member(m.name): m for m in members if normalize_member(m.name)}
+
+    def _open(self) -> tarfile.TarFile:
+        for mode in ("r:", "r:gz"):
+            try:
+                return tarfile.open(self.path, mode)  # noqa: SIM115 - closed by close()
+            except (tarfile.TarError, EOFError, OSError):
+                continue
+        raise CheckpointFormatError(f"{self.path}: not a .nemo archive (neither tar nor tar.gz)")
+
+    def close(self) -> None:
+        self._tar.close()
+
+    def __enter__(self) -> NemoArchive:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def names(self) -> list[str]:
+        return sorted(self.members)
+
+    def has(self, name: str) -> bool:
+        return name in self.members
+
+    def read(self, name: str) -> bytes:
+        member = self.members.get(name)
+        if member is None or not member.isfile():
+            raise CheckpointFormatError(f"{self.path}: member '{name}' is missing")
+        try:
+            f = self._tar.extractfile(member)
+            assert f is not None  # regular files always give a reader
+            data = f.read()
+        except (tarfile.TarError, EOFError, OSError) as e:
+            raise CheckpointFormatError(f"{self.path}: member '{name}' is truncated ({e}); re-copy the file") from e
+        if len(data) != member.size:
+            raise CheckpointFormatError(
+                f"{self.path}: member '{name}' is truncated ({len(data)} of {member.size} bytes); re-copy the file"
+            )
+        return data
+
+    def extract_dir(self, prefix: str, out_dir: Path) -> Path:
+        """Extract every member under ``prefix/`` into ``out_dir/prefix`` (members were checked on open)."""
+        target = out_dir / prefix
+        target.mkdir(parents=True, exist_ok=True)
+        for name, member in self.members.items():
+            if not name.startswith(prefix + "/") or not member.isfile():
+                continue
+            dest = out_dir / name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(self.read(name))
+        return target
+
+
+@contextmanager
+def atomic_output(dst: str | Path, *, force: bool) -> Iterator[Path]:
+    """Yield a temporary path beside ``dst``; rename it onto ``dst`` only if the block succeeds.
+
+    A failure or a kill leaves no partial ``dst`` (at most a hidden temporary, removed on errors).
+    """
+    dst = Path(dst)
+    if dst.exists() and not force:
+        raise OutputExistsError(f"{dst} exists; pass --force to overwrite it")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp_root = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
+    tmp = tmp_root / dst.name
+    try:
+        yield tmp
+        if dst.is_dir() and not dst.is_symlink():
+            shutil.rmtree(dst)
+        os.replace(tmp, dst)
+    finally:
+        shutil.rmtree(tmp_root, ignore_errors=True)
+
+
+def write_tar(src_dir: Path, dst: Path) -> None:
+    """Write ``src_dir`` as NeMo does: an uncompressed tar with ``./`` member names, sorted for reproducibility."""
+    with tarfile.open(dst, "w:") as tar:
+        tar.add(src_dir, arcname=".", recursive=False)
+        for path in sorted(src_dir.rglob("*")):
+            tar.add(path, arcname="./" + path.relative_to(src_dir).as_posix(), recursive=False)

@@ -1,0 +1,113 @@
+"""Format detection and the one entry point to load and save any supported checkpoint."""
+
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+
+import torch
+
+from .checkpoint import Checkpoint, Value
+from .errors import CheckpointFormatError
+from .formats.archive import atomic_output
+
+
+class Format(str, enum.Enum):
+    NEMO = "nemo"
+    CKPT = "ckpt"
+    SAFETENSORS = "safetensors"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def detect_format(path: str | Path) -> Format:
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointFormatError(f"{p}: no such file or folder")
+    if p.is_dir():
+        if (p / "model.safetensors.index.json").is_file() or (p / "model.safetensors").is_file():
+            return Format.SAFETENSORS
+        if (p / ".metadata").is_file() and (p / "common.pt").is_file():
+            return Format.CKPT
+        raise CheckpointFormatError(
+            f"{p}: a folder that is neither sharded safetensors nor a NeMo distributed checkpoint"
+        )
+    if p.suffix == ".safetensors":
+        return Format.SAFETENSORS
+    if p.suffix == ".ckpt":
+        return Format.CKPT
+    if p.suffix == ".nemo":
+        return Format.NEMO
+    with open(p, "rb") as f:
+        head = f.read(512)
+    if len(head) >= 262 and head[257:262] == b"ustar" or head[:2] == b"\x1f\x8b":
+        return Format.NEMO
+    raise CheckpointFormatError(f"{p}: unknown checkpoint type; expected .nemo, .ckpt or .safetensors")
+
+
+def format_for_destination(dst: str | Path, to: Format | None) -> Format:
+    if to is not None:
+        return to
+    suffix = Path(dst).suffix
+    for fmt in Format:
+        if suffix == f".{fmt.value}":
+            return fmt
+    raise CheckpointFormatError(f"{dst}: cannot tell the output format from the name; pass --to nemo|ckpt|safetensors")
+
+
+def load_checkpoint(path: str | Path, fmt: Format | None = None) -> tuple[Checkpoint, Format]:
+    """Read any supported checkpoint; ``fmt`` skips detection (for outputs whose name does not tell)."""
+    fmt = fmt or detect_format(path)
+    if fmt is Format.NEMO:
+        from .formats.nemo import read_nemo
+
+        return read_nemo(path), fmt
+    if fmt is Format.CKPT:
+        from .formats.lightning import read_lightning
+
+        return read_lightning(path), fmt
+    from .formats.safetensors_io import read_safetensors
+
+    return read_safetensors(path), fmt
+
+
+def _write(ckpt: Checkpoint, path: Path, fmt: Format) -> None:
+    if fmt is Format.NEMO:
+        from .formats.nemo import write_nemo
+
+        write_nemo(ckpt, path)
+    elif fmt is Format.CKPT:
+        from .formats.lightning import write_lightning
+
+        write_lightning(ckpt, path)
+    else:
+        from .formats.safetensors_io import write_safetensors
+
+        write_safetensors(ckpt, path)
+
+
+def _same(a: Value, b: Value) -> bool:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    return type(a) is type(b) and a == b
+
+
+def verify_same_weights(expected: Checkpoint, written: Checkpoint, where: Path) -> None:
+    """Every stored entry of ``expected`` must come back bit-exact, and the config unchanged."""
+    missing = sorted(set(expected.tensors) - set(written.tensors))
+    if missing:
+        raise CheckpointFormatError(f"{where}: written file lacks {len(missing)} entries, first '{missing[0]}'")
+    for key, value in expected.tensors.items():
+        if not _same(value, written.tensors[key]):
+            raise CheckpointFormatError(f"{where}: entry '{key}' differs after writing; the output was not kept")
+    if expected.config != written.config or expected.artifacts != written.artifacts:
+        raise CheckpointFormatError(f"{where}: config or artifacts differ after writing; the output was not kept")
+
+
+def save_checkpoint(ckpt: Checkpoint, dst: str | Path, fmt: Format, *, force: bool = False) -> None:
+    """Write atomically, and read everything back before the output takes its name."""
+    with atomic_output(dst, force=force) as tmp:
+        _write(ckpt, tmp, fmt)
+        written, _ = load_checkpoint(tmp, fmt)
+        verify_same_weights(ckpt, written, Path(dst))

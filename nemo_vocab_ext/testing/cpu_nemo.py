@@ -1,0 +1,88 @@
+"""Patches that let NeMo 2.4.1 + megatron-core 0.13.1 run on a CPU-only machine without apex or TE.
+
+Used by the tests and the CPU demo only; the plugin never imports it. Every patch was found from a
+real failure on such a machine, and nothing is patched when CUDA is available.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any
+
+import torch
+
+_applied = False
+
+
+def apply_cpu_patches() -> None:
+    """Patch NeMo and megatron-core in place for CPU. Idempotent; a no-op when CUDA is available."""
+    global _applied
+    if _applied or torch.cuda.is_available():
+        return
+    _applied = True
+    # NeMo parses this unconditionally when it enables NVIDIA optimisations; unset outside NVIDIA containers.
+    os.environ.setdefault("NVIDIA_PYTORCH_VERSION", "24.12")
+    _patch_nlp_overrides()
+    _patch_gpt_specs()
+    _patch_build_model()
+
+
+def _patch_nlp_overrides() -> None:
+    from nemo.collections.nlp.parts import nlp_overrides
+
+    # Without apex NLPDDPStrategy refuses to construct, though nothing on this path uses apex.
+    nlp_overrides.HAVE_APEX = True
+
+
+def init_cpu_process_group(tensor_parallel: int = 1) -> None:
+    """Set up torch.distributed (gloo) and megatron's parallel state before a model is built.
+
+    megatron-core reads process groups while building the model, but NeMo only sets them up in
+    ``fit()``. With a group already there, Lightning and NeMo skip their own initialisation.
+    Under torchrun the group comes from its environment: a 1-rank group per process would make
+    every rank build the full table while the log still claims tensor parallelism.
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    if not dist.is_initialized():
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            dist.init_process_group("gloo", init_method="env://")
+        else:
+            if tensor_parallel != 1:
+                raise ValueError(f"tensor_parallel={tensor_parallel} needs torchrun with that many processes")
+            store = tempfile.NamedTemporaryFile(prefix="gloo_store_", delete=False)
+            store.close()
+            dist.init_process_group("gloo", init_method=f"file://{store.name}", rank=0, world_size=1)
+    if dist.get_world_size() % tensor_parallel:
+        raise ValueError(f"world size {dist.get_world_size()} is not a multiple of tensor_parallel={tensor_parallel}")
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(tensor_parallel, 1)
+
+
+def _patch_gpt_specs() -> None:
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from nemo.collections.nlp.models.language_modeling import megatron_gpt_model
+
+    stock_get_specs = megatron_gpt_model.get_specs
+
+    def get_specs(spec_name: str, transformer_config: Any = None, use_te: bool = True, *args: Any, **kwargs: Any) -> Any:
+        # The stock one builds every spec eagerly, Transformer Engine ones included (NameError without TE).
+        if spec_name == "" and not use_te:
+            experts = transformer_config.num_moe_experts if transformer_config else None
+            grouped = transformer_config.moe_grouped_gemm if transformer_config else False
+            return get_gpt_layer_local_spec(experts, grouped)
+        return stock_get_specs(spec_name, transformer_config, use_te, *args, **kwargs)
+
+    megatron_gpt_model.get_specs = get_specs
+
+
+def _patch_build_model() -> None:
+    from megatron.core.tensor_parallel import layers
+    from nemo.collections.nlp.modules.common.megatron import build_model
+
+    # Imported from apex only; megatron-core has the same function.
+    build_model.set_defaults_if_not_set_tensor_model_parallel_attributes = (
+        layers.set_defaults_if_not_set_tensor_model_parallel_attributes
+    )

@@ -1,0 +1,150 @@
+"""Tiny Megatron GPT configurations and environments for running real NeMo on a CPU.
+
+Only :func:`cpu_trainer` imports NeMo; everything else is cheap enough for test collection.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+if TYPE_CHECKING:
+    from lightning.pytorch import Trainer
+
+STOCK_CONFIG = Path(__file__).with_name("megatron_gpt_config.yaml")
+
+# Any 40-hex name works: offline, huggingface_hub resolves refs/main to this snapshot folder.
+_FAKE_GPT2_SHA = "0123456789abcdef0123456789abcdef01234567"
+
+
+def offline_hf_home(path: str | Path) -> Path:
+    """Make ``path`` an ``HF_HOME`` in which NeMo's ``GPT2BPETokenizer`` loads without a network.
+
+    NeMo calls ``AutoTokenizer.from_pretrained('gpt2', vocab_file=..., merges_file=...)``: only the
+    tokenizer class comes from the hub cache, the vocabulary comes from the given files.
+    """
+    home = Path(path)
+    repo = home / "hub" / "models--gpt2"
+    snapshot = repo / "snapshots" / _FAKE_GPT2_SHA
+    snapshot.mkdir(parents=True, exist_ok=True)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(_FAKE_GPT2_SHA)
+    config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": 1024}
+    (snapshot / "tokenizer_config.json").write_text(json.dumps(config))
+    return home
+
+
+def cpu_env(hf_home: str | Path, base: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for a NeMo subprocess on a CPU machine, offline (``base`` defaults to ``os.environ``)."""
+    env = dict(os.environ if base is None else base)
+    env.update(
+        {
+            "NVIDIA_PYTORCH_VERSION": "24.12",  # NeMo parses it unconditionally outside NVIDIA containers
+            "HF_HOME": str(hf_home),
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "PYTHONUNBUFFERED": "1",
+            "CUDA_VISIBLE_DEVICES": "",
+        }
+    )
+    return env
+
+
+def _stock_config() -> DictConfig:
+    cfg = OmegaConf.load(STOCK_CONFIG)
+    assert isinstance(cfg, DictConfig)
+    return cfg
+
+
+# What a CPU without apex or Transformer Engine needs (see /work/shared/reference/nemo-on-cpu.md).
+_CPU_MODEL_OVERRIDES: dict[str, object] = {
+    "megatron_amp_O2": False,
+    "use_cpu_initialization": True,
+    "transformer_engine": False,
+    "masked_softmax_fusion": False,
+    "bias_activation_fusion": False,
+    "bias_dropout_add_fusion": False,
+    "gradient_accumulation_fusion": False,
+    "persist_layer_norm": False,
+    "get_attention_mask_from_fusion": False,
+    "micro_batch_size": 2,
+    "global_batch_size": 2,
+}
+
+
+def tiny_model_config(
+    vocab_file: str | Path,
+    merge_file: str | Path,
+    *,
+    tied: bool = True,
+    num_layers: int = 2,
+    hidden: int = 64,
+    ffn: int = 256,
+    heads: int = 4,
+    seq: int = 64,
+    divisible_by: int = 128,
+    tp: int = 1,
+    dist_ckpt: bool = True,
+) -> DictConfig:
+    """The stock ``model:`` config shrunk to a tiny GPT that builds and trains on a CPU in seconds.
+
+    ``dist_ckpt=False`` builds the legacy (non-mcore) GPT: ``NLPSaveRestoreConnector`` writes the
+    distributed ``model_weights/`` layout for every mcore model, and a single ``model_weights.ckpt``
+    otherwise (at TP=PP=1).
+    """
+    cfg = _stock_config()
+    model = cfg.model
+    with open_dict(model):
+        model.merge_with(_CPU_MODEL_OVERRIDES)
+        model.mcore_gpt = dist_ckpt
+        model.share_embeddings_and_output_weights = tied
+        model.num_layers = num_layers
+        model.hidden_size = hidden
+        model.ffn_hidden_size = ffn
+        model.num_attention_heads = heads
+        model.encoder_seq_length = seq
+        model.make_vocab_size_divisible_by = divisible_by
+        model.tensor_model_parallel_size = tp
+        model.tokenizer.library = "megatron"
+        model.tokenizer.type = "GPT2BPETokenizer"
+        model.tokenizer.vocab_file = str(Path(vocab_file).resolve())
+        model.tokenizer.merge_file = str(Path(merge_file).resolve())
+        model.data.data_impl = "mock"
+        model.data.data_prefix = []
+        model.data.num_workers = 0
+        model.optim.name = "adamw"  # fused_adam needs apex
+        model.optim.sched.warmup_steps = 1
+    # Resolve ${model.encoder_seq_length} and friends while the full tree is still there.
+    resolved = OmegaConf.create(OmegaConf.to_container(model, resolve=True))
+    assert isinstance(resolved, DictConfig)
+    return resolved
+
+
+def tiny_trainer_config(*, devices: int = 1, max_steps: int = 0) -> DictConfig:
+    """The stock ``trainer:`` config for CPU: fp32 and no gradient clipping (NeMo's asserts CUDA tensors)."""
+    trainer = _stock_config().trainer
+    with open_dict(trainer):
+        trainer.accelerator = "cpu"
+        trainer.devices = devices
+        trainer.precision = 32
+        trainer.gradient_clip_val = 0.0
+        trainer.max_steps = max_steps
+        trainer.val_check_interval = max(max_steps, 1)
+        trainer.limit_val_batches = 0
+        trainer.log_every_n_steps = 1
+        trainer.enable_progress_bar = False
+    return trainer
+
+
+def cpu_trainer(model_cfg: DictConfig, *, devices: int = 1, max_steps: int = 0) -> Trainer:
+    """A Lightning trainer built as the stock script builds it (``MegatronTrainerBuilder``), for CPU."""
+    from nemo.collections.nlp.parts.megatron_trainer_builder import MegatronTrainerBuilder
+
+    cfg = OmegaConf.create(
+        {"trainer": tiny_trainer_config(devices=devices, max_steps=max_steps), "model": model_cfg, "exp_manager": None}
+    )
+    return MegatronTrainerBuilder(cfg).create_trainer()

@@ -1,0 +1,128 @@
+"""Checks a checkpoint before training; returns a report, never raises for a failed check."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import Checkpoint
+from .errors import VocabExtError
+from .vocab import divisible_by_of, expected_rows, load_checkpoint_tokenizer, tensor_parallel_of, vocab_tables
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    message: str
+
+
+@dataclass
+class Report:
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    def add(self, name: str, ok: bool, message: str) -> None:
+        self.checks.append(Check(name, ok, message))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ok": self.ok, "checks": [asdict(c) for c in self.checks]}
+
+    def lines(self) -> list[str]:
+        return [f"{i}. {'✓' if c.ok else '✗'} {c.name}: {c.message}" for i, c in enumerate(self.checks, 1)]
+
+
+def _check_artifacts(ckpt: Checkpoint, report: Report) -> None:
+    refs = {k: v for k, v in (ckpt.config.get("tokenizer") or {}).items() if isinstance(v, str) and v.startswith("nemo:")}
+    missing = [f"tokenizer.{k} -> {v}" for k, v in refs.items() if v[len("nemo:") :] not in ckpt.artifacts]
+    if missing:
+        report.add("artifacts", False, f"missing: {', '.join(missing)}; re-save the model with its tokenizer files")
+    else:
+        report.add("artifacts", True, f"{len(refs)} tokenizer artifact(s) referenced, all present")
+
+
+def _check_tied(ckpt: Checkpoint, report: Report) -> None:
+    tied_cfg = bool(ckpt.config.get("share_embeddings_and_output_weights", True))
+    tied_weights = ckpt.vocab_keys().tied
+    if tied_cfg == tied_weights:
+        report.add("tied", True, "tied embedding and output layer" if tied_cfg else "untied output layer present, as configured")
+    else:
+        have = "no output layer" if tied_weights else "an untied output layer"
+        report.add(
+            "tied", False,
+            f"share_embeddings_and_output_weights={tied_cfg} but the weights have {have}; "
+            f"set model.share_embeddings_and_output_weights={not tied_cfg}",
+        )
+
+
+def _check_finite(ckpt: Checkpoint, report: Report) -> None:
+    bad = []
+    for key, t in ckpt.weights().items():
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            bad.append(key)
+    if bad:
+        report.add("finite", False, f"NaN/Inf in {len(bad)} tensor(s), first '{bad[0]}'; this checkpoint cannot be trained from")
+    else:
+        report.add("finite", True, f"no NaN/Inf in {len(ckpt.weights())} tensors")
+
+
+def validate_checkpoint(
+    ckpt: Checkpoint,
+    *,
+    tokenizer_path: Path | None = None,
+    tensor_parallel: int | None = None,
+    divisible_by: int | None = None,
+    data_prefixes: Sequence[str] = (),
+) -> Report:
+    from .tokenizer import check_ids_preserved, load_tokenizer
+
+    report = Report()
+    tables = vocab_tables(ckpt)
+    keys = ckpt.vocab_keys()
+    rows = tables[keys.embedding].shape[0]
+    tp = tensor_parallel or tensor_parallel_of(ckpt.config)
+    multiple = divisible_by or divisible_by_of(ckpt.config)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            own = load_checkpoint_tokenizer(ckpt, Path(tmp))
+        except VocabExtError as e:
+            own = None
+            report.add("own tokenizer", False, str(e))
+        new = load_tokenizer(tokenizer_path) if tokenizer_path else None
+        tok = new or own
+        if tok is None:
+            report.add("embedding rows", False, "no tokenizer to check against: the checkpoint carries none; pass --tokenizer")
+        else:
+            want = expected_rows(tok.vocab_size, ckpt.config, tp=tp, divisible_by=multiple)
+            which = "given" if new else "checkpoint's"
+            msg = f"{rows:,} rows; the {which} tokenizer ({tok.vocab_size:,} tokens) needs {want:,} at TP={tp}, divisible by {multiple}"
+            if rows == want:
+                report.add("embedding rows", True, msg)
+            else:
+                hint = "run `nemo-vocab-ext resize`" if rows < want else "pass --allow-shrink to resize, or check the tokenizer"
+                report.add("embedding rows", False, f"{msg}; {hint}")
+        for key, t in tables.items():
+            if t.shape[0] != rows:
+                report.add("rows agree", False, f"'{key}' has {t.shape[0]} rows, the embedding {rows}")
+        if new is not None and own is not None:
+            check = check_ids_preserved(own, new)
+            report.add("ids preserved", check.ok, check.summary())
+    _check_artifacts(ckpt, report)
+    _check_tied(ckpt, report)
+    _check_finite(ckpt, report)
+    if data_prefixes:
+        from .data_check import scan_token_ids
+
+        size = tok.vocab_size if tok is not None else rows
+        for prefix in data_prefixes:
+            scan = scan_token_ids(prefix, size)
+            report.add(f"data {prefix}", scan.ok, scan.summary())
+    return report

@@ -1,0 +1,302 @@
+"""Resize a checkpoint's vocabulary: the plan, its report, and applying it to every vocab-sized tensor.
+
+Works on ``Checkpoint`` objects only, so the CLI and the NeMo plugin share one implementation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import Checkpoint, Value
+from .core.keys import VocabKeys
+from .core.resize import INIT_COSTS, INIT_DESCRIPTIONS, Init, RowPlan, ShrinkRefusedError, plan_rows, resize_table
+from .core.resize import join_vocab_shards, split_vocab_rows
+from .core.sizes import padded_vocab_size
+from .errors import ConfigError, ResizeError, TokenizerError
+
+DEFAULT_DIVISIBLE_BY = 128
+REPORT_TP_SIZES = (1, 2, 4, 8)
+# Optimizer entries of a distributed training checkpoint that follow a parameter's rows.
+OPTIMIZER_MOMENTS = ("optimizer.state.exp_avg.", "optimizer.state.exp_avg_sq.")
+OPTIMIZER_MASTER = "optimizer.state.fp32_param."
+
+
+def model_config_int(config: dict[str, Any], key: str, default: int) -> int:
+    value = config.get(key)
+    return default if value is None else int(value)
+
+
+def divisible_by_of(config: dict[str, Any]) -> int:
+    return model_config_int(config, "make_vocab_size_divisible_by", DEFAULT_DIVISIBLE_BY)
+
+
+def tensor_parallel_of(config: dict[str, Any]) -> int:
+    return model_config_int(config, "tensor_model_parallel_size", 1)
+
+
+def expected_rows(vocab_size: int, config: dict[str, Any], *, tp: int | None = None, divisible_by: int | None = None) -> int:
+    """Rows NeMo builds for ``vocab_size`` under ``config`` (``override_vocab_size`` wins, as in NeMo)."""
+    override = config.get("override_vocab_size")
+    if override:
+        return int(override)
+    return padded_vocab_size(
+        vocab_size, divisible_by or divisible_by_of(config), tp or tensor_parallel_of(config)
+    )
+
+
+def vocab_tables(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
+    """Global vocab-sized tables keyed as stored (tensor-parallel rank files joined)."""
+    keys = ckpt.vocab_keys()
+    if ckpt.rank_tensors is None:
+        out = {}
+        for k in keys.all():
+            t = ckpt.tensors[k]
+            assert isinstance(t, torch.Tensor)
+            out[k] = t
+        return out
+    tables: dict[str, torch.Tensor] = {}
+    for key in keys.all():
+        shards = [
+            state[key]
+            for (_, _), state in sorted(ckpt.rank_tensors.items())
+            if key in state and isinstance(state[key], torch.Tensor)
+        ]
+        # Legacy rank files list TP ranks of one pipeline stage; a key lives on one stage.
+        tables[key] = join_vocab_shards(shards)  # type: ignore[arg-type]
+    return tables
+
+
+def rows_hash(table: torch.Tensor, rows: int) -> str:
+    """Short digest of the first ``rows`` rows, to show old rows survive bit-exact."""
+    data = table[:rows].contiguous().view(torch.uint8) if table.numel() else torch.empty(0, dtype=torch.uint8)
+    return hashlib.sha256(data.numpy().tobytes()).hexdigest()[:16]
+
+
+@dataclass
+class TensorResize:
+    key: str
+    old_shape: tuple[int, ...]
+    new_shape: tuple[int, ...]
+    old_rows_hash: str
+    fvt_fallbacks: int = 0
+
+
+@dataclass
+class ResizePlan:
+    old_vocab: int | None
+    new_vocab: int
+    rows: RowPlan
+    tensor_parallel: int
+    divisible_by: int
+    init: Init
+    padding_init: Init
+    tied: bool
+    keys: VocabKeys
+    tensors: list[TensorResize] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return self.rows.changed
+
+    def padded_per_tp(self) -> dict[int, tuple[int | None, int]]:
+        old = self.old_vocab
+        return {
+            tp: (padded_vocab_size(old, self.divisible_by, tp) if old else None, padded_vocab_size(self.new_vocab, self.divisible_by, tp))
+            for tp in REPORT_TP_SIZES
+        }
+
+    def lines(self) -> list[str]:
+        """The human-readable plan / report."""
+        old = "unknown (no tokenizer in the checkpoint: every stored row treated as a token)" if self.old_vocab is None else f"{self.old_vocab:,}"
+        out = [
+            f"tokenizer size: {old} -> {self.new_vocab:,}",
+            f"rows: {self.rows.old_rows:,} -> {self.rows.new_rows:,} "
+            f"(make_vocab_size_divisible_by={self.divisible_by}, tensor parallel={self.tensor_parallel})",
+            "padded rows per tensor-parallel size: "
+            + ", ".join(f"TP{tp}: {o if o is not None else '?'} -> {n}" for tp, (o, n) in self.padded_per_tp().items()),
+            f"tables: {'embedding (tied with the output layer)' if self.tied else 'embedding and untied output layer, each with its own statistics'}",
+        ]
+        for rc in self.rows.classes(self.init, self.padding_init):
+            if rc.rows:
+                out.append(f"  rows [{rc.start:,}, {rc.stop:,}) {rc.name}: {rc.action} ({rc.rows:,} rows)")
+        out.append(f"init '{self.init}': {INIT_DESCRIPTIONS[self.init]}")
+        out.append(f"expected cost of '{self.init}': {INIT_COSTS[self.init]}")
+        for t in self.tensors:
+            extra = f", fvt fallbacks to mean: {t.fvt_fallbacks}" if self.init is Init.FVT else ""
+            out.append(f"{t.key}: {list(t.old_shape)} -> {list(t.new_shape)}, old rows sha256 {t.old_rows_hash}{extra}")
+        return out
+
+
+def plan_resize(
+    ckpt: Checkpoint,
+    old_vocab: int | None,
+    new_vocab: int,
+    *,
+    tensor_parallel: int | None = None,
+    divisible_by: int | None = None,
+    init: Init = Init.ZEROS,
+    padding_init: Init = Init.MEAN,
+    allow_shrink: bool = False,
+) -> ResizePlan:
+    keys = ckpt.vocab_keys()
+    tables = vocab_tables(ckpt)
+    old_rows = tables[keys.embedding].shape[0]
+    tp = tensor_parallel or tensor_parallel_of(ckpt.config)
+    multiple = divisible_by or divisible_by_of(ckpt.config)
+    new_rows = padded_vocab_size(new_vocab, multiple, tp)
+    for key, t in tables.items():
+        if t.shape[0] != old_rows:
+            raise ResizeError(f"'{key}' has {t.shape[0]} rows but the embedding has {old_rows}; the checkpoint is inconsistent")
+    try:
+        rows = plan_rows(old_vocab, old_rows, new_vocab, new_rows, allow_shrink=allow_shrink)
+    except ShrinkRefusedError as e:
+        raise ResizeError(f"{e} (--allow-shrink)") from e
+    except ValueError as e:
+        raise ResizeError(str(e)) from e
+    return ResizePlan(old_vocab, new_vocab, rows, tp, multiple, init, padding_init, keys.tied, keys)
+
+
+def _resize_rows_only(t: torch.Tensor, rows: RowPlan) -> torch.Tensor:
+    """Optimizer moments: kept rows copied, every other row zero (a fresh start for new tokens)."""
+    out = t.new_zeros((rows.new_rows, *t.shape[1:]))
+    out[: rows.kept] = t[: rows.kept]
+    return out
+
+
+def apply_resize(
+    ckpt: Checkpoint,
+    plan: ResizePlan,
+    *,
+    pieces: Sequence[Sequence[int]] | None = None,
+    seed: int = 0,
+) -> Checkpoint:
+    """Return a new Checkpoint whose vocab tables (and their optimizer state) follow ``plan``."""
+    tables = vocab_tables(ckpt)
+    generator = torch.Generator().manual_seed(seed)
+    new_tables: dict[str, torch.Tensor] = {}
+    plan.tensors.clear()
+    resized_once: dict[int, torch.Tensor] = {}
+    for key, table in tables.items():
+        if id(table) in resized_once:  # one storage under two names (tied copies): resize once
+            new_tables[key] = resized_once[id(table)]
+            continue
+        new, stats = resize_table(
+            table, plan.rows, plan.init, padding_init=plan.padding_init, pieces=pieces, generator=generator
+        )
+        resized_once[id(table)] = new
+        new_tables[key] = new
+        plan.tensors.append(
+            TensorResize(key, tuple(table.shape), tuple(new.shape), rows_hash(table, plan.rows.kept), stats.fvt_fallbacks)
+        )
+    tensors: dict[str, Value] = dict(ckpt.tensors)
+    for key, new in new_tables.items():
+        if ckpt.rank_tensors is None:
+            tensors[key] = new
+        for prefix in OPTIMIZER_MOMENTS:
+            moment = ckpt.tensors.get(prefix + key)
+            if isinstance(moment, torch.Tensor):
+                tensors[prefix + key] = _resize_rows_only(moment, plan.rows)
+        if isinstance(ckpt.tensors.get(OPTIMIZER_MASTER + key), torch.Tensor):
+            tensors[OPTIMIZER_MASTER + key] = new.float()
+    rank_tensors = None
+    if ckpt.rank_tensors is not None:
+        rank_tensors = _split_into_ranks(ckpt.rank_tensors, new_tables)
+        tensors = dict(rank_tensors[min(rank_tensors)])
+    config = dict(ckpt.config)
+    if config.get("override_vocab_size"):
+        config["override_vocab_size"] = None  # stale: it would win over the new tokenizer's size
+    return replace(ckpt, tensors=tensors, config=config, rank_tensors=rank_tensors)
+
+
+def _split_into_ranks(
+    ranks: dict[tuple[int, int], dict[str, Value]], new_tables: dict[str, torch.Tensor]
+) -> dict[tuple[int, int], dict[str, Value]]:
+    out = {rank: dict(state) for rank, state in ranks.items()}
+    for key, table in new_tables.items():
+        holders = sorted(rank for rank, state in ranks.items() if key in state)
+        stage_ranks = sorted({tp for tp, _ in holders})
+        blocks = split_vocab_rows(table, len(stage_ranks))
+        for tp, pp in holders:
+            out[(tp, pp)][key] = blocks[stage_ranks.index(tp)]
+    return out
+
+
+def _artifact_bytes(ckpt: Checkpoint, cfg_key: str) -> bytes | None:
+    ref = (ckpt.config.get("tokenizer") or {}).get(cfg_key)
+    if not isinstance(ref, str) or not ref:
+        return None
+    if ref.startswith("nemo:"):
+        name = ref[len("nemo:") :]
+        if name not in ckpt.artifacts:
+            raise ConfigError(f"tokenizer.{cfg_key} refers to artifact '{name}', which the checkpoint does not contain")
+        return ckpt.artifacts[name]
+    local = Path(ref)  # a training checkpoint may point at files on disk
+    return local.read_bytes() if local.is_file() else None
+
+
+def checkpoint_tokenizer_files(ckpt: Checkpoint, out_dir: Path) -> Path | None:
+    """Write the checkpoint's embedded tokenizer under plain file names; None when it carries none."""
+    vocab, merges = _artifact_bytes(ckpt, "vocab_file"), _artifact_bytes(ckpt, "merge_file")
+    if vocab is not None and merges is not None:
+        (out_dir / "vocab.json").write_bytes(vocab)
+        (out_dir / "merges.txt").write_bytes(merges)
+        return out_dir
+    model = _artifact_bytes(ckpt, "model") or _artifact_bytes(ckpt, "tokenizer_model")
+    if model is not None:
+        (out_dir / "tokenizer.model").write_bytes(model)
+        return out_dir / "tokenizer.model"
+    return None
+
+
+def load_checkpoint_tokenizer(ckpt: Checkpoint, workdir: Path):  # type: ignore[no-untyped-def]
+    """The checkpoint's own tokenizer (from its ``nemo:`` artifacts), or None."""
+    from .tokenizer import load_tokenizer
+
+    where = checkpoint_tokenizer_files(ckpt, workdir)
+    return None if where is None else load_tokenizer(where)
+
+
+def artifact_name(data: bytes, basename: str) -> str:
+    """NeMo names artifacts ``<32 hex>_<basename>``; a content digest keeps it reproducible."""
+    return f"{hashlib.md5(data).hexdigest()}_{basename}"
+
+
+def embed_tokenizer(ckpt: Checkpoint, files: dict[str, Path]) -> Checkpoint:
+    """Replace the tokenizer artifacts with ``files`` (config key -> file) and point the config at them."""
+    config = dict(ckpt.config)
+    tok = dict(config.get("tokenizer") or {})
+    artifacts = dict(ckpt.artifacts)
+    for cfg_key, path in files.items():
+        old = tok.get(cfg_key)
+        if isinstance(old, str) and old.startswith("nemo:"):
+            artifacts.pop(old[len("nemo:") :], None)
+        data = path.read_bytes()
+        name = artifact_name(data, path.name)
+        artifacts[name] = data
+        tok[cfg_key] = f"nemo:{name}"
+    config["tokenizer"] = tok
+    return replace(ckpt, config=config, artifacts=artifacts)
+
+
+def tokenizer_config_files(tokenizer_path: Path) -> dict[str, Path]:
+    """Config keys NeMo reads for the tokenizer at ``tokenizer_path``."""
+    p = Path(tokenizer_path)
+    if p.is_dir() and (p / "vocab.json").is_file():
+        files = {"vocab_file": p / "vocab.json"}
+        if (p / "merges.txt").is_file():
+            files["merge_file"] = p / "merges.txt"
+        return files
+    if p.is_file() and p.suffix == ".model":
+        return {"model": p}
+    raise TokenizerError(f"{p}: cannot embed this tokenizer in a .nemo; give a vocab.json+merges.txt folder or a .model file")
+
+
+def with_tempdir() -> tempfile.TemporaryDirectory[str]:
+    return tempfile.TemporaryDirectory(prefix="nemo_vocab_ext.")

@@ -86,18 +86,34 @@ def inspect(ckpt: Path, as_json: bool) -> None:
 
 @main.command()
 @click.argument("ckpt", type=click.Path(exists=True, path_type=Path))
-@click.option("--tokenizer", type=click.Path(exists=True, path_type=Path), help="Tokenizer to train with (default: the checkpoint's own).")
+@click.option(
+    "--tokenizer",
+    type=click.Path(exists=True, path_type=Path),
+    help="Tokenizer to train with (default: the checkpoint's own).",
+)
 @click.option("--tp", type=click.IntRange(min=1), help="Tensor-parallel size of the run (default: the config's).")
-@click.option("--divisible-by", type=click.IntRange(min=1), help="make_vocab_size_divisible_by (default: the config's).")
-@click.option("--data", "data", multiple=True, metavar="PREFIX", help="Megatron .bin/.idx prefix to scan for out-of-range ids; repeatable.")
+@click.option(
+    "--divisible-by", type=click.IntRange(min=1), help="make_vocab_size_divisible_by (default: the config's)."
+)
+@click.option(
+    "--data",
+    "data",
+    multiple=True,
+    metavar="PREFIX",
+    help="Megatron .bin/.idx prefix to scan for out-of-range ids; repeatable.",
+)
 @click.option("--json", "as_json", is_flag=True, help='Print {"ok": ..., "checks": [...]}.')
 @_report_errors
-def validate(ckpt: Path, tokenizer: Path | None, tp: int | None, divisible_by: int | None, data: tuple[str, ...], as_json: bool) -> None:
+def validate(
+    ckpt: Path, tokenizer: Path | None, tp: int | None, divisible_by: int | None, data: tuple[str, ...], as_json: bool
+) -> None:
     """Check padded vocab size, token ids, artifacts, tied weights, NaN/Inf and data. Exit 1 on any failure."""
     from .validate import validate_checkpoint
 
     loaded, _ = load_checkpoint(ckpt)
-    report = validate_checkpoint(loaded, tokenizer_path=tokenizer, tensor_parallel=tp, divisible_by=divisible_by, data_prefixes=data)
+    report = validate_checkpoint(
+        loaded, tokenizer_path=tokenizer, tensor_parallel=tp, divisible_by=divisible_by, data_prefixes=data
+    )
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
     else:
@@ -109,7 +125,9 @@ def validate(ckpt: Path, tokenizer: Path | None, tp: int | None, divisible_by: i
 @main.command()
 @click.argument("src", type=click.Path(exists=True, path_type=Path))
 @click.argument("dst", type=click.Path(path_type=Path))
-@click.option("--to", "to", type=click.Choice([f.value for f in Format]), help="Output format (default: from DST's suffix).")
+@click.option(
+    "--to", "to", type=click.Choice([f.value for f in Format]), help="Output format (default: from DST's suffix)."
+)
 @click.option("--force", is_flag=True, help="Overwrite DST.")
 @_report_errors
 def convert(src: Path, dst: Path, to: str | None, force: bool) -> None:
@@ -126,20 +144,43 @@ def convert(src: Path, dst: Path, to: str | None, force: bool) -> None:
 @main.command()
 @click.argument("src", type=click.Path(exists=True, path_type=Path))
 @click.argument("dst", type=click.Path(path_type=Path))
-@click.option("--tokenizer", type=click.Path(exists=True, path_type=Path), help="The merged tokenizer (vocab.json+merges.txt folder, tokenizer.json or .model).")
+@click.option(
+    "--tokenizer",
+    type=click.Path(exists=True, path_type=Path),
+    help="The merged tokenizer (vocab.json+merges.txt folder, tokenizer.json or .model).",
+)
 @click.option("--vocab-size", type=click.IntRange(min=1), help="New tokenizer size, when no tokenizer is given.")
-@click.option("--init", "init", type=INIT_CHOICES, default=Init.ZEROS.value, show_default=True, help="How new tokens' rows start.")
-@click.option("--padding-init", type=click.Choice([Init.ZEROS.value, Init.MEAN.value, Init.NORMAL.value]), default=Init.MEAN.value, show_default=True)
+@click.option(
+    "--init", "init", type=INIT_CHOICES, default=Init.ZEROS.value, show_default=True, help="How new tokens' rows start."
+)
+@click.option(
+    "--padding-init",
+    type=click.Choice([Init.ZEROS.value, Init.MEAN.value, Init.NORMAL.value]),
+    default=Init.MEAN.value,
+    show_default=True,
+)
 @click.option("--tp", type=click.IntRange(min=1), help="Tensor-parallel size to pad for (default: the config's).")
-@click.option("--divisible-by", type=click.IntRange(min=1), help="make_vocab_size_divisible_by (default: the config's).")
+@click.option(
+    "--divisible-by", type=click.IntRange(min=1), help="make_vocab_size_divisible_by (default: the config's)."
+)
 @click.option("--allow-shrink", is_flag=True, help="Allow dropping trained rows.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the 'normal' init.")
 @click.option("--dry-run", is_flag=True, help="Print the plan; write nothing.")
 @click.option("--force", is_flag=True, help="Overwrite DST.")
 @_report_errors
 def resize(
-    src: Path, dst: Path, tokenizer: Path | None, vocab_size: int | None, init: str, padding_init: str,
-    tp: int | None, divisible_by: int | None, allow_shrink: bool, seed: int, dry_run: bool, force: bool,
+    src: Path,
+    dst: Path,
+    tokenizer: Path | None,
+    vocab_size: int | None,
+    init: str,
+    padding_init: str,
+    tp: int | None,
+    divisible_by: int | None,
+    allow_shrink: bool,
+    seed: int,
+    dry_run: bool,
+    force: bool,
 ) -> None:
     """Grow (or, with --allow-shrink, shrink) the vocabulary of SRC into a new .nemo DST."""
     from .resize_job import run_resize
@@ -147,8 +188,18 @@ def resize(
     if (tokenizer is None) == (vocab_size is None):
         raise click.UsageError("give exactly one of --tokenizer and --vocab-size")
     lines = run_resize(
-        src, dst, tokenizer=tokenizer, vocab_size=vocab_size, init=Init(init), padding_init=Init(padding_init),
-        tensor_parallel=tp, divisible_by=divisible_by, allow_shrink=allow_shrink, seed=seed, dry_run=dry_run, force=force,
+        src,
+        dst,
+        tokenizer=tokenizer,
+        vocab_size=vocab_size,
+        init=Init(init),
+        padding_init=Init(padding_init),
+        tensor_parallel=tp,
+        divisible_by=divisible_by,
+        allow_shrink=allow_shrink,
+        seed=seed,
+        dry_run=dry_run,
+        force=force,
     )
     click.echo("\n".join(lines))
 
@@ -166,4 +217,3 @@ _attach_subcommands()
 
 if __name__ == "__main__":
     main()
-

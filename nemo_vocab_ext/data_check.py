@@ -152,14 +152,14 @@ class DataScan:
                 f"{head} in {self.index.num_documents:,} documents, "
                 f"max id {self.max_id} < vocab size {self.vocab_size}, ok"
             )
-        if self.num_negative == 0:
-            what = f"max id {self.max_id} >= vocab size {self.vocab_size} at {_plural(self.num_out_of_range, 'position')}"
-        else:
-            what = f"{_plural(self.num_negative, 'negative id')}"
-            if self.num_out_of_range:
-                what += (
-                    f" and {self.num_out_of_range:,} >= vocab size {self.vocab_size} (max id {self.max_id})"
-                )
+        parts = []
+        if self.num_out_of_range:
+            parts.append(
+                f"max id {self.max_id} >= vocab size {self.vocab_size} at {_plural(self.num_out_of_range, 'position')}"
+            )
+        if self.num_negative:
+            parts.append(_plural(self.num_negative, "negative id"))
+        what = " and ".join(parts)
         first = self.examples[0] if self.examples else None
         where = f" (first: token {first.token_index} in document {first.document})" if first else ""
         return f"{head}, {what}{where}"
@@ -259,6 +259,7 @@ def _read_index(f: BinaryIO, prefix: str, idx_path: str, bin_path: str) -> Index
     # Lengths and pointers in lockstep: pointers must be the running byte offset of the lengths.
     sizes_at, ptrs_at = HEADER_BYTES, HEADER_BYTES + 4 * num_seq
     num_tokens = 0
+    pointer_error: str | None = None  # raised after the .bin size check, whose message is clearer
     for start, sizes in _index_chunks(f, idx_path, sizes_at, "<i4", num_seq):
         if sizes.size and int(sizes.min()) < 0:
             bad = start + int(np.argmax(sizes < 0))
@@ -266,9 +267,9 @@ def _read_index(f: BinaryIO, prefix: str, idx_path: str, bin_path: str) -> Index
         ptrs = np.frombuffer(_read_exact(f, ptrs_at + 8 * start, 8 * sizes.size, idx_path), dtype="<i8")
         lengths = sizes.astype(np.int64)
         want = (num_tokens + np.cumsum(lengths) - lengths) * dtype.itemsize
-        if not np.array_equal(ptrs, want):
+        if pointer_error is None and not np.array_equal(ptrs, want):
             bad = start + int(np.argmax(ptrs != want))
-            raise DataError(
+            pointer_error = (
                 f"{idx_path}: sequence {bad} points at byte {int(ptrs[bad - start])}, but the lengths "
                 f"before it put it at {int(want[bad - start])}; corrupt index"
             )
@@ -296,6 +297,8 @@ def _read_index(f: BinaryIO, prefix: str, idx_path: str, bin_path: str) -> Index
             f"{bin_path}: {bin_bytes:,} bytes, but {idx_path} describes {num_tokens:,} {dtype.name} tokens "
             f"({want_bytes:,} bytes); the pair is mismatched or truncated, re-run preprocessing"
         )
+    if pointer_error is not None:
+        raise DataError(pointer_error)
     return IndexInfo(
         prefix=prefix,
         idx_path=idx_path,

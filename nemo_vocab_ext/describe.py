@@ -25,7 +25,9 @@ def describe(ckpt: Checkpoint, fmt: str) -> dict[str, Any]:
     vocab = tok.vocab_size if tok is not None else None
     states = list(ckpt.rank_tensors.values()) if ckpt.rank_tensors else [ckpt.tensors]
     # Parameters only: a training checkpoint also stores optimizer moments under "optimizer.".
-    weights = [t for s in states for k, t in s.items() if isinstance(t, torch.Tensor) and not k.startswith("optimizer.")]
+    weights = [
+        t for s in states for k, t in s.items() if isinstance(t, torch.Tensor) and not k.startswith("optimizer.")
+    ]
     return {
         "format": fmt,
         "layout": ckpt.layout,

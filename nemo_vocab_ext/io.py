@@ -30,6 +30,8 @@ def detect_format(path: str | Path) -> Format:
             return Format.SAFETENSORS
         if (p / ".metadata").is_file() and (p / "common.pt").is_file():
             return Format.CKPT
+        if (p / "model_config.yaml").is_file():
+            return Format.NEMO  # an extracted .nemo
         raise CheckpointFormatError(
             f"{p}: a folder that is neither sharded safetensors nor a NeMo distributed checkpoint"
         )

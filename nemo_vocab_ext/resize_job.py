@@ -43,8 +43,14 @@ def run_resize(
         if init is Init.FVT and (own is None or new is None):
             raise TokenizerError("--init fvt needs the checkpoint's own tokenizer and --tokenizer (the new one)")
         plan = plan_resize(
-            ckpt, old_vocab, new_vocab, tensor_parallel=tensor_parallel, divisible_by=divisible_by,
-            init=init, padding_init=padding_init, allow_shrink=allow_shrink,
+            ckpt,
+            old_vocab,
+            new_vocab,
+            tensor_parallel=tensor_parallel,
+            divisible_by=divisible_by,
+            init=init,
+            padding_init=padding_init,
+            allow_shrink=allow_shrink,
         )
         if dry_run:
             return ["plan (dry run, nothing written):", *plan.lines()]

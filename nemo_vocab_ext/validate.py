@@ -41,7 +41,9 @@ class Report:
 
 
 def _check_artifacts(ckpt: Checkpoint, report: Report) -> None:
-    refs = {k: v for k, v in (ckpt.config.get("tokenizer") or {}).items() if isinstance(v, str) and v.startswith("nemo:")}
+    refs = {
+        k: v for k, v in (ckpt.config.get("tokenizer") or {}).items() if isinstance(v, str) and v.startswith("nemo:")
+    }
     missing = [f"tokenizer.{k} -> {v}" for k, v in refs.items() if v[len("nemo:") :] not in ckpt.artifacts]
     if missing:
         report.add("artifacts", False, f"missing: {', '.join(missing)}; re-save the model with its tokenizer files")
@@ -53,11 +55,16 @@ def _check_tied(ckpt: Checkpoint, report: Report) -> None:
     tied_cfg = bool(ckpt.config.get("share_embeddings_and_output_weights", True))
     tied_weights = ckpt.vocab_keys().tied
     if tied_cfg == tied_weights:
-        report.add("tied", True, "tied embedding and output layer" if tied_cfg else "untied output layer present, as configured")
+        report.add(
+            "tied",
+            True,
+            "tied embedding and output layer" if tied_cfg else "untied output layer present, as configured",
+        )
     else:
         have = "no output layer" if tied_weights else "an untied output layer"
         report.add(
-            "tied", False,
+            "tied",
+            False,
             f"share_embeddings_and_output_weights={tied_cfg} but the weights have {have}; "
             f"set model.share_embeddings_and_output_weights={not tied_cfg}",
         )
@@ -69,7 +76,11 @@ def _check_finite(ckpt: Checkpoint, report: Report) -> None:
         if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
             bad.append(key)
     if bad:
-        report.add("finite", False, f"NaN/Inf in {len(bad)} tensor(s), first '{bad[0]}'; this checkpoint cannot be trained from")
+        report.add(
+            "finite",
+            False,
+            f"NaN/Inf in {len(bad)} tensor(s), first '{bad[0]}'; this checkpoint cannot be trained from",
+        )
     else:
         report.add("finite", True, f"no NaN/Inf in {len(ckpt.weights())} tensors")
 
@@ -99,7 +110,9 @@ def validate_checkpoint(
         new = load_tokenizer(tokenizer_path) if tokenizer_path else None
         tok = new or own
         if tok is None:
-            report.add("embedding rows", False, "no tokenizer to check against: the checkpoint carries none; pass --tokenizer")
+            report.add(
+                "embedding rows", False, "no tokenizer to check against: the checkpoint carries none; pass --tokenizer"
+            )
         else:
             want = expected_rows(tok.vocab_size, ckpt.config, tp=tp, divisible_by=multiple)
             which = "given" if new else "checkpoint's"
@@ -107,7 +120,11 @@ def validate_checkpoint(
             if rows == want:
                 report.add("embedding rows", True, msg)
             else:
-                hint = "run `nemo-vocab-ext resize`" if rows < want else "pass --allow-shrink to resize, or check the tokenizer"
+                hint = (
+                    "run `nemo-vocab-ext resize`"
+                    if rows < want
+                    else "pass --allow-shrink to resize, or check the tokenizer"
+                )
                 report.add("embedding rows", False, f"{msg}; {hint}")
         for key, t in tables.items():
             if t.shape[0] != rows:

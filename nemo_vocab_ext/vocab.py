@@ -16,8 +16,17 @@ import torch
 
 from .checkpoint import Checkpoint, Value
 from .core.keys import VocabKeys
-from .core.resize import INIT_COSTS, INIT_DESCRIPTIONS, Init, RowPlan, ShrinkRefusedError, plan_rows, resize_table
-from .core.resize import join_vocab_shards, split_vocab_rows
+from .core.resize import (
+    INIT_COSTS,
+    INIT_DESCRIPTIONS,
+    Init,
+    RowPlan,
+    ShrinkRefusedError,
+    join_vocab_shards,
+    plan_rows,
+    resize_table,
+    split_vocab_rows,
+)
 from .core.sizes import padded_vocab_size
 from .errors import ConfigError, ResizeError, TokenizerError
 
@@ -41,14 +50,14 @@ def tensor_parallel_of(config: dict[str, Any]) -> int:
     return model_config_int(config, "tensor_model_parallel_size", 1)
 
 
-def expected_rows(vocab_size: int, config: dict[str, Any], *, tp: int | None = None, divisible_by: int | None = None) -> int:
+def expected_rows(
+    vocab_size: int, config: dict[str, Any], *, tp: int | None = None, divisible_by: int | None = None
+) -> int:
     """Rows NeMo builds for ``vocab_size`` under ``config`` (``override_vocab_size`` wins, as in NeMo)."""
     override = config.get("override_vocab_size")
     if override:
         return int(override)
-    return padded_vocab_size(
-        vocab_size, divisible_by or divisible_by_of(config), tp or tensor_parallel_of(config)
-    )
+    return padded_vocab_size(vocab_size, divisible_by or divisible_by_of(config), tp or tensor_parallel_of(config))
 
 
 def vocab_tables(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
@@ -108,13 +117,20 @@ class ResizePlan:
     def padded_per_tp(self) -> dict[int, tuple[int | None, int]]:
         old = self.old_vocab
         return {
-            tp: (padded_vocab_size(old, self.divisible_by, tp) if old else None, padded_vocab_size(self.new_vocab, self.divisible_by, tp))
+            tp: (
+                padded_vocab_size(old, self.divisible_by, tp) if old else None,
+                padded_vocab_size(self.new_vocab, self.divisible_by, tp),
+            )
             for tp in REPORT_TP_SIZES
         }
 
     def lines(self) -> list[str]:
         """The human-readable plan / report."""
-        old = "unknown (no tokenizer in the checkpoint: every stored row treated as a token)" if self.old_vocab is None else f"{self.old_vocab:,}"
+        old = (
+            "unknown (no tokenizer in the checkpoint: every stored row treated as a token)"
+            if self.old_vocab is None
+            else f"{self.old_vocab:,}"
+        )
         out = [
             f"tokenizer size: {old} -> {self.new_vocab:,}",
             f"rows: {self.rows.old_rows:,} -> {self.rows.new_rows:,} "
@@ -153,7 +169,9 @@ def plan_resize(
     new_rows = padded_vocab_size(new_vocab, multiple, tp)
     for key, t in tables.items():
         if t.shape[0] != old_rows:
-            raise ResizeError(f"'{key}' has {t.shape[0]} rows but the embedding has {old_rows}; the checkpoint is inconsistent")
+            raise ResizeError(
+                f"'{key}' has {t.shape[0]} rows but the embedding has {old_rows}; the checkpoint is inconsistent"
+            )
     try:
         rows = plan_rows(old_vocab, old_rows, new_vocab, new_rows, allow_shrink=allow_shrink)
     except ShrinkRefusedError as e:
@@ -193,7 +211,9 @@ def apply_resize(
         resized_once[id(table)] = new
         new_tables[key] = new
         plan.tensors.append(
-            TensorResize(key, tuple(table.shape), tuple(new.shape), rows_hash(table, plan.rows.kept), stats.fvt_fallbacks)
+            TensorResize(
+                key, tuple(table.shape), tuple(new.shape), rows_hash(table, plan.rows.kept), stats.fvt_fallbacks
+            )
         )
     tensors: dict[str, Value] = dict(ckpt.tensors)
     for key, new in new_tables.items():
@@ -295,7 +315,9 @@ def tokenizer_config_files(tokenizer_path: Path) -> dict[str, Path]:
         return files
     if p.is_file() and p.suffix == ".model":
         return {"model": p}
-    raise TokenizerError(f"{p}: cannot embed this tokenizer in a .nemo; give a vocab.json+merges.txt folder or a .model file")
+    raise TokenizerError(
+        f"{p}: cannot embed this tokenizer in a .nemo; give a vocab.json+merges.txt folder or a .model file"
+    )
 
 
 def with_tempdir() -> tempfile.TemporaryDirectory[str]:

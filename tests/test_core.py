@@ -71,7 +71,12 @@ def test_row_classes_copy_drop_init_and_pad() -> None:
     assert torch.equal(out[7:], mean.expand(5, -1))
     assert (stats.copied, stats.initialised, stats.padding) == (5, 2, 5)
     classes = [(c.name, c.start, c.stop) for c in plan.classes()]
-    assert classes == [("old tokens", 0, 5), ("old padding (dropped)", 5, 8), ("new tokens", 5, 7), ("new padding", 7, 12)]
+    assert classes == [
+        ("old tokens", 0, 5),
+        ("old padding (dropped)", 5, 8),
+        ("new tokens", 5, 7),
+        ("new padding", 7, 12),
+    ]
 
 
 def test_mean_init_uses_old_real_rows_only() -> None:
@@ -136,9 +141,7 @@ def test_tp_resplit_moves_every_rank_range(tp_from: int, tp_to: int) -> None:
     assert torch.equal(torch.cat(blocks)[:5], full[:5])
 
 
-@pytest.mark.parametrize(
-    ("vocab_old", "vocab_new", "hidden", "tp"), [(50257, 57257, 2048, 1), (32000, 48000, 8192, 8)]
-)
+@pytest.mark.parametrize(("vocab_old", "vocab_new", "hidden", "tp"), [(50257, 57257, 2048, 1), (32000, 48000, 8192, 8)])
 def test_real_sizes_on_meta_device(vocab_old: int, vocab_new: int, hidden: int, tp: int) -> None:
     # 1.3B (GPT-2 vocab) and 70B (Llama vocab, hidden 8192) shapes, no memory used.
     old_rows = padded_vocab_size(vocab_old, 128, tp)

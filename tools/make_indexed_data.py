@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Write a synthetic Megatron indexed dataset (``PREFIX.bin`` + ``PREFIX.idx``, the "mmap" format)
 of a requested size, for benchmarking and testing ``nemo_vocab_ext.data_check``.
 
@@ -107,8 +106,7 @@ def write_dataset(
         f.write(bytes([_CODE_BY_NAME[dt.name]]))
         f.write(num_docs.to_bytes(8, "little"))  # sequences
         f.write((num_docs + 1).to_bytes(8, "little"))  # document boundaries, incl. the leading 0
-        for lengths in _doc_lengths(num_tokens, mean_doc_tokens, seed):
-            f.write(lengths.astype("<i4").tobytes())
+        f.writelines(lengths.astype("<i4").tobytes() for lengths in _doc_lengths(num_tokens, mean_doc_tokens, seed))
         offset = 0
         for lengths in _doc_lengths(num_tokens, mean_doc_tokens, seed):
             starts = offset + np.cumsum(lengths) - lengths

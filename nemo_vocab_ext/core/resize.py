@@ -138,9 +138,7 @@ def _normal_rows(rows: torch.Tensor, count: int, generator: torch.Generator | No
     return mean + noise @ factor.T
 
 
-def _fvt_rows(
-    rows: torch.Tensor, pieces: Sequence[Sequence[int]], mean: torch.Tensor
-) -> tuple[torch.Tensor, int]:
+def _fvt_rows(rows: torch.Tensor, pieces: Sequence[Sequence[int]], mean: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Mean of each new token's piece rows; tokens with no usable pieces get ``mean``. Returns rows and fallbacks."""
     out = mean.expand(len(pieces), -1).clone()
     fallbacks = 0

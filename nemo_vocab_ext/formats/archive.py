@@ -30,9 +30,7 @@ def _check_member(path: Path, member: tarfile.TarInfo) -> None:
     if ".." in posixpath.normpath(name).split("/") or ".." in name.split("/"):
         raise UnsafeCheckpointError(f"{path}: member '{name}' points outside the archive ('..'); refusing it")
     if member.issym() or member.islnk():
-        raise UnsafeCheckpointError(
-            f"{path}: member '{name}' is a link (to '{member.linkname}'); refusing the archive"
-        )
+        raise UnsafeCheckpointError(f"{path}: member '{name}' is a link (to '{member.linkname}'); refusing the archive")
     if not (member.isfile() or member.isdir()):
         raise UnsafeCheckpointError(f"{path}: member '{name}' is not a regular file or folder; refusing it")
 

@@ -82,7 +82,9 @@ def write_lightning(ckpt: Checkpoint, dst: Path) -> None:
     if ckpt.layout == DISTRIBUTED:
         buf = io.BytesIO()
         torch.save(payload, buf)
-        write_torch_dist(dst, ckpt.tensors, common=buf.getvalue(), metadata_json=ckpt.training_state.get("dist_metadata"))
+        write_torch_dist(
+            dst, ckpt.tensors, common=buf.getvalue(), metadata_json=ckpt.training_state.get("dist_metadata")
+        )
         return
     if ckpt.layout != SINGLE:
         raise CheckpointFormatError(

@@ -15,7 +15,7 @@ from ..checkpoint import DISTRIBUTED, MP_RANK, SINGLE, TP_PP_RANK, Checkpoint, V
 from ..errors import CheckpointFormatError, ConfigError, UnsupportedError
 from .archive import NemoArchive, write_tar
 from .safe_pickle import safe_torch_load
-from .torch_dist import read_torch_dist, write_torch_dist
+from .torch_dist import read_tensor_infos, read_torch_dist, write_torch_dist
 
 CONFIG = "model_config.yaml"
 WEIGHTS_FILE = "model_weights.ckpt"
@@ -71,40 +71,80 @@ def _load_state_dict(data: bytes, what: str) -> dict[str, Value]:
     return state
 
 
-def _check_dist_backend(archive: NemoArchive) -> bytes:
-    raw = archive.read(f"{WEIGHTS_DIR}/metadata.json")
-    if b'"zarr"' in raw:
-        raise UnsupportedError(
-            f"{archive.path}: weights use the deprecated zarr backend; convert them to torch_dist first with "
-            f"NeMo's scripts/checkpoint_converters/convert_zarr_to_torch_dist.py"
-        )
-    return raw
+class ExtractedNemo:
+    """An extracted .nemo folder (what NeMo's ``model_extracted_dir`` points at), read like an archive."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self) -> ExtractedNemo:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def names(self) -> list[str]:
+        return sorted(p.relative_to(self.path).as_posix() for p in self.path.rglob("*") if p.is_file())
+
+    def read(self, name: str) -> bytes:
+        member = self.path / name
+        if not member.is_file():
+            raise CheckpointFormatError(f"{self.path}: '{name}' is missing")
+        return member.read_bytes()
+
+    def extract_dir(self, prefix: str, out_dir: Path) -> Path:
+        return self.path / prefix  # already on disk
+
+
+def open_nemo(path: str | Path) -> NemoArchive | ExtractedNemo:
+    path = Path(path)
+    return ExtractedNemo(path) if path.is_dir() else NemoArchive(path)
+
+
+def read_nemo_header(path: str | Path) -> tuple[dict[str, Any], dict[str, bytes], str]:
+    """Config, artifacts and layout, without reading any weights."""
+    with open_nemo(path) as source:
+        names = source.names()
+        if CONFIG not in names:
+            raise ConfigError(f"{path}: {CONFIG} is missing; this is not a NeMo model archive")
+        config = parse_config(source.read(CONFIG), str(path))
+        artifacts = {n: source.read(n) for n in names if _ARTIFACT.match(n)}
+        return config, artifacts, detect_layout(names, Path(path))
+
+
+def read_dist_tensor_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Global shapes of a distributed .nemo's tensors, from its ``.metadata`` alone."""
+    with open_nemo(path) as source, tempfile.TemporaryDirectory() as tmp:
+        if isinstance(source, NemoArchive):
+            target = Path(tmp) / WEIGHTS_DIR
+            target.mkdir()
+            (target / ".metadata").write_bytes(source.read(f"{WEIGHTS_DIR}/.metadata"))
+        else:
+            target = source.path / WEIGHTS_DIR
+        return {k: tuple(info.shape) for k, info in read_tensor_infos(target).items()}
 
 
 def read_nemo(path: str | Path) -> Checkpoint:
+    """A .nemo archive or an extracted .nemo folder."""
     path = Path(path)
-    with NemoArchive(path) as archive:
-        names = archive.names()
-        if CONFIG not in names:
-            raise ConfigError(f"{path}: {CONFIG} is missing; this is not a NeMo model archive")
-        config = parse_config(archive.read(CONFIG), str(path))
-        artifacts = {n: archive.read(n) for n in names if _ARTIFACT.match(n)}
-        layout = detect_layout(names, path)
+    config, artifacts, layout = read_nemo_header(path)
+    with open_nemo(path) as source:
+        names = source.names()
         if layout == DISTRIBUTED:
-            metadata_json = _check_dist_backend(archive)
+            metadata_json = source.read(f"{WEIGHTS_DIR}/metadata.json")
+            if b'"zarr"' in metadata_json:
+                raise UnsupportedError(
+                    f"{path}: weights use the deprecated zarr backend; convert them to torch_dist first with "
+                    f"NeMo's scripts/checkpoint_converters/convert_zarr_to_torch_dist.py"
+                )
             with tempfile.TemporaryDirectory() as tmp:
-                weights_dir = archive.extract_dir(WEIGHTS_DIR, Path(tmp))
+                weights_dir = source.extract_dir(WEIGHTS_DIR, Path(tmp))
                 tensors = read_torch_dist(weights_dir)
                 common = (weights_dir / "common.pt").read_bytes() if (weights_dir / "common.pt").exists() else b""
-            return Checkpoint(
-                tensors,
-                config,
-                layout,
-                artifacts,
-                training_state={"dist_common": common, "dist_metadata": metadata_json},
-            )
+            state = {"dist_common": common, "dist_metadata": metadata_json}
+            return Checkpoint(tensors, config, layout, artifacts, training_state=state)
         if layout == SINGLE:
-            tensors = _load_state_dict(archive.read(WEIGHTS_FILE), f"{path}:{WEIGHTS_FILE}")
+            tensors = _load_state_dict(source.read(WEIGHTS_FILE), f"{path}:{WEIGHTS_FILE}")
             return Checkpoint(tensors, config, layout, artifacts)
         pattern = _TP_PP_RANK if layout == TP_PP_RANK else _MP_RANK
         ranks: dict[tuple[int, int], dict[str, Value]] = {}
@@ -112,7 +152,7 @@ def read_nemo(path: str | Path) -> Checkpoint:
             m = pattern.match(name)
             if m:
                 rank = (int(m.group(1)), int(m.group(2)) if layout == TP_PP_RANK else 0)
-                ranks[rank] = _load_state_dict(archive.read(name), f"{path}:{name}")
+                ranks[rank] = _load_state_dict(source.read(name), f"{path}:{name}")
         return Checkpoint(ranks[min(ranks)], config, layout, artifacts, rank_tensors=ranks)
 
 

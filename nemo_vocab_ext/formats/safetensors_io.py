@@ -53,7 +53,9 @@ def _to_storable(tensors: dict[str, Value]) -> tuple[dict[str, torch.Tensor], li
         if value is None:
             nones.append(key)
         elif isinstance(value, bytes):
-            out[key] = torch.frombuffer(bytearray(value), dtype=torch.uint8) if value else torch.empty(0, dtype=torch.uint8)
+            out[key] = (
+                torch.frombuffer(bytearray(value), dtype=torch.uint8) if value else torch.empty(0, dtype=torch.uint8)
+            )
             blobs.append(key)
         elif isinstance(value, torch.Tensor):
             ident = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), value.dtype)
@@ -63,7 +65,9 @@ def _to_storable(tensors: dict[str, Value]) -> tuple[dict[str, torch.Tensor], li
             seen[ident] = key
             out[key] = value.detach().contiguous()
         else:
-            raise CheckpointFormatError(f"entry '{key}' is a {type(value).__name__}; only tensors, bytes and None can be stored")
+            raise CheckpointFormatError(
+                f"entry '{key}' is a {type(value).__name__}; only tensors, bytes and None can be stored"
+            )
     return out, blobs, nones, aliases
 
 
@@ -115,7 +119,9 @@ def _shard_files(src: Path) -> list[Path]:
     raise CheckpointFormatError(f"{src}: no {INDEX} or {SINGLE_NAME} in this folder")
 
 
-def _decode_metadata(meta: dict[str, str], source: Path) -> tuple[dict[str, Any], str, dict[str, bytes], list[str], list[str], dict[str, str]]:
+def _decode_metadata(
+    meta: dict[str, str], source: Path
+) -> tuple[dict[str, Any], str, dict[str, bytes], list[str], list[str], dict[str, str]]:
     if META_CONFIG not in meta:
         raise CheckpointFormatError(
             f"{source}: no NeMo model config in the safetensors metadata; it was not written by nemo-vocab-ext "

@@ -23,9 +23,20 @@ def apply_cpu_patches() -> None:
     _applied = True
     # NeMo parses this unconditionally when it enables NVIDIA optimisations; unset outside NVIDIA containers.
     os.environ.setdefault("NVIDIA_PYTORCH_VERSION", "24.12")
+    _patch_cuda()
     _patch_nlp_overrides()
     _patch_gpt_specs()
     _patch_build_model()
+
+
+def _noop(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+def _patch_cuda() -> None:
+    # Unconditional CUDA calls in NeMo and megatron-core that have nothing to do on a CPU.
+    torch.cuda.synchronize = _noop  # megatron's checkpoint writer syncs before copying tensors
+    torch.cuda.current_device = lambda: "cpu"  # passed as device= by megatron's checkpoint writer
 
 
 def _patch_nlp_overrides() -> None:

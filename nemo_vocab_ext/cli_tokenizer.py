@@ -1,0 +1,245 @@
+"""``nemo-vocab-ext tokenizer ...``: train a target-language tokenizer, merge it into the base one with
+ids preserved, and check a merged tokenizer against its base.
+
+The group is standalone (``main.add_command(tokenizer)`` attaches it); it maps this package's errors to
+one line and their exit code itself until the main CLI's handling is shared.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from itertools import islice
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from nemo_vocab_ext.core.sizes import padded_vocab_size
+from nemo_vocab_ext.errors import OutputExistsError, TokenizerError, VocabExtError
+from nemo_vocab_ext.tokenizer import (
+    KIND_SENTENCEPIECE,
+    TokenizerInfo,
+    check_ids_preserved,
+    iter_corpus_texts,
+    load_tokenizer,
+    merge_bpe,
+    merge_sentencepiece,
+    train_bpe_files,
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+TENSOR_PARALLEL_SIZES = (1, 2, 4, 8)
+_EXAMPLES = 3
+_BATCH = 2048
+
+
+class _OneLineError(click.ClickException):
+    """``Error: <message>`` on stderr and the error's own exit code, never a traceback."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(" ".join(message.split("\n")))
+        self.exit_code = exit_code
+
+
+def _one_line_errors(fn: F) -> F:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except VocabExtError as e:
+            raise _OneLineError(str(e), e.exit_code) from e
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _refuse_existing(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise OutputExistsError(f"{out}: already exists; pass --force to replace it")
+
+
+def _publish(tmp: Path, out: Path, force: bool) -> None:
+    """Move a finished temp file/folder to ``out`` by rename, so ``out`` is never half written."""
+    _refuse_existing(out, force)  # again: it may have appeared while we worked
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    os.replace(out, old)
+    os.replace(tmp, out)
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old)
+    else:
+        old.unlink()
+
+
+def _temp_dir_beside(out: Path) -> Path:
+    # Same folder as the target so the final rename stays on one filesystem.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+
+
+def _padded_line(vocab_size: int, divisible_by: int) -> str:
+    sizes = ", ".join(f"TP{tp} {padded_vocab_size(vocab_size, divisible_by, tp)}" for tp in TENSOR_PARALLEL_SIZES)
+    return f"padded size (make_vocab_size_divisible_by={divisible_by}): {sizes}"
+
+
+@click.group(name="tokenizer")
+def tokenizer() -> None:
+    """Train, merge and check tokenizers for a vocabulary extension."""
+
+
+@tokenizer.command("train")
+@click.argument("corpus", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--vocab-size", type=click.IntRange(min=258), required=True, help="Tokens in the trained tokenizer.")
+@click.option("--json-key", default=None, help="Read JSONL and take the text from this key (as NeMo's preprocessing).")
+@click.option("--min-frequency", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress and no summary.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@_one_line_errors
+def train_cmd(
+    corpus: tuple[Path, ...],
+    out: Path,
+    vocab_size: int,
+    json_key: str | None,
+    min_frequency: int,
+    quiet: bool,
+    force: bool,
+) -> None:
+    """Train a GPT-2 byte-level BPE on CORPUS files (plain text or JSONL) into folder OUT."""
+    _refuse_existing(out, force)
+    progress = not quiet and sys.stderr.isatty()  # progress bars only for a person watching
+    if progress:
+        click.echo(f"training on {len(corpus)} file(s)...", err=True)
+    tmp = _temp_dir_beside(out)
+    try:
+        train_bpe_files(corpus, tmp, vocab_size, json_key, min_frequency=min_frequency, show_progress=progress)
+        trained = load_tokenizer(tmp)
+        _publish(tmp, out, force)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    if quiet:
+        return
+    short = "" if trained.vocab_size >= vocab_size else f" (asked for {vocab_size}: the corpus has no more frequent pairs)"
+    click.echo(f"trained {out}: {trained.vocab_size} tokens{short}, {len(trained.merges)} merges")
+
+
+@tokenizer.command("merge")
+@click.argument("base", type=click.Path(path_type=Path))
+@click.argument("new", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--divisible-by", type=click.IntRange(min=1), default=128, show_default=True,
+              help="The model's make_vocab_size_divisible_by, for the padded sizes printed.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@_one_line_errors
+def merge_cmd(base: Path, new: Path, out: Path, divisible_by: int, force: bool) -> None:
+    """Append NEW's tokens and merges that BASE lacks after all of BASE's, into OUT.
+
+    GPT-2 BPE: OUT is a folder with vocab.json + merges.txt. SentencePiece: OUT is the merged .model
+    (a folder name gets BASE's file name inside it).
+    """
+    _refuse_existing(out, force)
+    base_tok = load_tokenizer(base)
+    if base_tok.kind == KIND_SENTENCEPIECE:
+        target = out if out.suffix == ".model" else out / base_tok.path.name
+        tmp_dir = _temp_dir_beside(out)
+        try:
+            result = merge_sentencepiece(base, new, tmp_dir / target.name)
+            if target is out:
+                _publish(result.out, out, force)
+            else:
+                _publish(tmp_dir, out, force)
+        finally:
+            if tmp_dir.exists():
+                shutil.rmtree(tmp_dir)
+        written = target
+    else:
+        tmp_dir = _temp_dir_beside(out)
+        try:
+            result = merge_bpe(base, new, tmp_dir)
+            _publish(tmp_dir, out, force)
+        finally:
+            if tmp_dir.exists():
+                shutil.rmtree(tmp_dir)
+        written = out
+    merges = f" and {result.merges_added} merges" if result.kind != KIND_SENTENCEPIECE else ""
+    skipped = f" (skipped {len(result.skipped)} special/control tokens)" if result.skipped else ""
+    click.echo(f"merged tokenizer written to {written}")
+    click.echo(f"added {result.tokens_added} tokens{merges} from {new}{skipped}")
+    click.echo(f"vocab size (as NeMo counts it): {result.vocab_size} (base {result.base_vocab_size})")
+    click.echo(_padded_line(result.vocab_size, divisible_by))
+    click.echo(result.check.summary())
+
+
+def _batches(texts: Iterator[str], size: int) -> Iterator[list[str]]:
+    while batch := list(islice(texts, size)):
+        yield batch
+
+
+def _compare_text(base: TokenizerInfo, merged: TokenizerInfo, path: Path, json_key: str | None) -> dict[str, Any]:
+    lines = differing = base_tokens = merged_tokens = chars = 0
+    examples: list[dict[str, Any]] = []
+    for batch in _batches(iter_corpus_texts([path], json_key), _BATCH):
+        for text, b_ids, m_ids in zip(batch, base.encode_batch(batch), merged.encode_batch(batch)):
+            lines += 1
+            chars += len(text)
+            base_tokens += len(b_ids)
+            merged_tokens += len(m_ids)
+            if b_ids != m_ids:
+                differing += 1
+                if len(examples) < _EXAMPLES:
+                    examples.append({"text": text[:80], "base_ids": b_ids[:12], "merged_ids": m_ids[:12]})
+    if not chars:
+        raise TokenizerError(f"{path}: no text to compare; pass a file with one text a line")
+    return {
+        "file": str(path),
+        "lines": lines,
+        "differing_lines": differing,
+        "differing_share": differing / lines,
+        "examples": examples,
+        "fertility_base": base_tokens / chars,
+        "fertility_merged": merged_tokens / chars,
+    }
+
+
+@tokenizer.command("check")
+@click.argument("base", type=click.Path(path_type=Path))
+@click.argument("merged", type=click.Path(path_type=Path))
+@click.option("--text", "texts", multiple=True, type=click.Path(path_type=Path),
+              help="Text file (one text a line) to encode with both; repeatable.")
+@click.option("--json-key", default=None, help="The --text files are JSONL with the text under this key.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.pass_context
+@_one_line_errors
+def check_cmd(
+    ctx: click.Context, base: Path, merged: Path, texts: Sequence[Path], json_key: str | None, as_json: bool
+) -> None:
+    """Check that MERGED keeps every BASE token id and merge rank; exit 1 when ids moved.
+
+    With --text, also report the share of lines encoded differently (0 expected on base-language
+    text) and tokens per character before and after.
+    """
+    base_tok, merged_tok = load_tokenizer(base), load_tokenizer(merged)
+    result = check_ids_preserved(base_tok, merged_tok)
+    reports = [_compare_text(base_tok, merged_tok, p, json_key) for p in texts]
+    if as_json:
+        click.echo(json.dumps({"ids": result.to_dict(), "texts": reports}, ensure_ascii=False, indent=2))
+    else:
+        click.echo(result.summary())
+        for r in reports:
+            click.echo(
+                f"{r['file']}: {r['differing_lines']} of {r['lines']} lines ({100 * r['differing_share']:.1f}%) "
+                f"encode differently; tokens per character {r['fertility_base']:.3f} -> {r['fertility_merged']:.3f}"
+            )
+            for ex in r["examples"]:
+                click.echo(f"  e.g. {ex['text']!r}: {ex['base_ids']} -> {ex['merged_ids']}")
+    if not result.ok:
+        ctx.exit(1)

@@ -1,0 +1,308 @@
+"""The one module that touches NeMo: ``model.vocab_extension`` at restore time.
+
+When the model config carries ``vocab_extension`` and the configured tokenizer needs a different
+table than the checkpoint stores, the checkpoint is resized (by the same code as the CLI) into an
+extracted .nemo folder before NeMo loads any weights, and NeMo restores from that folder. Every
+rank does this independently and deterministically, as NeMo itself extracts the archive per rank;
+megatron then hands each tensor-parallel rank exactly its rows of the new padded table.
+Without ``vocab_extension`` nothing here runs: stock behaviour.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from .checkpoint import DISTRIBUTED, Checkpoint
+from .core.keys import find_vocab_keys
+from .core.resize import Init
+from .errors import ConfigError, DataError, ResizeError, TokenizerError
+from .formats.nemo import read_dist_tensor_shapes, read_nemo, read_nemo_header, write_nemo_dir
+from .vocab import apply_resize, checkpoint_tokenizer_files, embed_tokenizer, expected_rows, plan_resize, vocab_tables
+
+CONFIG_KEY = "vocab_extension"
+
+
+@dataclass(frozen=True)
+class ExtensionSettings:
+    """``model.vocab_extension``: every key, with its default."""
+
+    init: str = Init.ZEROS.value  # zeros | mean | normal | fvt: new tokens' rows
+    padding_init: str = Init.MEAN.value  # zeros | mean | normal: rows past the tokenizer
+    allow_shrink: bool = False  # allow a table smaller than the trained one (drops rows)
+    check_data: bool = False  # scan model.data.data_prefix for ids >= tokenizer size first
+    report: bool = True  # log the resize report
+    seed: int = 0  # seed of the 'normal' init
+    work_dir: str | None = None  # where the resized copy is written (default: system temp)
+
+    @classmethod
+    def from_config(cls, node: Any) -> ExtensionSettings:
+        if node is None or node is True:
+            return cls()
+        if isinstance(node, str):  # `+model.vocab_extension=fvt`
+            node = {"init": node}
+        values = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+        assert isinstance(values, dict)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(map(str, values)) - known)
+        if unknown:
+            raise ConfigError(f"model.vocab_extension: unknown key(s) {unknown}; valid keys: {sorted(known)}")
+        settings = cls(**{str(k): v for k, v in values.items()})
+        for name, allowed in (("init", list(Init)), ("padding_init", [Init.ZEROS, Init.MEAN, Init.NORMAL])):
+            if getattr(settings, name) not in {i.value for i in allowed}:
+                raise ConfigError(
+                    f"model.vocab_extension.{name}={getattr(settings, name)!r}; choose one of {[i.value for i in allowed]}"
+                )
+        return settings
+
+
+def settings_of(model_cfg: Any) -> ExtensionSettings | None:
+    """None when the config has no ``vocab_extension``: the plugin stays out of the way."""
+    if model_cfg is None or isinstance(model_cfg, str):
+        return None
+    node = model_cfg.get(CONFIG_KEY) if hasattr(model_cfg, "get") else None
+    if node is None or node is False:
+        return None
+    return ExtensionSettings.from_config(node)
+
+
+def _log(msg: str) -> None:
+    from nemo.utils import logging
+
+    logging.info(f"[vocab_extension] {msg}")
+
+
+def _resolve_file(ref: Any, artifacts: dict[str, bytes], workdir: Path, name: str) -> str | None:
+    """A tokenizer file from the run's config: a local path, or a ``nemo:`` artifact of the checkpoint."""
+    if not isinstance(ref, str) or not ref:
+        return None
+    if ref.startswith("nemo:"):
+        data = artifacts.get(ref[len("nemo:") :])
+        if data is None:
+            raise ConfigError(f"tokenizer file {ref} is not in the checkpoint being restored")
+        out = workdir / name
+        out.write_bytes(data)
+        return str(out)
+    if not Path(ref).is_file():
+        raise TokenizerError(f"{ref}: tokenizer file not found")
+    return ref
+
+
+def _nemo_tokenizer(tok_cfg: Any, artifacts: dict[str, bytes], workdir: Path) -> tuple[Any, dict[str, str]]:
+    """Build the tokenizer exactly as MegatronBaseModel._build_tokenizer does; also its resolved files."""
+    from nemo.collections.nlp.modules.common.tokenizer_utils import get_nmt_tokenizer
+
+    files = {
+        key: path
+        for key, name in (("vocab_file", "vocab.json"), ("merge_file", "merges.txt"), ("model", "tokenizer.model"))
+        if (path := _resolve_file(tok_cfg.get(key), artifacts, workdir, name)) is not None
+    }
+    legacy = tok_cfg.get("sentencepiece_legacy", tok_cfg.get("library") == "sentencepiece")
+    tokenizer = get_nmt_tokenizer(
+        library=tok_cfg.get("library"),
+        model_name=tok_cfg.get("type", None),
+        tokenizer_model=files.get("model"),
+        vocab_file=files.get("vocab_file"),
+        merges_file=files.get("merge_file"),
+        use_fast=tok_cfg.get("use_fast", False),
+        delimiter=tok_cfg.get("delimiter", None),
+        special_tokens=tok_cfg.get("special_tokens", None),
+        trust_remote_code=tok_cfg.get("trust_remote_code", False),
+        legacy=legacy,
+    )
+    extra = tok_cfg.get("additional_special_tokens", None)
+    if extra is not None:
+        tokenizer.add_special_tokens(OmegaConf.to_object(extra) if isinstance(extra, DictConfig) else extra)
+    return tokenizer, files
+
+
+def _info_from_files(files: dict[str, str], workdir: Path):  # type: ignore[no-untyped-def]
+    """Our tokenizer view (ids, pieces) of the same files NeMo read."""
+    from .tokenizer import load_tokenizer
+
+    if "vocab_file" in files and "merge_file" in files:
+        folder = workdir / "new_tokenizer"
+        folder.mkdir(exist_ok=True)
+        shutil.copyfile(files["vocab_file"], folder / "vocab.json")
+        shutil.copyfile(files["merge_file"], folder / "merges.txt")
+        return load_tokenizer(folder)
+    if "model" in files:
+        return load_tokenizer(Path(files["model"]))
+    return None
+
+
+def _stored_rows(restore_path: Path, layout: str) -> int | None:
+    """The stored embedding's row count, cheaply when the layout allows (distributed: metadata only)."""
+    if layout != DISTRIBUTED:
+        return None
+    shapes = read_dist_tensor_shapes(restore_path)
+    return shapes[find_vocab_keys(shapes).embedding][0]
+
+
+def _data_prefixes(data_prefix: Any) -> Iterator[str]:
+    """Dataset prefixes of ``model.data.data_prefix``: a list of [weight, prefix, ...] or a dict of such lists."""
+    if data_prefix is None:
+        return
+    if isinstance(data_prefix, (dict, DictConfig)):
+        for value in data_prefix.values():
+            yield from _data_prefixes(value)
+        return
+    if isinstance(data_prefix, str):
+        yield data_prefix
+        return
+    for item in data_prefix:
+        if isinstance(item, str):
+            yield item
+
+
+def check_data(model_cfg: Any, vocab_size: int) -> None:
+    from .data_check import scan_token_ids
+
+    for prefix in _data_prefixes(model_cfg.get("data", {}).get("data_prefix")):
+        scan = scan_token_ids(prefix, vocab_size)
+        if not scan.ok:
+            raise DataError(f"{scan.summary()}; re-tokenize this data with the configured tokenizer")
+        _log(scan.summary())
+
+
+def prepare_restore(restore_path: str | Path, model_cfg: Any, settings: ExtensionSettings) -> Path | None:
+    """Return an extracted, resized .nemo folder to restore from instead, or None when sizes already agree."""
+    source = Path(restore_path)
+    config, artifacts, layout = read_nemo_header(source)
+    work = Path(tempfile.mkdtemp(prefix="nemo_vocab_ext.", dir=settings.work_dir))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)
+    tokenizer, files = _nemo_tokenizer(model_cfg.tokenizer, artifacts, work)
+    new_vocab = int(tokenizer.vocab_size)
+    new_rows = expected_rows(new_vocab, OmegaConf.to_container(model_cfg, resolve=True))  # type: ignore[arg-type]
+    if settings.check_data:
+        check_data(model_cfg, new_vocab)
+
+    from .tokenizer import check_ids_preserved, load_tokenizer, pieces_under
+
+    own_dir = work / "own_tokenizer"
+    own_dir.mkdir()
+    own_where = checkpoint_tokenizer_files(Checkpoint({}, config, layout, artifacts), own_dir)
+    own = load_tokenizer(own_where) if own_where is not None else None
+    old_vocab = own.vocab_size if own is not None else None
+    stored = _stored_rows(source, layout)
+    if stored is not None and stored == new_rows and old_vocab in (None, new_vocab):
+        _log(f"checkpoint rows ({stored}) already match the tokenizer ({new_vocab} tokens): nothing to do")
+        return None
+    ckpt = read_nemo(source)
+    rows = vocab_tables(ckpt)[ckpt.vocab_keys().embedding].shape[0]
+    if rows == new_rows and old_vocab in (None, new_vocab):
+        _log(f"checkpoint rows ({rows}) already match the tokenizer ({new_vocab} tokens): nothing to do")
+        return None
+    new_info = _info_from_files(files, work)
+    if own is not None and new_info is not None:
+        check = check_ids_preserved(own, new_info)
+        if not check.ok:
+            raise TokenizerError(
+                f"{check.summary()}; the pretrained rows would be scrambled. Merge tokenizers with `nemo-vocab-ext tokenizer merge`"
+            )
+    init = Init(settings.init)
+    if init is Init.FVT and (own is None or new_info is None):
+        raise TokenizerError(
+            "vocab_extension.init=fvt needs the checkpoint's own tokenizer and a file-based new tokenizer"
+        )
+    try:
+        plan = plan_resize(
+            ckpt,
+            old_vocab,
+            new_vocab,
+            tensor_parallel=int(model_cfg.get("tensor_model_parallel_size", 1) or 1),
+            divisible_by=int(model_cfg.get("make_vocab_size_divisible_by", 128) or 128),
+            init=init,
+            padding_init=Init(settings.padding_init),
+            allow_shrink=settings.allow_shrink,
+        )
+    except ResizeError as e:
+        raise ResizeError(str(e).replace("(--allow-shrink)", "(+model.vocab_extension.allow_shrink=true)")) from e
+    if plan.rows.new_rows != new_rows:  # override_vocab_size: NeMo builds exactly that many rows
+        raise ResizeError(
+            f"override_vocab_size={new_rows} disagrees with the padded size {plan.rows.new_rows}; unset it"
+        )
+    pieces = None
+    if init is Init.FVT and own is not None and new_info is not None and new_vocab > plan.rows.old_vocab:
+        pieces = pieces_under(own, new_info, range(plan.rows.old_vocab, new_vocab))
+    resized = apply_resize(ckpt, plan, pieces=pieces, seed=settings.seed)
+    resized = embed_tokenizer(resized, {k: Path(v) for k, v in files.items()})
+    out = work / "resized"
+    write_nemo_dir(resized, out)
+    if settings.report:
+        for line in ["resized the vocabulary before loading:", *plan.lines()]:
+            _log(line)
+    return out
+
+
+def install() -> None:
+    """Wrap NeMo's restore path once; inert for configs without ``vocab_extension``."""
+    from nemo.collections.nlp.parts.nlp_overrides import NLPDDPStrategy, NLPSaveRestoreConnector
+
+    if getattr(NLPSaveRestoreConnector.restore_from, "_vocab_extension", False):
+        return
+    original_restore = NLPSaveRestoreConnector.restore_from
+
+    @functools.wraps(original_restore)
+    def restore_from(
+        self: Any, calling_cls: Any, restore_path: str, override_config_path: Any = None, *args: Any, **kwargs: Any
+    ) -> Any:
+        return_config = kwargs.get("return_config", args[3] if len(args) > 3 else False)
+        settings = (
+            None
+            if return_config or not isinstance(override_config_path, DictConfig)
+            else settings_of(override_config_path)
+        )
+        if settings is None:
+            return original_restore(self, calling_cls, restore_path, override_config_path, *args, **kwargs)
+        source = (
+            self.model_extracted_dir
+            if self.model_extracted_dir and Path(self.model_extracted_dir).is_dir()
+            else restore_path
+        )
+        resized = prepare_restore(source, override_config_path, settings)
+        if resized is not None:
+            self.model_extracted_dir = str(resized)
+            restore_path = str(resized)
+        return original_restore(self, calling_cls, restore_path, override_config_path, *args, **kwargs)
+
+    restore_from._vocab_extension = True  # type: ignore[attr-defined]
+    NLPSaveRestoreConnector.restore_from = restore_from  # type: ignore[method-assign]
+
+    original_load = NLPDDPStrategy.load_checkpoint
+
+    @functools.wraps(original_load)
+    def load_checkpoint(self: Any, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
+        module = getattr(self, "lightning_module", None)
+        cfg = getattr(module, "cfg", None)
+        if settings_of(cfg) is not None:
+            refuse_mismatched_training_checkpoint(Path(checkpoint_path), module)
+        return original_load(self, checkpoint_path, *args, **kwargs)
+
+    NLPDDPStrategy.load_checkpoint = load_checkpoint  # type: ignore[method-assign]
+
+
+def refuse_mismatched_training_checkpoint(path: Path, module: Any) -> None:
+    """Megatron would silently zero-fill or truncate the table (and its optimizer moments): refuse."""
+    from .formats.torch_dist import read_tensor_infos
+
+    if not (path / ".metadata").is_file():
+        return
+    shapes = {k: tuple(v.shape) for k, v in read_tensor_infos(path).items()}
+    stored = shapes[find_vocab_keys(k for k in shapes if k.startswith("model.")).embedding][0]
+    built = int(module.padded_vocab_size)
+    if stored != built:
+        raise ResizeError(
+            f"{path}: training checkpoint has {stored} embedding rows but the model has {built} for the configured "
+            f"tokenizer; resume it with the tokenizer it was trained with, or export its weights "
+            f"(`nemo-vocab-ext convert {path} weights.nemo`) and continue with model.restore_from_path=weights.nemo "
+            f"+model.vocab_extension.init=..."
+        )

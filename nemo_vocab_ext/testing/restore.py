@@ -1,0 +1,71 @@
+"""Restore a ``.nemo`` with real NeMo on a CPU, as the stock continual-training path does, and dump it.
+
+    python -m nemo_vocab_ext.testing.restore --nemo X.nemo [--vocab-dir D] --dump OUT.pt
+
+``--vocab-dir`` replaces the archived tokenizer files by ``D/vocab.json`` and ``D/merges.txt``,
+which is how a resized model is restored with its new tokenizer. ``OUT.pt`` holds
+``{"state_dict": {name: tensor}, "vocab_size": int, "padded_vocab_size": int}`` (under torchrun,
+one ``OUT.rank<r>.pt`` per rank). Any load error
+propagates: the exit status is non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m nemo_vocab_ext.testing.restore", description=__doc__)
+    p.add_argument("--nemo", type=Path, required=True, help="the .nemo archive to restore")
+    p.add_argument("--vocab-dir", type=Path, help="restore with this vocab.json and merges.txt instead")
+    p.add_argument("--dump", type=Path, required=True, help="where to torch.save the restored tensors")
+    p.add_argument("--tp", type=int, default=1, help="tensor parallel size (run under torchrun for >1)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from nemo_vocab_ext.testing.cpu_nemo import apply_cpu_patches, init_cpu_process_group
+
+    apply_cpu_patches()
+    from nemo.collections.nlp.models.language_modeling.megatron_gpt_model import MegatronGPTModel
+    from nemo.collections.nlp.parts.nlp_overrides import NLPSaveRestoreConnector
+    from omegaconf import open_dict
+
+    from nemo_vocab_ext.testing.tiny import cpu_trainer
+
+    conf = MegatronGPTModel.restore_from(
+        str(args.nemo), return_config=True, save_restore_connector=NLPSaveRestoreConnector()
+    )
+    with open_dict(conf):
+        conf.tensor_model_parallel_size = args.tp
+        if args.vocab_dir is not None:
+            conf.tokenizer.vocab_file = str((args.vocab_dir / "vocab.json").resolve())
+            conf.tokenizer.merge_file = str((args.vocab_dir / "merges.txt").resolve())
+    init_cpu_process_group(args.tp)
+    model = MegatronGPTModel.restore_from(
+        str(args.nemo),
+        override_config_path=conf,
+        trainer=cpu_trainer(conf, devices=args.tp),
+        save_restore_connector=NLPSaveRestoreConnector(),
+    )
+    tensors = {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    dump = {
+        "state_dict": tensors,
+        "vocab_size": int(model.tokenizer.vocab_size),
+        "padded_vocab_size": int(model.padded_vocab_size),
+    }
+    out = args.dump
+    if torch.distributed.get_world_size() > 1:  # each rank holds its own slices: one file per rank
+        out = out.with_name(f"{out.stem}.rank{torch.distributed.get_rank()}{out.suffix}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(dump, out)
+    return 0
+
+
+if __name__ == "__main__":  # NeMo may spawn children that re-import the main module
+    sys.exit(main())

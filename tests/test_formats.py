@@ -1,0 +1,146 @@
+"""Round trips through every adapter on synthetic checkpoints, and the archive's safety rules."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from nemo_vocab_ext.checkpoint import DISTRIBUTED, SINGLE, Checkpoint
+from nemo_vocab_ext.errors import CheckpointFormatError, ConfigError, OutputExistsError, UnsafeCheckpointError
+from nemo_vocab_ext.formats.archive import NemoArchive, atomic_output
+from nemo_vocab_ext.io import Format, load_checkpoint, save_checkpoint, verify_same_weights
+
+CONFIG = {
+    "num_layers": 2,
+    "hidden_size": 4,
+    "make_vocab_size_divisible_by": 8,
+    "share_embeddings_and_output_weights": False,
+    "tokenizer": {"library": "megatron", "type": "GPT2BPETokenizer", "vocab_file": "nemo:" + "a" * 32 + "_vocab.json"},
+}
+
+
+def synthetic(layout: str) -> Checkpoint:
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(16, 4, generator=g)
+    tensors: dict = {
+        "model.embedding.word_embeddings.weight": emb,
+        "model.output_layer.weight": torch.randn(16, 4, generator=g).to(torch.bfloat16),
+        "model.decoder.final_layernorm.weight": torch.ones(4),
+        "model.counter": torch.tensor(7, dtype=torch.int64),
+    }
+    if layout == DISTRIBUTED:
+        tensors["model.decoder.layers.mlp.linear_fc1._extra_state/shard_0_2"] = b"\x80\x04N."
+    else:
+        tensors["model.output_layer._extra_state"] = None
+    return Checkpoint(tensors, dict(CONFIG), layout, {"a" * 32 + "_vocab.json": b'{"x": 0}'})
+
+
+@pytest.mark.parametrize("layout", [SINGLE, DISTRIBUTED])
+@pytest.mark.parametrize(
+    ("fmt", "name"),
+    [(Format.NEMO, "m.nemo"), (Format.CKPT, "m.ckpt"), (Format.SAFETENSORS, "m.safetensors"), (Format.SAFETENSORS, "shards")],
+)
+def test_round_trip_is_bit_exact(tmp_path: Path, layout: str, fmt: Format, name: str) -> None:
+    ckpt = synthetic(layout)
+    dst = tmp_path / name
+    save_checkpoint(ckpt, dst, fmt)
+    back, detected = load_checkpoint(dst, fmt if name == "shards" else None)
+    assert detected is fmt and back.layout == layout
+    verify_same_weights(ckpt, back, dst)
+    assert back.artifacts == ckpt.artifacts and back.config == ckpt.config
+
+
+def test_sharded_safetensors_splits_and_indexes(tmp_path: Path) -> None:
+    from nemo_vocab_ext.formats.safetensors_io import INDEX, write_safetensors
+
+    ckpt = synthetic(SINGLE)
+    out = tmp_path / "shards"
+    write_safetensors(ckpt, out, max_shard_bytes=100)
+    assert len(list(out.glob("model-*-of-*.safetensors"))) >= 2
+    assert (out / INDEX).is_file()
+    back, _ = load_checkpoint(out)
+    verify_same_weights(ckpt, back, out)
+
+
+def test_tied_alias_is_stored_once(tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    ckpt = synthetic(SINGLE)
+    ckpt.tensors["model.word_embeddings_for_head.weight"] = ckpt.tensors["model.embedding.word_embeddings.weight"]
+    dst = tmp_path / "t.safetensors"
+    save_checkpoint(ckpt, dst, Format.SAFETENSORS)
+    with safe_open(str(dst), "pt") as f:
+        assert "model.word_embeddings_for_head.weight" not in set(f.keys())
+        assert f.metadata()["format"] == "pt"
+    back, _ = load_checkpoint(dst)
+    assert torch.equal(back.tensors["model.word_embeddings_for_head.weight"], ckpt.tensors["model.embedding.word_embeddings.weight"])
+
+
+def test_existing_destination_needs_force_and_failures_leave_nothing(tmp_path: Path) -> None:
+    dst = tmp_path / "out.nemo"
+    dst.write_bytes(b"precious")
+    with pytest.raises(OutputExistsError, match="--force"):
+        save_checkpoint(synthetic(SINGLE), dst, Format.NEMO)
+    assert dst.read_bytes() == b"precious"
+    with pytest.raises(RuntimeError), atomic_output(tmp_path / "new.nemo", force=False) as tmp:
+        tmp.write_bytes(b"partial")
+        raise RuntimeError("killed mid-write")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.nemo"]
+
+
+def _tar_with(tmp_path: Path, name: str, add) -> Path:  # type: ignore[no-untyped-def]
+    path = tmp_path / name
+    with tarfile.open(path, "w:") as tar:
+        data = b"x: 1\n"
+        info = tarfile.TarInfo("./model_config.yaml")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+        add(tar)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [("dotdot", "outside the archive"), ("absolute", "absolute path"), ("symlink", "is a link"), ("hardlink", "is a link")],
+)
+def test_hostile_archives_are_refused_whole(tmp_path: Path, kind: str, message: str) -> None:
+    def add(tar: tarfile.TarFile) -> None:
+        if kind in ("dotdot", "absolute"):
+            payload = b"pwned"
+            info = tarfile.TarInfo("../evil.txt" if kind == "dotdot" else "/tmp/evil.txt")
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+        else:
+            info = tarfile.TarInfo("./model_weights.ckpt")
+            info.type = tarfile.SYMTYPE if kind == "symlink" else tarfile.LNKTYPE
+            info.linkname = "/etc/passwd"
+            tar.addfile(info)
+
+    bad = _tar_with(tmp_path / "", "bad.nemo", add)
+    with pytest.raises(UnsafeCheckpointError, match=message):
+        NemoArchive(bad)
+    with pytest.raises(UnsafeCheckpointError):
+        load_checkpoint(bad)
+    assert not (tmp_path.parent / "evil.txt").exists()
+
+
+def test_truncated_archive_and_missing_config(tmp_path: Path) -> None:
+    good = tmp_path / "good.nemo"
+    save_checkpoint(synthetic(SINGLE), good, Format.NEMO)
+    truncated = tmp_path / "truncated.nemo"
+    with tarfile.open(good) as tar:
+        weights = tar.getmember("./model_weights.ckpt")
+    truncated.write_bytes(good.read_bytes()[: weights.offset_data + weights.size // 2])  # cut inside the weights
+    with pytest.raises(CheckpointFormatError, match="truncated|corrupt|not a .nemo"):
+        load_checkpoint(truncated)
+    no_config = tmp_path / "noconfig.nemo"
+    with tarfile.open(no_config, "w:") as tar:
+        info = tarfile.TarInfo("./model_weights.ckpt")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"abc"))
+    with pytest.raises(ConfigError, match="model_config.yaml is missing"):
+        load_checkpoint(no_config)

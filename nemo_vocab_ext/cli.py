@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import click
 
+from .cli_tokenizer import tokenizer
 from .core.resize import Init
 from .errors import VocabExtError
 from .io import Format, format_for_destination, load_checkpoint, save_checkpoint
@@ -204,15 +205,7 @@ def resize(
     click.echo("\n".join(lines))
 
 
-def _attach_subcommands() -> None:
-    try:
-        from .cli_tokenizer import tokenizer
-    except ImportError:  # built separately; absent in a partial checkout
-        return
-    main.add_command(tokenizer)
-
-
-_attach_subcommands()
+main.add_command(tokenizer)
 
 
 if __name__ == "__main__":

@@ -10,9 +10,9 @@ from __future__ import annotations
 import functools
 import json
 import os
+import secrets
 import shutil
 import sys
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from itertools import islice
 from pathlib import Path
@@ -81,8 +81,11 @@ def _publish(tmp: Path, out: Path, force: bool) -> None:
 
 def _temp_dir_beside(out: Path) -> Path:
     # Same folder as the target so the final rename stays on one filesystem.
+    # (mkdir rather than mkdtemp: the folder gets the umask's permissions, not 0700.)
     out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    return tmp
 
 
 def _padded_line(vocab_size: int, divisible_by: int) -> str:
@@ -128,7 +131,9 @@ def train_cmd(
             shutil.rmtree(tmp)
     if quiet:
         return
-    short = "" if trained.vocab_size >= vocab_size else f" (asked for {vocab_size}: the corpus has no more frequent pairs)"
+    short = ""
+    if trained.vocab_size < vocab_size:
+        short = f" (asked for {vocab_size}: the corpus has no more pairs seen --min-frequency times)"
     click.echo(f"trained {out}: {trained.vocab_size} tokens{short}, {len(trained.merges)} merges")
 
 
@@ -170,6 +175,7 @@ def merge_cmd(base: Path, new: Path, out: Path, divisible_by: int, force: bool) 
             if tmp_dir.exists():
                 shutil.rmtree(tmp_dir)
         written = out
+    result.check.merged_path = str(written)  # it was checked in the temp folder, before the rename
     merges = f" and {result.merges_added} merges" if result.kind != KIND_SENTENCEPIECE else ""
     skipped = f" (skipped {len(result.skipped)} special/control tokens)" if result.skipped else ""
     click.echo(f"merged tokenizer written to {written}")
@@ -188,7 +194,7 @@ def _compare_text(base: TokenizerInfo, merged: TokenizerInfo, path: Path, json_k
     lines = differing = base_tokens = merged_tokens = chars = 0
     examples: list[dict[str, Any]] = []
     for batch in _batches(iter_corpus_texts([path], json_key), _BATCH):
-        for text, b_ids, m_ids in zip(batch, base.encode_batch(batch), merged.encode_batch(batch)):
+        for text, b_ids, m_ids in zip(batch, base.encode_batch(batch), merged.encode_batch(batch), strict=True):
             lines += 1
             chars += len(text)
             base_tokens += len(b_ids)
@@ -242,4 +248,10 @@ def check_cmd(
             for ex in r["examples"]:
                 click.echo(f"  e.g. {ex['text']!r}: {ex['base_ids']} -> {ex['merged_ids']}")
     if not result.ok:
+        if not as_json:
+            click.echo(
+                "the model's trained rows would belong to other tokens: build the merged tokenizer by appending "
+                "(nemo-vocab-ext tokenizer merge BASE NEW OUT)",
+                err=True,
+            )
         ctx.exit(1)

@@ -22,6 +22,8 @@ all little-endian)::
 
 from __future__ import annotations
 
+import contextlib
+import mmap
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -323,7 +325,6 @@ class _Tally:
         # vocab is larger than the dtype's positive range.
         limit = vocab_size if self.dtype.kind == "u" else min(vocab_size, 1 << (bits - 1))
         self.threshold = int(limit)
-        self.vocab_size = vocab_size
         self.max_examples = max_examples
         self.max_id: int | None = None
         self.num_out_of_range = 0
@@ -359,13 +360,43 @@ class _Tally:
                 self.values.extend(block[take].tolist())
 
 
-def _advise_sequential(f: BinaryIO) -> None:
-    # Larger kernel readahead; a hint only, so any failure is ignored.
+def _advise_sequential(fd: int) -> None:
+    # Larger kernel readahead for a cold file; a hint only, so any failure is ignored.
     if hasattr(os, "posix_fadvise"):
-        try:
-            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        except OSError:
-            pass
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+
+
+def _scan_windows(
+    info: IndexInfo, window_bytes: int, tally: _Tally, progress: Progress | None
+) -> int:
+    """Map the .bin one window at a time and feed each to the tally; returns bytes scanned.
+
+    Each window is unmapped before the next is mapped: mapping the whole file would leave every
+    touched page resident (RSS grows to the file size), and reading into a buffer would add a copy
+    (measured ~1.5x-6x slower from page cache). The file size is re-checked per window so a file
+    truncated mid-scan gives a DataError rather than a SIGBUS.
+    """
+    total, itemsize, done = info.bin_bytes, info.itemsize, 0
+    granularity = mmap.ALLOCATIONGRANULARITY
+    with open(info.bin_path, "rb") as f:
+        fd = f.fileno()
+        _advise_sequential(fd)
+        while done < total:
+            nbytes = min(window_bytes, total - done)
+            if os.fstat(fd).st_size < total:
+                raise DataError(f"{info.bin_path}: shrank below {total:,} bytes during the scan")
+            lead = done % granularity  # mmap offsets must be page-aligned; slice the lead off
+            with mmap.mmap(fd, lead + nbytes, access=mmap.ACCESS_READ, offset=done - lead) as mm:
+                window = np.frombuffer(mm, dtype=np.uint8, count=nbytes, offset=lead)
+                try:
+                    tally.add(window, done // itemsize)
+                finally:
+                    del window  # release the buffer export, or closing the map raises BufferError
+            done += nbytes
+            if progress is not None:
+                progress(done, total)
+    return done
 
 
 def scan_token_ids(
@@ -378,10 +409,10 @@ def scan_token_ids(
 ) -> DataScan:
     """Stream ``prefix.bin`` and count token ids outside ``[0, vocab_size)``.
 
-    The ``.bin`` is read with plain file reads into one reused buffer of ``chunk_bytes`` (rounded
-    down to whole tokens), so peak memory is about one chunk whatever the file size; mapping the
-    whole file would instead grow the resident set by the file size as pages are touched. Each chunk
-    costs one vectorised ``max()``; only chunks holding a bad id are examined further.
+    The ``.bin`` is memory-mapped one window of ``chunk_bytes`` (rounded down to whole tokens, so
+    no id straddles two windows) at a time and each window is unmapped before the next, so peak
+    memory is about one chunk whatever the file size. Each window costs one vectorised ``max()``;
+    only windows holding a bad id are examined further.
 
     ``progress(bytes_done, bytes_total)`` is called after each chunk. ``max_examples`` bounds how
     many offending positions are located (token offset, sequence and document, all 0-based).
@@ -392,42 +423,20 @@ def scan_token_ids(
         raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes!r}")
     vocab_size = int(vocab_size)
     info = read_index(prefix)
-    itemsize = info.itemsize
-    chunk_items = max(1, chunk_bytes // itemsize)  # whole tokens only, so no id straddles two reads
-    total_bytes = info.bin_bytes
+    window_bytes = max(1, chunk_bytes // info.itemsize) * info.itemsize
     tally = _Tally(info, vocab_size, max_examples)
 
     started = time.perf_counter()
-    done = 0
-    if total_bytes:
-        buffer = np.empty(min(chunk_items * itemsize, total_bytes), dtype=np.uint8)
-        view = memoryview(buffer)  # type: ignore[arg-type]  # ndarray exports the buffer protocol
-        try:
-            with open(info.bin_path, "rb", buffering=0) as f:
-                _advise_sequential(f)  # type: ignore[arg-type]
-                while done < total_bytes:
-                    nbytes = min(buffer.size, total_bytes - done)
-                    got = 0
-                    while got < nbytes:  # raw reads may return short
-                        n = f.readinto(view[got:nbytes])
-                        if not n:
-                            raise DataError(
-                                f"{info.bin_path}: ended at byte {done + got:,} of {total_bytes:,}; "
-                                "the file changed during the scan"
-                            )
-                        got += n
-                    tally.add(buffer[:nbytes], done // itemsize)
-                    done += nbytes
-                    if progress is not None:
-                        progress(done, total_bytes)
-        except OSError as e:
-            raise DataError(f"cannot read {info.bin_path}: {e.strerror or e}") from e
+    try:
+        done = _scan_windows(info, window_bytes, tally, progress)
+    except OSError as e:
+        raise DataError(f"cannot read {info.bin_path}: {e.strerror or e}") from e
     seconds = time.perf_counter() - started
 
     return DataScan(
         index=info,
         vocab_size=vocab_size,
-        tokens_scanned=done // itemsize,
+        tokens_scanned=done // info.itemsize,
         max_id=tally.max_id,
         num_out_of_range=tally.num_out_of_range,
         num_negative=tally.num_negative,
@@ -462,7 +471,7 @@ def _locate(info: IndexInfo, positions: list[int], values: list[int]) -> tuple[B
                 sequence=int(s),
                 offset_in_document=int(p - start),
             )
-            for p, v, d, s, start in zip(positions, values, docs, seqs, doc_starts)
+            for p, v, d, s, start in zip(positions, values, docs, seqs, doc_starts, strict=True)
         )
     finally:
         del pointers, bounds

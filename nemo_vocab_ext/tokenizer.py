@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
+import secrets
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -99,7 +99,9 @@ def iter_corpus_texts(corpus_paths: Sequence[str | Path], json_key: str | None =
                             f"{p}:{lineno}: not a JSON object; drop --json-key to read plain text"
                         ) from None
                     if not isinstance(obj, dict) or json_key not in obj:
-                        raise TokenizerError(f"{p}:{lineno}: no key {json_key!r} in the JSON object; pass the right --json-key")
+                        raise TokenizerError(
+                            f"{p}:{lineno}: no key {json_key!r} in the JSON object; pass the right --json-key"
+                        )
                     text = obj[json_key]
                     if not isinstance(text, str):
                         raise TokenizerError(f"{p}:{lineno}: {json_key!r} is {type(text).__name__}, not a string")
@@ -123,7 +125,9 @@ def train_bpe_files(
     """Train a GPT-2 byte-level BPE (``<|endoftext|>`` = 0) on text or JSONL files; write vocab.json + merges.txt."""
     # 256 byte symbols + <|endoftext|>: anything smaller cannot even hold the alphabet.
     if vocab_size <= 257:
-        raise TokenizerError(f"vocab size {vocab_size} is too small: byte-level BPE needs 257 ids for bytes and <|endoftext|>")
+        raise TokenizerError(
+            f"vocab size {vocab_size} is too small: byte-level BPE needs 257 ids for bytes and <|endoftext|>"
+        )
     texts = iter_corpus_texts(corpus_paths, json_key)
     return _train_bpe(texts, out_dir, vocab_size, min_frequency, show_progress)
 
@@ -463,7 +467,8 @@ def _load_tokenizer_json(path: Path) -> TokenizerInfo:
     vocab = tk.get_vocab(with_added_tokens=True)
     tokens = _tokens_from_vocab(vocab, path)
     if len(tokens) != tk.get_vocab_size(with_added_tokens=True):
-        raise TokenizerError(f"{path}: {len(tokens)} distinct tokens but size {tk.get_vocab_size(True)}; cannot map ids")
+        size = tk.get_vocab_size(with_added_tokens=True)
+        raise TokenizerError(f"{path}: {len(tokens)} distinct tokens but size {size}; cannot map ids to tokens")
     model = data.get("model") or {}
     merges: list[tuple[str, str]] = []
     for m in model.get("merges") or []:
@@ -568,10 +573,12 @@ class IdCheck:
     base_merges: int
     moved: list[MovedId] = field(default_factory=list)
     merges_changed: list[MovedMerge] = field(default_factory=list)
+    # SentencePiece: base pieces whose score or type changed (the scores play the merge ranks' part).
+    pieces_changed: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not self.moved and not self.merges_changed
+        return not self.moved and not self.merges_changed and not self.pieces_changed
 
     def summary(self, examples: int = 3) -> str:
         """One line: what was checked and, on failure, how much moved with a few examples."""
@@ -588,10 +595,11 @@ class IdCheck:
         if self.merges_changed:
             eg = ", ".join(str(m) for m in self.merges_changed[:examples])
             parts.append(f"{len(self.merges_changed)} of {self.base_merges} base merge ranks changed (e.g. {eg})")
-        return (
-            f"ids NOT preserved in {self.merged_path}: " + "; ".join(parts)
-            + "; the checkpoint's rows would belong to other tokens: rebuild the merged tokenizer by appending"
-        )
+        if self.pieces_changed:
+            eg = ", ".join(repr(p) for p in self.pieces_changed[:examples])
+            parts.append(f"{len(self.pieces_changed)} base pieces changed score or type (e.g. {eg})")
+        # Facts only: callers append what it means for them (scrambled rows, how to rebuild).
+        return f"ids NOT preserved in {self.merged_path}: " + "; ".join(parts)
 
     def to_dict(self, examples: int = 20) -> dict[str, Any]:
         return {
@@ -610,6 +618,8 @@ class IdCheck:
                 {"merge": " ".join(m.merge), "base_rank": m.base_rank, "merged_rank": m.merged_rank}
                 for m in self.merges_changed[:examples]
             ],
+            "changed_pieces": len(self.pieces_changed),
+            "changed_piece_examples": self.pieces_changed[:examples],
             "summary": self.summary(),
         }
 
@@ -635,7 +645,18 @@ def check_ids_preserved(base: TokenizerInfo, merged: TokenizerInfo) -> IdCheck:
             if r < len(merged.merges) and merged.merges[r] == m:
                 continue
             check.merges_changed.append(MovedMerge(m, r, merged_rank.get(m)))
+    if base.kind == merged.kind == KIND_SENTENCEPIECE:
+        b, m = base.backend, merged.backend
+        for i, tok in enumerate(base.tokens):
+            if i >= merged.vocab_size or merged.tokens[i] != tok:
+                continue  # already reported as moved
+            if _sp_piece_state(b, i) != _sp_piece_state(m, i):
+                check.pieces_changed.append(tok)
     return check
+
+
+def _sp_piece_state(sp: Any, i: int) -> tuple[float, bool, bool, bool, bool]:
+    return (sp.get_score(i), sp.is_control(i), sp.is_unknown(i), sp.is_unused(i), sp.is_byte(i))
 
 
 # -------------------------------------------------------------------------------------------------- FVT
@@ -687,13 +708,14 @@ class MergeResult:
 
 def _atomic_write(path: Path, data: bytes) -> None:
     # Write beside the target and rename, so a crash never leaves a half-written tokenizer file.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # (open(..., "xb") rather than mkstemp: the file gets the umask's permissions, not 0600.)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:
             f.write(data)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -732,6 +754,10 @@ def merge_bpe(base_dir: str | Path, new_dir: str | Path, out_dir: str | Path) ->
     """
     base = load_tokenizer(base_dir)
     new = load_tokenizer(new_dir)
+    out = Path(out_dir)
+    for given in (base, new):
+        if out.resolve() in {f.parent.resolve() for f in given.files}:
+            raise TokenizerError(f"{out}: holds an input tokenizer; write the merged one to another folder")
     _require_byte_level_bpe(base, "base")
     _require_byte_level_bpe(new, "new")
     extra_special = sorted(base.special_tokens - {EOS_TOKEN})
@@ -772,7 +798,6 @@ def merge_bpe(base_dir: str | Path, new_dir: str | Path, out_dir: str | Path) ->
         merges.append(m)
         added_merges += 1
 
-    out = Path(out_dir)
     files = write_gpt2_bpe(out, tokens, merges)
     merged = load_tokenizer(out)
     check = check_ids_preserved(base, merged)
@@ -804,7 +829,9 @@ def merge_sentencepiece(base_model: str | Path, new_model: str | Path, out_model
     base, new = load_tokenizer(base_path), load_tokenizer(new_path)
     for tok, role in ((base, "base"), (new, "new")):
         if tok.kind != KIND_SENTENCEPIECE:
-            raise TokenizerError(f"{tok.path}: the {role} tokenizer is {tok.kind}, not SentencePiece; use merge_bpe for BPE")
+            raise TokenizerError(
+                f"{tok.path}: the {role} tokenizer is {tok.kind}, not SentencePiece; use merge_bpe for BPE"
+            )
     base_proto, new_proto = _load_sp_proto(base.path), _load_sp_proto(new_path)
     base_type, new_type = base_proto.trainer_spec.model_type, new_proto.trainer_spec.model_type
     type_name = pb.TrainerSpec.ModelType.Name
@@ -835,6 +862,8 @@ def merge_sentencepiece(base_model: str | Path, new_model: str | Path, out_model
 
     if out.is_dir():
         out = out / base_path.name
+    if out.resolve() in (base_path.resolve(), new_path.resolve()):
+        raise TokenizerError(f"{out}: is an input model; write the merged model to another path")
     out.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write(out, base_proto.SerializeToString())
     merged = load_tokenizer(out)

@@ -6,8 +6,10 @@ real failure on such a machine, and nothing is patched when CUDA is available.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -27,6 +29,10 @@ def apply_cpu_patches() -> None:
     _patch_nlp_overrides()
     _patch_gpt_specs()
     _patch_build_model()
+    _patch_base_model()
+    _patch_megatron_utils()
+    _patch_schedules()
+    _patch_rng_tracker()
 
 
 def _noop(*args: Any, **kwargs: Any) -> None:
@@ -37,6 +43,7 @@ def _patch_cuda() -> None:
     # Unconditional CUDA calls in NeMo and megatron-core that have nothing to do on a CPU.
     torch.cuda.synchronize = _noop  # megatron's checkpoint writer syncs before copying tensors
     torch.cuda.current_device = lambda: "cpu"  # passed as device= by megatron's checkpoint writer
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self  # NeMo's parameter count all-reduce
 
 
 def _patch_nlp_overrides() -> None:
@@ -97,3 +104,56 @@ def _patch_build_model() -> None:
     build_model.set_defaults_if_not_set_tensor_model_parallel_attributes = (
         layers.set_defaults_if_not_set_tensor_model_parallel_attributes
     )
+
+
+def _patch_base_model() -> None:
+    from nemo.collections.nlp.models.language_modeling.megatron_base_model import MegatronBaseModel
+
+    # It creates a torch.cuda.Stream for Transformer Engine layers, which a CPU run has none of.
+    MegatronBaseModel.setup_transformer_engine_cp_groups = _noop
+
+
+def _listify_model(model: Any) -> list[Any]:
+    return model if isinstance(model, list) else [model]
+
+
+def _patch_megatron_utils() -> None:
+    from nemo.collections.nlp.modules.common.megatron import utils
+
+    # Taken from apex only. listify_model is trivial; the norm classes are only isinstance checks that
+    # keep norms out of weight decay, and without apex megatron-core builds torch's own norms.
+    utils.listify_model = _listify_model
+    utils.FusedLayerNorm = torch.nn.LayerNorm
+    utils.FastLayerNorm = torch.nn.LayerNorm
+    utils.MixedFusedRMSNorm = torch.nn.RMSNorm
+
+
+class _TorchOnCpu:
+    """``torch`` as a module global, with tensor factories that turn ``device="cuda"`` into the CPU."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+    @staticmethod
+    def zeros(*args: Any, device: Any = None, **kwargs: Any) -> torch.Tensor:
+        return torch.zeros(*args, device="cpu" if device == "cuda" else device, **kwargs)
+
+
+def _patch_schedules() -> None:
+    from megatron.core.pipeline_parallel import schedules
+
+    # forward_backward_no_pipelining counts tokens in torch.zeros(..., device="cuda").
+    schedules.torch = _TorchOnCpu()
+
+
+@contextlib.contextmanager
+def _no_fork(self: Any, name: str = "") -> Iterator[None]:
+    yield
+
+
+def _patch_rng_tracker() -> None:
+    from megatron.core.tensor_parallel import random
+
+    # Its CUDA RNG states are only seeded on a GPU (model_parallel_cuda_manual_seed); on a CPU
+    # dropout inside fork() just draws from torch's default generator.
+    random.CudaRNGStatesTracker.fork = _no_fork

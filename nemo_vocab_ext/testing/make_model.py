@@ -35,14 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     from lightning.pytorch import seed_everything
     from nemo.collections.nlp.models.language_modeling.megatron_gpt_model import MegatronGPTModel
 
-    from nemo_vocab_ext.testing.tiny import cpu_trainer, tiny_model_config
+    from nemo_vocab_ext.testing.tiny import cpu_trainer, fit_mock_data_to_vocab, tiny_model_config
 
     cfg = tiny_model_config(
         args.vocab_dir / "vocab.json",
         args.vocab_dir / "merges.txt",
         tied=not args.untied,
         tp=args.tp,
-        dist_ckpt=not args.single_file,
     )
     cfg.seed = args.seed
     seed_everything(args.seed)
@@ -50,8 +49,15 @@ def main(argv: list[str] | None = None) -> int:
     trainer = cpu_trainer(cfg, devices=args.tp, max_steps=args.train_steps)
     model = MegatronGPTModel(cfg, trainer)
     if args.train_steps > 0:
+        fit_mock_data_to_vocab(model.tokenizer.vocab_size)
         trainer.fit(model)
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.single_file:
+        # NLPSaveRestoreConnector writes model_weights/ for every mcore model; for a model without a
+        # sharded state dict it delegates to this base connector, which writes model_weights.ckpt.
+        from nemo.core.connectors.save_restore_connector import SaveRestoreConnector
+
+        model._save_restore_connector = SaveRestoreConnector()
     model.save_to(str(args.out))
     return 0
 

@@ -140,6 +140,17 @@ def tiny_trainer_config(*, devices: int = 1, max_steps: int = 0) -> DictConfig:
     return trainer
 
 
+def fit_mock_data_to_vocab(vocab_size: int) -> None:
+    """Keep megatron-core's mock dataset inside a tiny vocabulary.
+
+    Its documents are ``1, 2, ..., length - 1, eod`` with lengths below the class attribute
+    ``max_sequence_length`` (4096): ids a 500-token embedding table cannot look up.
+    """
+    from megatron.core.datasets.gpt_dataset import MockGPTLowLevelDataset
+
+    MockGPTLowLevelDataset.max_sequence_length = vocab_size
+
+
 def cpu_trainer(model_cfg: DictConfig, *, devices: int = 1, max_steps: int = 0) -> Trainer:
     """A Lightning trainer built as the stock script builds it (``MegatronTrainerBuilder``), for CPU."""
     from nemo.collections.nlp.parts.megatron_trainer_builder import MegatronTrainerBuilder

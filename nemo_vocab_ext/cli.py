@@ -8,47 +8,16 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
-from typing import Any, TypeVar
 
 import click
 
+from .cli_common import report_errors, say
 from .cli_tokenizer import tokenizer
 from .core.resize import Init
-from .errors import VocabExtError
 from .io import Format, format_for_destination, load_checkpoint, save_checkpoint
 
-F = TypeVar("F", bound=Callable[..., Any])
 INIT_CHOICES = click.Choice([i.value for i in Init])
-
-
-def _report_errors(fn: F) -> F:
-    """Map library errors to one line on stderr and their exit code."""
-
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        debug = click.get_current_context().find_root().params.get("debug", False)
-        try:
-            return fn(*args, **kwargs)
-        except VocabExtError as e:
-            if debug:
-                raise
-            click.echo(f"error: {e}", err=True)
-            sys.exit(e.exit_code)
-        except (OSError, MemoryError) as e:
-            if debug:
-                raise
-            click.echo(f"error: {e}", err=True)
-            sys.exit(1)
-
-    return wrapper  # type: ignore[return-value]
-
-
-def _say(msg: str) -> None:
-    if not click.get_current_context().find_root().params.get("quiet", False):
-        click.echo(msg, err=True)
 
 
 @click.group(
@@ -70,7 +39,7 @@ def main(debug: bool, quiet: bool) -> None:
 @main.command()
 @click.argument("ckpt", type=click.Path(exists=True, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@_report_errors
+@report_errors
 def inspect(ckpt: Path, as_json: bool) -> None:
     """Show a checkpoint's layout, vocabulary and sizes."""
     from .describe import describe
@@ -104,7 +73,7 @@ def inspect(ckpt: Path, as_json: bool) -> None:
     help="Megatron .bin/.idx prefix to scan for out-of-range ids; repeatable.",
 )
 @click.option("--json", "as_json", is_flag=True, help='Print {"ok": ..., "checks": [...]}.')
-@_report_errors
+@report_errors
 def validate(
     ckpt: Path, tokenizer: Path | None, tp: int | None, divisible_by: int | None, data: tuple[str, ...], as_json: bool
 ) -> None:
@@ -130,7 +99,7 @@ def validate(
     "--to", "to", type=click.Choice([f.value for f in Format]), help="Output format (default: from DST's suffix)."
 )
 @click.option("--force", is_flag=True, help="Overwrite DST.")
-@_report_errors
+@report_errors
 def convert(src: Path, dst: Path, to: str | None, force: bool) -> None:
     """Convert between .nemo, .ckpt and safetensors; every tensor is read back and compared."""
     fmt = format_for_destination(dst, Format(to) if to else None)
@@ -139,7 +108,7 @@ def convert(src: Path, dst: Path, to: str | None, force: bool) -> None:
         # Weights only: optimizer state belongs to training checkpoints.
         loaded.tensors = {k: v for k, v in loaded.tensors.items() if not k.startswith("optimizer.")}
     save_checkpoint(loaded, dst, fmt, force=force)
-    _say(f"wrote {dst} ({fmt}, {loaded.layout} layout) from {src} ({src_fmt}); {len(loaded.tensors)} entries verified")
+    say(f"wrote {dst} ({fmt}, {loaded.layout} layout) from {src} ({src_fmt}); {len(loaded.tensors)} entries verified")
 
 
 @main.command()
@@ -168,7 +137,7 @@ def convert(src: Path, dst: Path, to: str | None, force: bool) -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the 'normal' init.")
 @click.option("--dry-run", is_flag=True, help="Print the plan; write nothing.")
 @click.option("--force", is_flag=True, help="Overwrite DST.")
-@_report_errors
+@report_errors
 def resize(
     src: Path,
     dst: Path,

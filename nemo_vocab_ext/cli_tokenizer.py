@@ -1,17 +1,12 @@
 """``nemo-vocab-ext tokenizer ...``: train a target-language tokenizer, merge it into the base one with
 ids preserved, and check a merged tokenizer against its base.
 
-The group is standalone (``main.add_command(tokenizer)`` attaches it); it maps this package's errors to
-one line and their exit code itself until the main CLI's handling is shared.
+The main CLI attaches this group (``main.add_command(tokenizer)``).
 """
 
 from __future__ import annotations
 
-import functools
 import json
-import os
-import secrets
-import shutil
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from itertools import islice
@@ -20,8 +15,10 @@ from typing import Any, TypeVar
 
 import click
 
+from nemo_vocab_ext.cli_common import report_errors
 from nemo_vocab_ext.core.sizes import padded_vocab_size
-from nemo_vocab_ext.errors import OutputExistsError, TokenizerError, VocabExtError
+from nemo_vocab_ext.errors import TokenizerError
+from nemo_vocab_ext.formats.archive import atomic_output
 from nemo_vocab_ext.tokenizer import (
     KIND_SENTENCEPIECE,
     TokenizerInfo,
@@ -38,54 +35,6 @@ F = TypeVar("F", bound=Callable[..., Any])
 TENSOR_PARALLEL_SIZES = (1, 2, 4, 8)
 _EXAMPLES = 3
 _BATCH = 2048
-
-
-class _OneLineError(click.ClickException):
-    """``Error: <message>`` on stderr and the error's own exit code, never a traceback."""
-
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(" ".join(message.split("\n")))
-        self.exit_code = exit_code
-
-
-def _one_line_errors(fn: F) -> F:
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except VocabExtError as e:
-            raise _OneLineError(str(e), e.exit_code) from e
-
-    return wrapper  # type: ignore[return-value]
-
-
-def _refuse_existing(out: Path, force: bool) -> None:
-    if out.exists() and not force:
-        raise OutputExistsError(f"{out}: already exists; pass --force to replace it")
-
-
-def _publish(tmp: Path, out: Path, force: bool) -> None:
-    """Move a finished temp file/folder to ``out`` by rename, so ``out`` is never half written."""
-    _refuse_existing(out, force)  # again: it may have appeared while we worked
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    os.replace(out, old)
-    os.replace(tmp, out)
-    if old.is_dir() and not old.is_symlink():
-        shutil.rmtree(old)
-    else:
-        old.unlink()
-
-
-def _temp_dir_beside(out: Path) -> Path:
-    # Same folder as the target so the final rename stays on one filesystem.
-    # (mkdir rather than mkdtemp: the folder gets the umask's permissions, not 0700.)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
-    return tmp
 
 
 def _padded_line(vocab_size: int, divisible_by: int) -> str:
@@ -106,7 +55,7 @@ def tokenizer() -> None:
 @click.option("--min-frequency", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress and no summary.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-@_one_line_errors
+@report_errors
 def train_cmd(
     corpus: tuple[Path, ...],
     out: Path,
@@ -117,18 +66,12 @@ def train_cmd(
     force: bool,
 ) -> None:
     """Train a GPT-2 byte-level BPE on CORPUS files (plain text or JSONL) into folder OUT."""
-    _refuse_existing(out, force)
     progress = not quiet and sys.stderr.isatty()  # progress bars only for a person watching
     if progress:
         click.echo(f"training on {len(corpus)} file(s)...", err=True)
-    tmp = _temp_dir_beside(out)
-    try:
+    with atomic_output(out, force=force) as tmp:
         train_bpe_files(corpus, tmp, vocab_size, json_key, min_frequency=min_frequency, show_progress=progress)
         trained = load_tokenizer(tmp)
-        _publish(tmp, out, force)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     if quiet:
         return
     short = ""
@@ -144,37 +87,23 @@ def train_cmd(
 @click.option("--divisible-by", type=click.IntRange(min=1), default=128, show_default=True,
               help="The model's make_vocab_size_divisible_by, for the padded sizes printed.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-@_one_line_errors
+@report_errors
 def merge_cmd(base: Path, new: Path, out: Path, divisible_by: int, force: bool) -> None:
     """Append NEW's tokens and merges that BASE lacks after all of BASE's, into OUT.
 
     GPT-2 BPE: OUT is a folder with vocab.json + merges.txt. SentencePiece: OUT is the merged .model
     (a folder name gets BASE's file name inside it).
     """
-    _refuse_existing(out, force)
     base_tok = load_tokenizer(base)
-    if base_tok.kind == KIND_SENTENCEPIECE:
-        target = out if out.suffix == ".model" else out / base_tok.path.name
-        tmp_dir = _temp_dir_beside(out)
-        try:
-            result = merge_sentencepiece(base, new, tmp_dir / target.name)
-            if target is out:
-                _publish(result.out, out, force)
-            else:
-                _publish(tmp_dir, out, force)
-        finally:
-            if tmp_dir.exists():
-                shutil.rmtree(tmp_dir)
-        written = target
-    else:
-        tmp_dir = _temp_dir_beside(out)
-        try:
-            result = merge_bpe(base, new, tmp_dir)
-            _publish(tmp_dir, out, force)
-        finally:
-            if tmp_dir.exists():
-                shutil.rmtree(tmp_dir)
-        written = out
+    with atomic_output(out, force=force) as tmp:
+        if base_tok.kind == KIND_SENTENCEPIECE:
+            written = out if out.suffix == ".model" else out / base_tok.path.name
+            if written is not out:
+                tmp.mkdir()
+            result = merge_sentencepiece(base, new, tmp if written is out else tmp / written.name)
+        else:
+            written = out
+            result = merge_bpe(base, new, tmp)
     result.check.merged_path = str(written)  # it was checked in the temp folder, before the rename
     merges = f" and {result.merges_added} merges" if result.kind != KIND_SENTENCEPIECE else ""
     skipped = f" (skipped {len(result.skipped)} special/control tokens)" if result.skipped else ""
@@ -224,7 +153,7 @@ def _compare_text(base: TokenizerInfo, merged: TokenizerInfo, path: Path, json_k
 @click.option("--json-key", default=None, help="The --text files are JSONL with the text under this key.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.pass_context
-@_one_line_errors
+@report_errors
 def check_cmd(
     ctx: click.Context, base: Path, merged: Path, texts: Sequence[Path], json_key: str | None, as_json: bool
 ) -> None:

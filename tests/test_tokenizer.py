@@ -462,7 +462,7 @@ def test_cli_train(tmp_path: Path, en_texts: list[str]) -> None:
     assert res.exit_code == 0, res.output
     assert "300 tokens" in res.output and (tmp_path / "out" / "merges.txt").is_file()
     res = runner.invoke(tokenizer_cli, args)
-    assert res.exit_code == OutputExistsError.exit_code and "already exists; pass --force" in res.output
+    assert res.exit_code == OutputExistsError.exit_code and "exists; pass --force" in res.output
     res = runner.invoke(tokenizer_cli, [*args, "--force", "--quiet"])
     assert res.exit_code == 0 and res.output == ""
     res = runner.invoke(tokenizer_cli, ["train", str(corpus), str(tmp_path / "o2"), "--vocab-size", "300"])
@@ -490,7 +490,7 @@ def test_cli_merge(base_dir: Path, th_dir: Path, merged_dir: Path, tmp_path: Pat
     assert (out / "vocab.json").read_bytes() == (merged_dir / "vocab.json").read_bytes()
 
     res = runner.invoke(tokenizer_cli, ["merge", str(base_dir), str(th_dir), str(out)])
-    assert res.exit_code == 1 and "already exists; pass --force" in res.output
+    assert res.exit_code == 1 and "exists; pass --force" in res.output
     (out / "vocab.json").write_text("{}")
     args = ["merge", str(base_dir), str(th_dir), str(out), "--force", "--divisible-by", "64"]
     res = runner.invoke(tokenizer_cli, args)

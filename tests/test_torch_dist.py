@@ -189,7 +189,9 @@ def test_lightning_style_payload_loads(tmp_path: Path) -> None:
         "epoch": 0,
         "global_step": 3,
         "state_dict": OrderedDict(w=torch.ones(2, 2).bfloat16(), extra=io.BytesIO(b"te-extra-state")),
-        "optimizer_states": [{"state": {0: {"step": torch.tensor(3.0)}}, "param_groups": [{"lr": 1e-3, "params": [0]}]}],
+        "optimizer_states": [
+            {"state": {0: {"step": torch.tensor(3.0)}}, "param_groups": [{"lr": 1e-3, "params": [0]}]}
+        ],
         "loops": {"fit_loop": {"state_dict": {}}},
         "hyper_parameters": cfg,
         "hparams_type": DictConfig,

@@ -104,9 +104,25 @@ class NemoArchive:
         return target
 
 
+def _publish(tmp: Path, dst: Path, force: bool) -> None:
+    """Rename ``tmp`` onto ``dst``; an existing ``dst`` is moved aside first and removed only afterwards."""
+    if dst.exists() and not force:  # again: it may have appeared while we worked
+        raise OutputExistsError(f"{dst} exists; pass --force to overwrite it")
+    if not dst.exists():
+        os.replace(tmp, dst)
+        return
+    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+    os.replace(dst, old)
+    os.replace(tmp, dst)
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old)
+    else:
+        old.unlink()
+
+
 @contextmanager
 def atomic_output(dst: str | Path, *, force: bool) -> Iterator[Path]:
-    """Yield a temporary path beside ``dst``; rename it onto ``dst`` only if the block succeeds.
+    """Yield a temporary path beside ``dst`` (same file system); it takes ``dst``'s name only if the block succeeds.
 
     A failure or a kill leaves no partial ``dst`` (at most a hidden temporary, removed on errors).
     """
@@ -118,9 +134,7 @@ def atomic_output(dst: str | Path, *, force: bool) -> Iterator[Path]:
     tmp = tmp_root / dst.name
     try:
         yield tmp
-        if dst.is_dir() and not dst.is_symlink():
-            shutil.rmtree(dst)
-        os.replace(tmp, dst)
+        _publish(tmp, dst, force)
     finally:
         shutil.rmtree(tmp_root, ignore_errors=True)
 

@@ -156,9 +156,7 @@ class _MetadataUnpickler(pickle.Unpickler):
             return _DCP_CLASSES[module, name]
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
-        if (module == _MEGATRON_PACKAGE or module.startswith(_MEGATRON_PACKAGE + ".")) and (
-            name in _MEGATRON_STANDINS
-        ):
+        if (module == _MEGATRON_PACKAGE or module.startswith(_MEGATRON_PACKAGE + ".")) and (name in _MEGATRON_STANDINS):
             return _MEGATRON_STANDINS[name]
         raise _unsafe(self.what, f"{module}.{name}")
 

@@ -39,7 +39,12 @@ METADATA_FILE = ".metadata"
 COMMON_FILE = "common.pt"
 METADATA_JSON = "metadata.json"
 DEFAULT_METADATA_JSON = json.dumps(
-    {"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch", "common_backend_version": 1}
+    {
+        "sharded_backend": "torch_dist",
+        "sharded_backend_version": 1,
+        "common_backend": "torch",
+        "common_backend_version": 1,
+    }
 ).encode()
 
 Entry = torch.Tensor | bytes
@@ -87,7 +92,7 @@ class _RestrictedReader(dcp.FileSystemReader):
     """
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        metadata = read_metadata(self.path)
+        metadata = read_metadata(Path(self.path))
         # As FileSystemReader does: the load id marks this load in torch's own bookkeeping.
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
@@ -138,7 +143,9 @@ def read_torch_dist(ckpt_dir: str | Path, keys: Iterable[str] | None = None) -> 
         elif isinstance(md, BytesStorageMetadata):
             state[key] = b""
         else:
-            raise CheckpointFormatError(f"{ckpt_dir}/{METADATA_FILE}: entry {key!r} has unknown type {type(md).__name__}")
+            raise CheckpointFormatError(
+                f"{ckpt_dir}/{METADATA_FILE}: entry {key!r} has unknown type {type(md).__name__}"
+            )
     if not state:
         return {}
     try:

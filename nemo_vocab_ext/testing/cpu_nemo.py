@@ -51,6 +51,12 @@ def _patch_nlp_overrides() -> None:
 
     # Without apex NLPDDPStrategy refuses to construct, though nothing on this path uses apex.
     nlp_overrides.HAVE_APEX = True
+    # Imported from apex-dependent modules, then named in isinstance checks when saving optimizer
+    # state: stand-ins that nothing is an instance of.
+    if not hasattr(nlp_overrides, "McoreDistributedOptimizer"):
+        nlp_overrides.McoreDistributedOptimizer = type("McoreDistributedOptimizer", (), {})
+    if not hasattr(nlp_overrides, "MegatronDistributedFusedAdam"):
+        nlp_overrides.MegatronDistributedFusedAdam = type("MegatronDistributedFusedAdam", (), {})
 
 
 def init_cpu_process_group(tensor_parallel: int = 1) -> None:

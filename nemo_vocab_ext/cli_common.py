@@ -1,0 +1,47 @@
+"""What every command shares: errors end as one line and an exit code; ``--debug`` shows the traceback."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from .errors import VocabExtError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class OneLineError(click.ClickException):
+    """``Error: <message>`` on stderr with the error's own exit code."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(" ".join(message.split("\n")))
+        self.exit_code = exit_code
+
+
+def _root_flag(name: str) -> bool:
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx and ctx.find_root().params.get(name, False))
+
+
+def report_errors(fn: F) -> F:
+    """Map this package's errors (and OS errors such as a full disk) to one line."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (VocabExtError, OSError, MemoryError) as e:
+            if _root_flag("debug"):
+                raise
+            raise OneLineError(str(e), getattr(e, "exit_code", 1)) from e
+
+    return wrapper  # type: ignore[return-value]
+
+
+def say(msg: str) -> None:
+    """A note on stderr, silent with ``--quiet``."""
+    if not _root_flag("quiet"):
+        click.echo(msg, err=True)

@@ -111,7 +111,7 @@ def merge_cmd(base: Path, new: Path, out: Path, divisible_by: int, force: bool) 
     click.echo(f"added {result.tokens_added} tokens{merges} from {new}{skipped}")
     click.echo(f"vocab size (as NeMo counts it): {result.vocab_size} (base {result.base_vocab_size})")
     click.echo(_padded_line(result.vocab_size, divisible_by))
-    click.echo(result.check.summary())
+    click.echo(f"ids preserved: {result.check.summary()}" if result.check.ok else result.check.summary())
 
 
 def _batches(texts: Iterator[str], size: int) -> Iterator[list[str]]:
@@ -168,7 +168,7 @@ def check_cmd(
     if as_json:
         click.echo(json.dumps({"ids": result.to_dict(), "texts": reports}, ensure_ascii=False, indent=2))
     else:
-        click.echo(result.summary())
+        click.echo(f"ids preserved: {result.summary()}" if result.ok else result.summary())
         for r in reports:
             click.echo(
                 f"{r['file']}: {r['differing_lines']} of {r['lines']} lines ({100 * r['differing_share']:.1f}%) "

@@ -585,7 +585,7 @@ class IdCheck:
         if self.ok:
             merges = f" and all {self.base_merges} base merges their ranks" if self.base_merges else ""
             return (
-                f"ids preserved: all {self.base_tokens} base tokens keep their ids{merges} "
+                f"all {self.base_tokens} base tokens keep their ids{merges} "
                 f"({self.merged_tokens} tokens in {self.merged_path})"
             )
         parts = []

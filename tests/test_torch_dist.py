@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import pathlib
@@ -113,6 +114,16 @@ def test_damaged_metadata_is_a_clear_error(written: Path, damage: str) -> None:
         meta.unlink()
     with pytest.raises(CheckpointFormatError, match=r"\.metadata"):
         read_tensor_infos(written)
+
+
+def test_chunks_that_miss_rows_are_refused(written: Path) -> None:
+    meta_file = written / ".metadata"
+    metadata = restricted_unpickle(meta_file.read_bytes(), what="test")
+    emb = metadata.state_dict_metadata["model.embedding.word_embeddings.weight"]
+    emb.chunks[0] = dataclasses.replace(emb.chunks[0], sizes=torch.Size([4, 4]))  # rows 4..7 in no chunk
+    meta_file.write_bytes(pickle.dumps(metadata))
+    with pytest.raises(CheckpointFormatError, match="do not cover"):
+        read_torch_dist(written, ["model.embedding.word_embeddings.weight"])
 
 
 def test_truncated_data_file_is_a_clear_error(written: Path) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -86,18 +87,19 @@ def list_keys(ckpt_dir: str | Path) -> list[str]:
 
 
 class _RestrictedReader(dcp.FileSystemReader):
-    """FileSystemReader whose ``.metadata`` goes through the restricted unpickler, not ``pickle.load``.
+    """FileSystemReader handed the ``.metadata`` we unpickled with the restricted unpickler, so it
+    never ``pickle.load``s the file itself. Tensor data it reads with ``torch.load(weights_only=True)``."""
 
-    Tensor data is still read by FileSystemReader, with ``torch.load(weights_only=True)``.
-    """
+    def __init__(self, path: Path, metadata: Metadata) -> None:
+        super().__init__(path)
+        self._metadata = metadata
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        metadata = read_metadata(Path(self.path))
         # As FileSystemReader does: the load id marks this load in torch's own bookkeeping.
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id  # type: ignore[union-attr]
-        return metadata
+        if getattr(self._metadata, "storage_meta", None) is None:
+            self._metadata.storage_meta = StorageMeta()
+        self._metadata.storage_meta.load_id = self.load_id  # type: ignore[union-attr]
+        return self._metadata
 
 
 class _RawBytesLoadPlanner(DefaultLoadPlanner):
@@ -127,7 +129,8 @@ def _dcp_call() -> Iterator[None]:
 def read_torch_dist(ckpt_dir: str | Path, keys: Iterable[str] | None = None) -> dict[str, Entry]:
     """Global tensors (shards joined) and raw byte entries; only ``keys`` if given."""
     ckpt_dir = Path(ckpt_dir)
-    stored = read_metadata(ckpt_dir).state_dict_metadata
+    metadata = read_metadata(ckpt_dir)
+    stored = metadata.state_dict_metadata
     wanted = list(stored) if keys is None else list(dict.fromkeys(keys))
     missing = [k for k in wanted if k not in stored]
     if missing:
@@ -139,6 +142,12 @@ def read_torch_dist(ckpt_dir: str | Path, keys: Iterable[str] | None = None) -> 
     for key in wanted:
         md = stored[key]
         if isinstance(md, TensorStorageMetadata):
+            # Chunks are disjoint (megatron validates its sharding; dcp drops replicas), so they must
+            # add up to the whole tensor, or torch.empty's uninitialised memory would come back.
+            if sum(math.prod(chunk.sizes) for chunk in md.chunks) != math.prod(md.size):
+                raise CheckpointFormatError(
+                    f"{ckpt_dir}/{METADATA_FILE}: the stored chunks of {key!r} do not cover its shape {tuple(md.size)}"
+                )
             state[key] = torch.empty(md.size, dtype=md.properties.dtype)
         elif isinstance(md, BytesStorageMetadata):
             state[key] = b""
@@ -150,7 +159,12 @@ def read_torch_dist(ckpt_dir: str | Path, keys: Iterable[str] | None = None) -> 
         return {}
     try:
         with _dcp_call():
-            dcp.load(state, storage_reader=_RestrictedReader(ckpt_dir), planner=_RawBytesLoadPlanner(), no_dist=True)
+            dcp.load(
+                state,
+                storage_reader=_RestrictedReader(ckpt_dir, metadata),
+                planner=_RawBytesLoadPlanner(),
+                no_dist=True,
+            )
     except VocabExtError:
         raise
     except Exception as exc:  # a missing, truncated or garbled .distcp surfaces as many types
@@ -192,13 +206,15 @@ def write_torch_dist(
 ) -> None:
     """Write a torch_dist folder that megatron-core's ``dist_checkpointing.load`` reads.
 
-    ``tensors`` are written whole (one chunk each); ``bytes`` values are written as given.
-    ``common`` is the exact content of ``common.pt``. The folder must be new or empty.
+    ``tensors`` are written whole (one chunk each); ``bytes`` values are written as given. For
+    megatron to load a byte entry it must be what megatron writes for a ShardedObject:
+    ``torch.save([data])``, a list of one. ``common`` is the exact content of ``common.pt``.
+    The folder must be new or empty.
     """
     ckpt_dir = Path(ckpt_dir)
-    if ckpt_dir.exists() and any(ckpt_dir.iterdir()):
+    if ckpt_dir.exists() and (not ckpt_dir.is_dir() or any(ckpt_dir.iterdir())):
         # Stale .distcp files from another checkpoint would sit beside ours unnoticed.
-        raise OutputExistsError(f"{ckpt_dir}: folder is not empty; refusing to write a checkpoint into it")
+        raise OutputExistsError(f"{ckpt_dir}: exists and is not an empty folder; refusing to write a checkpoint there")
     state: dict[str, Any] = {}
     for key, value in tensors.items():
         if isinstance(value, torch.Tensor):

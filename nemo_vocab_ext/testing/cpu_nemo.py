@@ -57,6 +57,7 @@ def _patch_nlp_overrides() -> None:
         nlp_overrides.McoreDistributedOptimizer = type("McoreDistributedOptimizer", (), {})
     if not hasattr(nlp_overrides, "MegatronDistributedFusedAdam"):
         nlp_overrides.MegatronDistributedFusedAdam = type("MegatronDistributedFusedAdam", (), {})
+    _patch_optimizer_step_sharding(nlp_overrides)
 
 
 def init_cpu_process_group(tensor_parallel: int = 1) -> None:
@@ -83,6 +84,43 @@ def init_cpu_process_group(tensor_parallel: int = 1) -> None:
         raise ValueError(f"world size {dist.get_world_size()} is not a multiple of tensor_parallel={tensor_parallel}")
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tensor_parallel, 1)
+
+
+def _patch_optimizer_step_sharding(nlp_overrides: Any) -> None:
+    """Save and resume torch's Adam/AdamW state in distributed checkpoints.
+
+    torch keeps ``state['step']`` per parameter as a 0-dim tensor; NeMo passes every per-parameter
+    entry to megatron-core, which asserts each has the parameter's shape ("Optimizer shape (()
+    does not match model shape"). NeMo's path was written for apex FusedAdam, which keeps the step
+    in param_groups. Done here as megatron-core's own FP32Optimizer does it: the step is stored
+    once as ``state['common_step']`` and put back on every parameter before loading.
+    """
+    from megatron.core.optimizer.optimizer import MegatronOptimizer
+
+    stock_to_sharding = nlp_overrides.optim_state_to_sharding_state
+
+    def optim_state_to_sharding_state(
+        optim_state_dict: dict[str, Any], id_to_sharded_param_map: dict[int, Any], exclude_keys: tuple[str, ...] = ()
+    ) -> None:
+        step = MegatronOptimizer._extract_common_per_param_step(optim_state_dict)
+        stock_to_sharding(optim_state_dict, id_to_sharded_param_map, exclude_keys=(*exclude_keys, "step"))
+        if step is not None:
+            optim_state_dict["state"]["common_step"] = step
+
+    nlp_overrides.optim_state_to_sharding_state = optim_state_to_sharding_state
+
+    strategy = nlp_overrides.NLPDDPStrategy
+    stock_load = strategy.load_optimizer_state_dict
+
+    def load_optimizer_state_dict(self: Any, checkpoint: dict[str, Any]) -> None:
+        for opt_state in checkpoint.get("optimizer_states") or []:
+            inner = opt_state.get("optimizer", opt_state)  # MainParamsOptimizerWrapper nests torch's dict
+            step = inner.get("state", {}).pop("common_step", None)
+            if step is not None:
+                MegatronOptimizer._restore_common_per_param_step(inner, step)
+        stock_load(self, checkpoint)
+
+    strategy.load_optimizer_state_dict = load_optimizer_state_dict
 
 
 def _patch_gpt_specs() -> None:

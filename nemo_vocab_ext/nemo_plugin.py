@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import inspect
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -251,28 +252,24 @@ def install() -> None:
         return
     original_restore = NLPSaveRestoreConnector.restore_from
 
+    signature = inspect.signature(original_restore)
+
     @functools.wraps(original_restore)
-    def restore_from(
-        self: Any, calling_cls: Any, restore_path: str, override_config_path: Any = None, *args: Any, **kwargs: Any
-    ) -> Any:
-        return_config = kwargs.get("return_config", args[3] if len(args) > 3 else False)
-        settings = (
-            None
-            if return_config or not isinstance(override_config_path, DictConfig)
-            else settings_of(override_config_path)
-        )
+    def restore_from(self: Any, *args: Any, **kwargs: Any) -> Any:
+        call = signature.bind(self, *args, **kwargs)
+        cfg = call.arguments.get("override_config_path")
+        if call.arguments.get("return_config") or not isinstance(cfg, DictConfig):
+            return original_restore(*call.args, **call.kwargs)
+        settings = settings_of(cfg)
         if settings is None:
-            return original_restore(self, calling_cls, restore_path, override_config_path, *args, **kwargs)
-        source = (
-            self.model_extracted_dir
-            if self.model_extracted_dir and Path(self.model_extracted_dir).is_dir()
-            else restore_path
-        )
-        resized = prepare_restore(source, override_config_path, settings)
+            return original_restore(*call.args, **call.kwargs)
+        extracted = self.model_extracted_dir
+        source = extracted if extracted and Path(extracted).is_dir() else call.arguments["restore_path"]
+        resized = prepare_restore(source, cfg, settings)
         if resized is not None:
             self.model_extracted_dir = str(resized)
-            restore_path = str(resized)
-        return original_restore(self, calling_cls, restore_path, override_config_path, *args, **kwargs)
+            call.arguments["restore_path"] = str(resized)
+        return original_restore(*call.args, **call.kwargs)
 
     restore_from._vocab_extension = True  # type: ignore[attr-defined]
     NLPSaveRestoreConnector.restore_from = restore_from  # type: ignore[method-assign]

@@ -1,7 +1,10 @@
 """Patches that let NeMo 2.4.1 + megatron-core 0.13.1 run on a CPU-only machine without apex or TE.
 
-Used by the tests and the CPU demo only; the plugin never imports it. Every patch was found from a
-real failure on such a machine, and nothing is patched when CUDA is available.
+Used by the tests and the CPU demo only; the plugin never imports this module. Each patch was
+found from a real failure of building, saving, restoring, training, checkpointing or resuming a
+tiny Megatron GPT on such a machine (at TP=1 and under torchrun at TP=2), and nothing is patched
+when CUDA is available. Call :func:`apply_cpu_patches`, then :func:`init_cpu_process_group`,
+before the first model is built.
 """
 
 from __future__ import annotations
@@ -22,10 +25,10 @@ def apply_cpu_patches() -> None:
     global _applied
     if _applied or torch.cuda.is_available():
         return
-    _applied = True
-    # NeMo parses this unconditionally when it enables NVIDIA optimisations; unset outside NVIDIA containers.
+    _applied = True  # set first: a second call must never wrap the wrappers
+    # NeMo runs re.fullmatch on it when enabling NVIDIA optimisations; it is unset outside NVIDIA containers.
     os.environ.setdefault("NVIDIA_PYTORCH_VERSION", "24.12")
-    _patch_cuda()
+    _patch_cuda_calls()
     _patch_nlp_overrides()
     _patch_gpt_specs()
     _patch_build_model()
@@ -35,38 +38,14 @@ def apply_cpu_patches() -> None:
     _patch_rng_tracker()
 
 
-def _noop(*args: Any, **kwargs: Any) -> None:
-    return None
-
-
-def _patch_cuda() -> None:
-    # Unconditional CUDA calls in NeMo and megatron-core that have nothing to do on a CPU.
-    torch.cuda.synchronize = _noop  # megatron's checkpoint writer syncs before copying tensors
-    torch.cuda.current_device = lambda: "cpu"  # passed as device= by megatron's checkpoint writer
-    torch.Tensor.cuda = lambda self, *args, **kwargs: self  # NeMo's parameter count all-reduce
-
-
-def _patch_nlp_overrides() -> None:
-    from nemo.collections.nlp.parts import nlp_overrides
-
-    # Without apex NLPDDPStrategy refuses to construct, though nothing on this path uses apex.
-    nlp_overrides.HAVE_APEX = True
-    # Imported from apex-dependent modules, then named in isinstance checks when saving optimizer
-    # state: stand-ins that nothing is an instance of.
-    if not hasattr(nlp_overrides, "McoreDistributedOptimizer"):
-        nlp_overrides.McoreDistributedOptimizer = type("McoreDistributedOptimizer", (), {})
-    if not hasattr(nlp_overrides, "MegatronDistributedFusedAdam"):
-        nlp_overrides.MegatronDistributedFusedAdam = type("MegatronDistributedFusedAdam", (), {})
-    _patch_optimizer_step_sharding(nlp_overrides)
-
-
 def init_cpu_process_group(tensor_parallel: int = 1) -> None:
     """Set up torch.distributed (gloo) and megatron's parallel state before a model is built.
 
-    megatron-core reads process groups while building the model, but NeMo only sets them up in
-    ``fit()``. With a group already there, Lightning and NeMo skip their own initialisation.
-    Under torchrun the group comes from its environment: a 1-rank group per process would make
-    every rank build the full table while the log still claims tensor parallelism.
+    megatron-core reads process groups while it builds the model, but NeMo only sets them up in
+    ``fit()``; with a group already there, Lightning and NeMo skip their own initialisation.
+    Under torchrun (``RANK`` and ``WORLD_SIZE`` set) the group comes from its environment: a
+    1-rank group per process would make every rank build the whole table, while the log still
+    claims tensor parallelism, and fail only at save.
     """
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -74,26 +53,52 @@ def init_cpu_process_group(tensor_parallel: int = 1) -> None:
     if not dist.is_initialized():
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
             dist.init_process_group("gloo", init_method="env://")
+        elif tensor_parallel != 1:
+            raise ValueError(f"tensor_parallel={tensor_parallel} needs torchrun with that many processes")
         else:
-            if tensor_parallel != 1:
-                raise ValueError(f"tensor_parallel={tensor_parallel} needs torchrun with that many processes")
-            store = tempfile.NamedTemporaryFile(prefix="gloo_store_", delete=False)
-            store.close()
-            dist.init_process_group("gloo", init_method=f"file://{store.name}", rank=0, world_size=1)
+            # gloo deletes the store file once every rank has let go of it.
+            fd, store = tempfile.mkstemp(prefix="gloo_store_")
+            os.close(fd)
+            dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
     if dist.get_world_size() % tensor_parallel:
         raise ValueError(f"world size {dist.get_world_size()} is not a multiple of tensor_parallel={tensor_parallel}")
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tensor_parallel, 1)
 
 
-def _patch_optimizer_step_sharding(nlp_overrides: Any) -> None:
-    """Save and resume torch's Adam/AdamW state in distributed checkpoints.
+def _noop(*args: Any, **kwargs: Any) -> None:
+    return None
 
-    torch keeps ``state['step']`` per parameter as a 0-dim tensor; NeMo passes every per-parameter
-    entry to megatron-core, which asserts each has the parameter's shape ("Optimizer shape (()
-    does not match model shape"). NeMo's path was written for apex FusedAdam, which keeps the step
-    in param_groups. Done here as megatron-core's own FP32Optimizer does it: the step is stored
-    once as ``state['common_step']`` and put back on every parameter before loading.
+
+def _patch_cuda_calls() -> None:
+    # Unconditional CUDA calls on the paths above, which have nothing to do on a CPU.
+    torch.cuda.synchronize = _noop  # megatron's checkpoint writer syncs before copying tensors
+    torch.cuda.current_device = lambda: "cpu"  # passed as device= by megatron's async checkpoint save
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self  # NeMo's parameter count before fit()
+
+
+def _patch_nlp_overrides() -> None:
+    from nemo.collections.nlp.parts import nlp_overrides
+
+    # NLPDDPStrategy refuses to construct without apex, which nothing on this path uses.
+    nlp_overrides.HAVE_APEX = True
+    # Imported from apex-only modules, then named in isinstance checks when a training checkpoint
+    # saves optimizer state (NameError): stand-ins that nothing is an instance of.
+    for name in ("McoreDistributedOptimizer", "MegatronDistributedFusedAdam"):
+        if not hasattr(nlp_overrides, name):
+            setattr(nlp_overrides, name, type(name, (), {}))
+    _patch_optimizer_step_sharding(nlp_overrides)
+
+
+def _patch_optimizer_step_sharding(nlp_overrides: Any) -> None:
+    """Save and resume torch's Adam/AdamW state in distributed training checkpoints.
+
+    torch keeps ``state['step']`` per parameter as a 0-dim tensor, and NeMo hands every
+    per-parameter entry to megatron-core, which asserts each has the parameter's shape
+    ("Optimizer shape (() does not match model shape"). NeMo's path was written for apex
+    FusedAdam, which keeps the step in param_groups, so this hits any run without apex. Done as
+    megatron-core's own FP32Optimizer does it: the step is stored once as ``state['common_step']``
+    and put back on every parameter before loading (else ``KeyError: 'step'`` on resume).
     """
     from megatron.core.optimizer.optimizer import MegatronOptimizer
 
@@ -102,6 +107,8 @@ def _patch_optimizer_step_sharding(nlp_overrides: Any) -> None:
     def optim_state_to_sharding_state(
         optim_state_dict: dict[str, Any], id_to_sharded_param_map: dict[int, Any], exclude_keys: tuple[str, ...] = ()
     ) -> None:
+        # Serves both of NeMo's callers: plain torch optimizers and MainParamsOptimizerWrapper's inner dict.
+        # The stock function builds new per-parameter dicts, so the live optimizer keeps its steps.
         step = MegatronOptimizer._extract_common_per_param_step(optim_state_dict)
         stock_to_sharding(optim_state_dict, id_to_sharded_param_map, exclude_keys=(*exclude_keys, "step"))
         if step is not None:
@@ -130,7 +137,7 @@ def _patch_gpt_specs() -> None:
     stock_get_specs = megatron_gpt_model.get_specs
 
     def get_specs(spec_name: str, transformer_config: Any = None, use_te: bool = True, *args: Any, **kwargs: Any) -> Any:
-        # The stock one builds every spec eagerly, Transformer Engine ones included (NameError without TE).
+        # The stock one builds every spec eagerly, Transformer Engine ones included (NameError: TESpecProvider).
         if spec_name == "" and not use_te:
             experts = transformer_config.num_moe_experts if transformer_config else None
             grouped = transformer_config.moe_grouped_gemm if transformer_config else False
@@ -144,7 +151,7 @@ def _patch_build_model() -> None:
     from megatron.core.tensor_parallel import layers
     from nemo.collections.nlp.modules.common.megatron import build_model
 
-    # Imported from apex only; megatron-core has the same function.
+    # Imported from apex only (NameError); megatron-core has the same function.
     build_model.set_defaults_if_not_set_tensor_model_parallel_attributes = (
         layers.set_defaults_if_not_set_tensor_model_parallel_attributes
     )
@@ -153,7 +160,7 @@ def _patch_build_model() -> None:
 def _patch_base_model() -> None:
     from nemo.collections.nlp.models.language_modeling.megatron_base_model import MegatronBaseModel
 
-    # It creates a torch.cuda.Stream for Transformer Engine layers, which a CPU run has none of.
+    # setup() creates a torch.cuda.Stream for Transformer Engine layers, of which a CPU run has none.
     MegatronBaseModel.setup_transformer_engine_cp_groups = _noop
 
 
@@ -164,8 +171,9 @@ def _listify_model(model: Any) -> list[Any]:
 def _patch_megatron_utils() -> None:
     from nemo.collections.nlp.modules.common.megatron import utils
 
-    # Taken from apex only. listify_model is trivial; the norm classes are only isinstance checks that
-    # keep norms out of weight decay, and without apex megatron-core builds torch's own norms.
+    # Taken from apex only (NameError when the optimizer is set up). listify_model is trivial; the
+    # norm classes only serve isinstance checks that keep norms out of weight decay, and without
+    # apex megatron-core builds torch's own norms.
     utils.listify_model = _listify_model
     utils.FusedLayerNorm = torch.nn.LayerNorm
     utils.FastLayerNorm = torch.nn.LayerNorm
@@ -173,7 +181,7 @@ def _patch_megatron_utils() -> None:
 
 
 class _TorchOnCpu:
-    """``torch`` as a module global, with tensor factories that turn ``device="cuda"`` into the CPU."""
+    """``torch`` as a module global, but a tensor factory asked for ``device="cuda"`` builds on the CPU."""
 
     def __getattr__(self, name: str) -> Any:
         return getattr(torch, name)
@@ -198,6 +206,6 @@ def _no_fork(self: Any, name: str = "") -> Iterator[None]:
 def _patch_rng_tracker() -> None:
     from megatron.core.tensor_parallel import random
 
-    # Its CUDA RNG states are only seeded on a GPU (model_parallel_cuda_manual_seed); on a CPU
-    # dropout inside fork() just draws from torch's default generator.
+    # Its states are only seeded on a GPU (model_parallel_cuda_manual_seed), so fork() raises
+    # "cuda rng state model-parallel-rng is not added"; on a CPU dropout uses torch's default generator.
     random.CudaRNGStatesTracker.fork = _no_fork

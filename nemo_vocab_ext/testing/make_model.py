@@ -1,10 +1,13 @@
 """Build a tiny MegatronGPTModel with real NeMo on a CPU and save it as a ``.nemo``.
 
     python -m nemo_vocab_ext.testing.make_model --vocab-dir D --out X.nemo [--untied] [--single-file]
-        [--seed N] [--train-steps 0]
+        [--seed N] [--train-steps 0] [--dump SAVED.pt]
 
 ``D`` holds a GPT-2 style ``vocab.json`` and ``merges.txt``. Run it with the environment of
-:func:`nemo_vocab_ext.testing.tiny.cpu_env` (offline Hugging Face hub).
+:func:`nemo_vocab_ext.testing.tiny.cpu_env` (offline Hugging Face hub), one output folder per
+concurrent run (``save_to`` uses it as scratch space), and ``torchrun`` for ``--tp`` > 1.
+Weights are megatron's random init (norms 1, biases 0), trained on mock data with ``--train-steps``.
+``--dump`` writes what was saved in the format of :mod:`nemo_vocab_ext.testing.restore`.
 """
 
 from __future__ import annotations
@@ -18,11 +21,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m nemo_vocab_ext.testing.make_model", description=__doc__)
     p.add_argument("--vocab-dir", type=Path, required=True, help="folder with vocab.json and merges.txt")
     p.add_argument("--out", type=Path, required=True, help="the .nemo file to write")
-    p.add_argument("--untied", action="store_true", help="separate output layer (share_embeddings_and_output_weights=False)")
-    p.add_argument("--single-file", action="store_true", help="model_weights.ckpt layout instead of distributed")
+    p.add_argument("--untied", action="store_true", help="own output layer (share_embeddings_and_output_weights=False)")
+    p.add_argument("--single-file", action="store_true", help="model_weights.ckpt instead of distributed model_weights/")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--train-steps", type=int, default=0, help="train this many steps on mock data before saving")
-    p.add_argument("--tp", type=int, default=1, help="tensor parallel size (run under torchrun for >1)")
+    p.add_argument("--tp", type=int, default=1, help="tensor parallel size (run under torchrun for more than 1)")
+    p.add_argument("--dump", type=Path, help="also torch.save the saved tensors here, as the restore module does")
     return p.parse_args(argv)
 
 
@@ -31,17 +35,14 @@ def main(argv: list[str] | None = None) -> int:
     from nemo_vocab_ext.testing.cpu_nemo import apply_cpu_patches, init_cpu_process_group
 
     apply_cpu_patches()
-    # NeMo and megatron-core are imported after the patches on purpose.
     from lightning.pytorch import seed_everything
     from nemo.collections.nlp.models.language_modeling.megatron_gpt_model import MegatronGPTModel
 
-    from nemo_vocab_ext.testing.tiny import cpu_trainer, fit_mock_data_to_vocab, tiny_model_config
+    from nemo_vocab_ext.testing.restore import dump_model
+    from nemo_vocab_ext.testing.tiny import cpu_trainer, fit_mock_data_to_vocab, save_nemo, tiny_model_config
 
     cfg = tiny_model_config(
-        args.vocab_dir / "vocab.json",
-        args.vocab_dir / "merges.txt",
-        tied=not args.untied,
-        tp=args.tp,
+        args.vocab_dir / "vocab.json", args.vocab_dir / "merges.txt", tied=not args.untied, tp=args.tp
     )
     cfg.seed = args.seed
     seed_everything(args.seed)
@@ -52,13 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         fit_mock_data_to_vocab(model.tokenizer.vocab_size)
         trainer.fit(model)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    if args.single_file:
-        # NLPSaveRestoreConnector writes model_weights/ for every mcore model; for a model without a
-        # sharded state dict it delegates to this base connector, which writes model_weights.ckpt.
-        from nemo.core.connectors.save_restore_connector import SaveRestoreConnector
-
-        model._save_restore_connector = SaveRestoreConnector()
-    model.save_to(str(args.out))
+    save_nemo(model, args.out, single_file=args.single_file)
+    if args.dump is not None:
+        dump_model(model, args.dump)
     return 0
 
 

@@ -2,11 +2,10 @@
 
     python -m nemo_vocab_ext.testing.restore --nemo X.nemo [--vocab-dir D] --dump OUT.pt
 
-``--vocab-dir`` replaces the archived tokenizer files by ``D/vocab.json`` and ``D/merges.txt``,
-which is how a resized model is restored with its new tokenizer. ``OUT.pt`` holds
-``{"state_dict": {name: tensor}, "vocab_size": int, "padded_vocab_size": int}`` (under torchrun,
-one ``OUT.rank<r>.pt`` per rank). Any load error
-propagates: the exit status is non-zero.
+``--vocab-dir`` replaces the archived tokenizer by ``D/vocab.json`` and ``D/merges.txt``: how a
+resized model is restored with its new tokenizer. ``OUT.pt`` holds ``{"state_dict": {name: tensor},
+"vocab_size": int, "padded_vocab_size": int}`` (under torchrun, one ``OUT.rank<r>.pt`` per rank with
+that rank's slices). Any load error propagates: the exit status is non-zero.
 """
 
 from __future__ import annotations
@@ -14,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -23,8 +23,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--nemo", type=Path, required=True, help="the .nemo archive to restore")
     p.add_argument("--vocab-dir", type=Path, help="restore with this vocab.json and merges.txt instead")
     p.add_argument("--dump", type=Path, required=True, help="where to torch.save the restored tensors")
-    p.add_argument("--tp", type=int, default=1, help="tensor parallel size (run under torchrun for >1)")
+    p.add_argument("--tp", type=int, default=1, help="tensor parallel size (run under torchrun for more than 1)")
     return p.parse_args(argv)
+
+
+def dump_model(model: Any, path: Path) -> None:
+    """``torch.save`` a MegatronGPTModel's tensors (no ``_extra_state``) and its vocabulary sizes."""
+    tensors = {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    dump = {
+        "state_dict": tensors,
+        "vocab_size": int(model.tokenizer.vocab_size),
+        "padded_vocab_size": int(model.padded_vocab_size),
+    }
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        path = path.with_name(f"{path.stem}.rank{torch.distributed.get_rank()}{path.suffix}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(dump, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,17 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer=cpu_trainer(conf, devices=args.tp),
         save_restore_connector=NLPSaveRestoreConnector(),
     )
-    tensors = {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
-    dump = {
-        "state_dict": tensors,
-        "vocab_size": int(model.tokenizer.vocab_size),
-        "padded_vocab_size": int(model.padded_vocab_size),
-    }
-    out = args.dump
-    if torch.distributed.get_world_size() > 1:  # each rank holds its own slices: one file per rank
-        out = out.with_name(f"{out.stem}.rank{torch.distributed.get_rank()}{out.suffix}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(dump, out)
+    dump_model(model, args.dump)
     return 0
 
 

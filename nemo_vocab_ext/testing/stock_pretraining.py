@@ -4,7 +4,8 @@ NeMo's ``examples/`` are not on PyPI, so this module repeats the stock ``main`` 
 ``MegatronTrainerBuilder``, ``exp_manager``, ``MegatronGPTSFTModel.merge_cfg_with`` and
 ``MegatronGPTModel.restore_from(..., NLPSaveRestoreConnector())`` for ``model.restore_from_path``,
 ``trainer.ckpt_path`` for ``model.restore_from_ckpt``, then ``trainer.fit``. The only additions are
-the CPU patches (before NeMo is imported, as in a GPU container nothing is needed) and, when
+the CPU patches (before NeMo is imported; a GPU machine needs none), mock data kept inside a tiny
+vocabulary, and, when
 ``NEMO_VOCAB_EXT_PROBE`` names a file, a callback that records the vocab tables before the first
 step and the training losses, so tests can check what the plugin did.
 
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from nemo_vocab_ext.testing.cpu_nemo import apply_cpu_patches, init_cpu_process_group
+from nemo_vocab_ext.testing.tiny import fit_mock_data_to_vocab
 
 apply_cpu_patches()
 
@@ -79,6 +81,8 @@ def main(cfg: Any) -> None:
     else:
         model = MegatronGPTModel(cfg.model, trainer)
 
+    if cfg.model.data.get("data_impl") == "mock":
+        fit_mock_data_to_vocab(model.tokenizer.vocab_size)  # megatron's mock ids reach 4095
     trainer.fit(model)
 
 

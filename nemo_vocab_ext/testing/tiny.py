@@ -1,14 +1,18 @@
-"""Tiny Megatron GPT configurations and environments for running real NeMo on a CPU.
+"""Tiny Megatron GPT configurations, environments and subprocess helpers for real NeMo on a CPU.
 
-Only :func:`cpu_trainer` imports NeMo; everything else is cheap enough for test collection.
+Cheap to import (no NeMo): the functions that need NeMo import it when called, inside the NeMo
+process (:mod:`nemo_vocab_ext.testing.make_model`, :mod:`nemo_vocab_ext.testing.restore`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -22,7 +26,7 @@ _FAKE_GPT2_SHA = "0123456789abcdef0123456789abcdef01234567"
 
 
 def offline_hf_home(path: str | Path) -> Path:
-    """Make ``path`` an ``HF_HOME`` in which NeMo's ``GPT2BPETokenizer`` loads without a network.
+    """Make ``path`` an ``HF_HOME`` in which NeMo's ``GPT2BPETokenizer`` loads with ``HF_HUB_OFFLINE=1``.
 
     NeMo calls ``AutoTokenizer.from_pretrained('gpt2', vocab_file=..., merges_file=...)``: only the
     tokenizer class comes from the hub cache, the vocabulary comes from the given files.
@@ -39,7 +43,7 @@ def offline_hf_home(path: str | Path) -> Path:
 
 
 def cpu_env(hf_home: str | Path, base: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for a NeMo subprocess on a CPU machine, offline (``base`` defaults to ``os.environ``)."""
+    """Environment for a NeMo subprocess on a CPU, offline (``base`` defaults to ``os.environ``)."""
     env = dict(os.environ if base is None else base)
     env.update(
         {
@@ -54,14 +58,49 @@ def cpu_env(hf_home: str | Path, base: dict[str, str] | None = None) -> dict[str
     return env
 
 
+class NemoRunError(RuntimeError):
+    """A NeMo subprocess exited non-zero; the message ends with the tail of its log."""
+
+    def __init__(self, args: Sequence[str], returncode: int, log: str):
+        self.returncode = returncode
+        self.log = log
+        super().__init__(f"{' '.join(args)} exited with {returncode}; log tail:\n{log[-4000:]}")
+
+
+def start_nemo(module: str, args: Sequence[str], *, env: dict[str, str], log: Path, cwd: Path) -> subprocess.Popen[bytes]:
+    """Start ``python -m module args`` with stdout and stderr going to ``log`` (no pipe to fill up)."""
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", module, *args], env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT
+        )
+
+
+def wait_nemo(proc: subprocess.Popen[bytes], log: Path, timeout: float = 600) -> None:
+    """Wait for a process from :func:`start_nemo`; raise :class:`NemoRunError` if it failed."""
+    try:
+        returncode = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise
+    if returncode != 0:
+        raise NemoRunError([str(a) for a in proc.args], returncode, log.read_text(errors="replace"))  # type: ignore[union-attr]
+
+
+def run_nemo(module: str, args: Sequence[str], *, env: dict[str, str], log: Path, cwd: Path, timeout: float = 600) -> None:
+    """Run ``python -m module args`` to the end; raise :class:`NemoRunError` if it fails."""
+    wait_nemo(start_nemo(module, args, env=env, log=log, cwd=cwd), log, timeout)
+
+
 def _stock_config() -> DictConfig:
     cfg = OmegaConf.load(STOCK_CONFIG)
     assert isinstance(cfg, DictConfig)
     return cfg
 
 
-# What a CPU without apex or Transformer Engine needs (see /work/shared/reference/nemo-on-cpu.md).
-_CPU_MODEL_OVERRIDES: dict[str, object] = {
+# What a CPU without apex or Transformer Engine needs (fused kernels and apex's fused_adam are GPU-only).
+_CPU_MODEL_OVERRIDES: dict[str, Any] = {
+    "mcore_gpt": True,
     "megatron_amp_O2": False,
     "use_cpu_initialization": True,
     "transformer_engine": False,
@@ -73,6 +112,8 @@ _CPU_MODEL_OVERRIDES: dict[str, object] = {
     "get_attention_mask_from_fusion": False,
     "micro_batch_size": 2,
     "global_batch_size": 2,
+    "optim": {"name": "adamw", "sched": {"warmup_steps": 1}},
+    "data": {"data_impl": "mock", "data_prefix": [], "num_workers": 0},
 }
 
 
@@ -88,19 +129,18 @@ def tiny_model_config(
     seq: int = 64,
     divisible_by: int = 128,
     tp: int = 1,
-    dist_ckpt: bool = True,
 ) -> DictConfig:
-    """The stock ``model:`` config shrunk to a tiny GPT that builds and trains on a CPU in seconds.
+    """The stock ``model:`` config, shrunk to an mcore GPT that builds and trains on a CPU in seconds.
 
-    ``dist_ckpt=False`` builds the legacy (non-mcore) GPT: ``NLPSaveRestoreConnector`` writes the
-    distributed ``model_weights/`` layout for every mcore model, and a single ``model_weights.ckpt``
-    otherwise (at TP=PP=1).
+    There is no config setting for the weights layout of a working model: NeMo 2.4.1's
+    ``NLPSaveRestoreConnector`` writes the distributed ``model_weights/`` for every mcore model
+    (unless ``fsdp``), and the legacy ``mcore_gpt=False`` GPT no longer builds. The single-file
+    layout is a save-time choice: see :func:`save_nemo`.
     """
     cfg = _stock_config()
     model = cfg.model
     with open_dict(model):
         model.merge_with(_CPU_MODEL_OVERRIDES)
-        model.mcore_gpt = dist_ckpt
         model.share_embeddings_and_output_weights = tied
         model.num_layers = num_layers
         model.hidden_size = hidden
@@ -113,12 +153,7 @@ def tiny_model_config(
         model.tokenizer.type = "GPT2BPETokenizer"
         model.tokenizer.vocab_file = str(Path(vocab_file).resolve())
         model.tokenizer.merge_file = str(Path(merge_file).resolve())
-        model.data.data_impl = "mock"
-        model.data.data_prefix = []
-        model.data.num_workers = 0
-        model.optim.name = "adamw"  # fused_adam needs apex
-        model.optim.sched.warmup_steps = 1
-    # Resolve ${model.encoder_seq_length} and friends while the full tree is still there.
+    # Resolve ${model.encoder_seq_length} and friends while the whole tree is still there.
     resolved = OmegaConf.create(OmegaConf.to_container(model, resolve=True))
     assert isinstance(resolved, DictConfig)
     return resolved
@@ -140,22 +175,44 @@ def tiny_trainer_config(*, devices: int = 1, max_steps: int = 0) -> DictConfig:
     return trainer
 
 
+def cpu_trainer(model_cfg: DictConfig, *, devices: int = 1, max_steps: int = 0) -> Trainer:
+    """A Lightning trainer built as the stock script builds it (``MegatronTrainerBuilder``), for CPU."""
+    from nemo.collections.nlp.parts.megatron_trainer_builder import MegatronTrainerBuilder
+
+    cfg = OmegaConf.create(
+        {
+            "trainer": tiny_trainer_config(devices=devices, max_steps=max_steps),
+            "model": model_cfg,
+            # No exp_manager; its TFLOPs callback would only log an error without TensorBoard.
+            "exp_manager": {"log_tflops_per_sec_per_gpu": False},
+        }
+    )
+    return MegatronTrainerBuilder(cfg).create_trainer()
+
+
 def fit_mock_data_to_vocab(vocab_size: int) -> None:
     """Keep megatron-core's mock dataset inside a tiny vocabulary.
 
     Its documents are ``1, 2, ..., length - 1, eod`` with lengths below the class attribute
-    ``max_sequence_length`` (4096): ids a 500-token embedding table cannot look up.
+    ``max_sequence_length`` (4096): ids a 500-token embedding table cannot look up (IndexError).
     """
     from megatron.core.datasets.gpt_dataset import MockGPTLowLevelDataset
 
     MockGPTLowLevelDataset.max_sequence_length = vocab_size
 
 
-def cpu_trainer(model_cfg: DictConfig, *, devices: int = 1, max_steps: int = 0) -> Trainer:
-    """A Lightning trainer built as the stock script builds it (``MegatronTrainerBuilder``), for CPU."""
-    from nemo.collections.nlp.parts.megatron_trainer_builder import MegatronTrainerBuilder
+def save_nemo(model: Any, path: str | Path, *, single_file: bool = False) -> None:
+    """``model.save_to(path)``; ``single_file`` writes ``model_weights.ckpt`` instead of ``model_weights/``.
 
-    cfg = OmegaConf.create(
-        {"trainer": tiny_trainer_config(devices=devices, max_steps=max_steps), "model": model_cfg, "exp_manager": None}
-    )
-    return MegatronTrainerBuilder(cfg).create_trainer()
+    ``NLPSaveRestoreConnector.save_to`` writes a distributed checkpoint whenever the model has a
+    sharded state dict (every mcore model) and otherwise, at TP=PP=1, delegates to NeMo's base
+    ``SaveRestoreConnector``, which ``torch.save``s ``model.state_dict()`` as one file; calling that
+    base connector is the single-file layout of older NeMo releases, and NeMo still restores it.
+    ``save_to`` uses the folder of ``path`` as scratch space (``model_weights/``): give concurrent
+    saves their own folders.
+    """
+    if single_file:
+        from nemo.core.connectors.save_restore_connector import SaveRestoreConnector
+
+        model._save_restore_connector = SaveRestoreConnector()
+    model.save_to(str(path))

@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 
 import click
 
+from .core.keys import UnknownKeysError
 from .errors import VocabExtError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -33,7 +34,7 @@ def report_errors(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (VocabExtError, OSError, MemoryError) as e:
+        except (VocabExtError, UnknownKeysError, OSError, MemoryError) as e:
             if _root_flag("debug"):
                 raise
             raise OneLineError(str(e), getattr(e, "exit_code", 1)) from e

@@ -91,7 +91,9 @@ def _write(ckpt: Checkpoint, path: Path, fmt: Format) -> None:
 
 def _same(a: Value, b: Value) -> bool:
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+        # Bitwise, so NaNs compare equal to themselves and -0.0 differs from 0.0.
+        bits = [t.detach().contiguous().reshape(-1).view(torch.uint8) for t in (a, b)]
+        return a.dtype == b.dtype and a.shape == b.shape and torch.equal(*bits)
     return type(a) is type(b) and a == b
 
 

@@ -27,7 +27,15 @@ from .core.keys import find_vocab_keys
 from .core.resize import Init
 from .errors import ConfigError, DataError, ResizeError, TokenizerError
 from .formats.nemo import read_dist_tensor_shapes, read_nemo, read_nemo_header, write_nemo_dir
-from .vocab import apply_resize, checkpoint_tokenizer_files, embed_tokenizer, expected_rows, plan_resize, vocab_tables
+from .vocab import (
+    apply_resize,
+    check_tokenizer_fits,
+    checkpoint_tokenizer_files,
+    embed_tokenizer,
+    expected_rows,
+    plan_resize,
+    vocab_tables,
+)
 
 CONFIG_KEY = "vocab_extension"
 
@@ -186,7 +194,7 @@ def prepare_restore(restore_path: str | Path, model_cfg: Any, settings: Extensio
     if settings.check_data:
         check_data(model_cfg, new_vocab)
 
-    from .tokenizer import check_ids_preserved, load_tokenizer, pieces_under
+    from .tokenizer import load_tokenizer, pieces_under
 
     own_dir = work / "own_tokenizer"
     own_dir.mkdir()
@@ -231,6 +239,8 @@ def prepare_restore(restore_path: str | Path, model_cfg: Any, settings: Extensio
         raise ResizeError(
             f"override_vocab_size={new_rows} disagrees with the padded size {plan.rows.new_rows}; unset it"
         )
+    if own is not None and new_info is not None:
+        check_tokenizer_fits(own, new_info, "model.tokenizer")
     pieces = None
     if init is Init.FVT and own is not None and new_info is not None and new_vocab > plan.rows.old_vocab:
         pieces = pieces_under(own, new_info, range(plan.rows.old_vocab, new_vocab))

@@ -8,7 +8,14 @@ from pathlib import Path
 from .core.resize import Init
 from .errors import TokenizerError
 from .io import Format, load_checkpoint, save_checkpoint
-from .vocab import apply_resize, embed_tokenizer, load_checkpoint_tokenizer, plan_resize, tokenizer_config_files
+from .vocab import (
+    apply_resize,
+    check_tokenizer_fits,
+    embed_tokenizer,
+    load_checkpoint_tokenizer,
+    plan_resize,
+    tokenizer_config_files,
+)
 
 
 def run_resize(
@@ -27,16 +34,12 @@ def run_resize(
     force: bool = False,
 ) -> list[str]:
     """Resize ``src`` into ``dst`` (a .nemo) and return the report lines; ``dry_run`` writes nothing."""
-    from .tokenizer import check_ids_preserved, load_tokenizer, pieces_under
+    from .tokenizer import load_tokenizer, pieces_under
 
     ckpt, _ = load_checkpoint(src)
     with tempfile.TemporaryDirectory(prefix="nemo_vocab_ext.") as tmp:
         own = load_checkpoint_tokenizer(ckpt, Path(tmp))
         new = load_tokenizer(tokenizer) if tokenizer else None
-        if new is not None and own is not None:
-            check = check_ids_preserved(own, new)
-            if not check.ok:
-                raise TokenizerError(f"{tokenizer}: {check.summary()}; the pretrained rows would be scrambled")
         new_vocab = new.vocab_size if new is not None else vocab_size
         assert new_vocab is not None
         old_vocab = own.vocab_size if own is not None else None
@@ -52,6 +55,8 @@ def run_resize(
             padding_init=padding_init,
             allow_shrink=allow_shrink,
         )
+        if new is not None and own is not None:
+            check_tokenizer_fits(own, new, str(tokenizer))
         if dry_run:
             return ["plan (dry run, nothing written):", *plan.lines()]
         pieces = None

@@ -29,6 +29,7 @@ from .core.resize import (
 )
 from .core.sizes import padded_vocab_size
 from .errors import ConfigError, ResizeError, TokenizerError
+from .tokenizer import TokenizerInfo, check_ids_preserved, load_tokenizer
 
 DEFAULT_DIVISIBLE_BY = 128
 REPORT_TP_SIZES = (1, 2, 4, 8)
@@ -275,10 +276,21 @@ def checkpoint_tokenizer_files(ckpt: Checkpoint, out_dir: Path) -> Path | None:
     return None
 
 
-def load_checkpoint_tokenizer(ckpt: Checkpoint, workdir: Path):  # type: ignore[no-untyped-def]
-    """The checkpoint's own tokenizer (from its ``nemo:`` artifacts), or None."""
-    from .tokenizer import load_tokenizer
+def check_tokenizer_fits(own: TokenizerInfo, new: TokenizerInfo, what: str) -> None:
+    """The smaller tokenizer's ids must all be kept by the larger one, or trained rows would be scrambled.
 
+    Growing, that is every base id in the merged tokenizer; shrinking (allowed), every kept id in the base.
+    """
+    check = check_ids_preserved(own, new) if new.vocab_size >= own.vocab_size else check_ids_preserved(new, own)
+    if not check.ok:
+        raise TokenizerError(
+            f"{what}: {check.summary()}; the pretrained rows would be scrambled. "
+            "Build the new tokenizer with `nemo-vocab-ext tokenizer merge`"
+        )
+
+
+def load_checkpoint_tokenizer(ckpt: Checkpoint, workdir: Path) -> TokenizerInfo | None:
+    """The checkpoint's own tokenizer (from its ``nemo:`` artifacts), or None."""
     where = checkpoint_tokenizer_files(ckpt, workdir)
     return None if where is None else load_tokenizer(where)
 

@@ -40,7 +40,7 @@ def normalize_key(key: str) -> str:
     return key
 
 
-class UnknownKeysError(KeyError):
+class UnknownKeysError(ValueError):
     """No embedding table under any known key name."""
 
     def __init__(self, sample: list[str]):
@@ -50,9 +50,6 @@ class UnknownKeysError(KeyError):
             f"no word-embedding tensor found; expected one of {expected} "
             f"(O2 'model.module.' spellings accepted); first keys present: {', '.join(sample) or 'none'}"
         )
-
-    def __str__(self) -> str:
-        return str(self.args[0])
 
 
 @dataclass(frozen=True)

@@ -70,11 +70,15 @@ def _noop(*args: Any, **kwargs: Any) -> None:
     return None
 
 
+def _tensor_stays(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    return self
+
+
 def _patch_cuda_calls() -> None:
     # Unconditional CUDA calls on the paths above, which have nothing to do on a CPU.
     torch.cuda.synchronize = _noop  # megatron's checkpoint writer syncs before copying tensors
-    torch.cuda.current_device = lambda: "cpu"  # passed as device= by megatron's async checkpoint save
-    torch.Tensor.cuda = lambda self, *args, **kwargs: self  # NeMo's parameter count before fit()
+    torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment,return-value]  # device= of megatron's async save
+    torch.Tensor.cuda = _tensor_stays  # type: ignore[method-assign,assignment]  # NeMo's parameter count before fit()
 
 
 def _patch_nlp_overrides() -> None:
@@ -136,7 +140,9 @@ def _patch_gpt_specs() -> None:
 
     stock_get_specs = megatron_gpt_model.get_specs
 
-    def get_specs(spec_name: str, transformer_config: Any = None, use_te: bool = True, *args: Any, **kwargs: Any) -> Any:
+    def get_specs(
+        spec_name: str, transformer_config: Any = None, use_te: bool = True, *args: Any, **kwargs: Any
+    ) -> Any:
         # The stock one builds every spec eagerly, Transformer Engine ones included (NameError: TESpecProvider).
         if spec_name == "" and not use_te:
             experts = transformer_config.num_moe_experts if transformer_config else None

@@ -22,7 +22,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vocab-dir", type=Path, required=True, help="folder with vocab.json and merges.txt")
     p.add_argument("--out", type=Path, required=True, help="the .nemo file to write")
     p.add_argument("--untied", action="store_true", help="own output layer (share_embeddings_and_output_weights=False)")
-    p.add_argument("--single-file", action="store_true", help="model_weights.ckpt instead of distributed model_weights/")
+    p.add_argument(
+        "--single-file", action="store_true", help="model_weights.ckpt instead of distributed model_weights/"
+    )
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--train-steps", type=int, default=0, help="train this many steps on mock data before saving")
     p.add_argument("--tp", type=int, default=1, help="tensor parallel size (run under torchrun for more than 1)")

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from .tiny import tiny_model_config, tiny_trainer_config
+from .tiny import NemoJob, tiny_model_config, tiny_trainer_config
 
 
 def write_pretraining_config(
@@ -44,18 +42,24 @@ def write_pretraining_config(
         },
     }
     cfg = OmegaConf.create(
-        {"name": "megatron_gpt", "trainer": tiny_trainer_config(devices=tp, max_steps=max_steps), "exp_manager": exp_manager, "model": model}
+        {
+            "name": "megatron_gpt",
+            "trainer": tiny_trainer_config(devices=tp, max_steps=max_steps),
+            "exp_manager": exp_manager,
+            "model": model,
+        }
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, path)
     return path
 
 
-def run_stock_pretraining(
-    config: Path, overrides: list[str], env: dict[str, str], *, nproc: int = 1, timeout: float = 600
-) -> subprocess.CompletedProcess[str]:
-    """Run the stock call sequence (python, or torchrun for ``nproc`` > 1) with Hydra ``overrides``."""
+def stock_job(config: Path, overrides: list[str], folder: Path, *, nproc: int = 1) -> NemoJob:
+    """The stock call sequence on ``config`` with Hydra ``overrides``, under torchrun when ``nproc`` > 1."""
     module = ["-m", "nemo_vocab_ext.testing.stock_pretraining"]
-    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
-    cmd = [*launcher, *module, f"--config-path={config.parent}", f"--config-name={config.stem}", *overrides]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
+    return NemoJob(
+        [*launcher, *module, f"--config-path={config.parent}", f"--config-name={config.stem}", *overrides],
+        folder,
+        "run.log",
+    )

@@ -10,7 +10,9 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -59,37 +61,67 @@ def cpu_env(hf_home: str | Path, base: dict[str, str] | None = None) -> dict[str
 
 
 class NemoRunError(RuntimeError):
-    """A NeMo subprocess exited non-zero; the message ends with the tail of its log."""
+    """A NeMo subprocess exited non-zero; ``log`` holds its whole output, the message its tail."""
 
-    def __init__(self, args: Sequence[str], returncode: int, log: str):
+    def __init__(self, argv: Sequence[str], returncode: int, log: str):
         self.returncode = returncode
         self.log = log
-        super().__init__(f"{' '.join(args)} exited with {returncode}; log tail:\n{log[-4000:]}")
+        super().__init__(f"python {' '.join(argv)} exited with {returncode}; log tail:\n{log[-4000:]}")
 
 
-def start_nemo(module: str, args: Sequence[str], *, env: dict[str, str], log: Path, cwd: Path) -> subprocess.Popen[bytes]:
-    """Start ``python -m module args`` with stdout and stderr going to ``log`` (no pipe to fill up)."""
-    with open(log, "wb") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", module, *args], env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT
-        )
+@dataclass(frozen=True)
+class NemoJob:
+    """``python <argv>`` run in ``folder``, its stdout and stderr in ``folder/<log_name>``."""
+
+    argv: list[str]
+    folder: Path
+    log_name: str = "nemo.log"
+
+    @classmethod
+    def module(cls, module: str, args: Sequence[str], folder: Path) -> NemoJob:
+        """``python -m module args``, logged to ``folder/<last part of module>.log``."""
+        return cls(["-m", module, *args], folder, module.rsplit(".", 1)[-1] + ".log")
+
+    @property
+    def log(self) -> Path:
+        return self.folder / self.log_name
 
 
-def wait_nemo(proc: subprocess.Popen[bytes], log: Path, timeout: float = 600) -> None:
-    """Wait for a process from :func:`start_nemo`; raise :class:`NemoRunError` if it failed."""
+def run_concurrently(
+    jobs: Sequence[NemoJob], env: dict[str, str], *, timeout: float = 600, max_parallel: int | None = None
+) -> list[NemoRunError | None]:
+    """Run ``jobs``, at most ``max_parallel`` (default: one per CPU) at a time, and return each one's error.
+
+    ``None`` stands for success. Output goes to log files, not pipes, so that no job blocks on a
+    full pipe. A job still running ``timeout`` seconds after it started is killed; no process
+    outlives the call.
+    """
+    limit = max(1, max_parallel or os.cpu_count() or 1)
+    errors: list[NemoRunError | None] = [None] * len(jobs)
+    waiting = list(enumerate(jobs))
+    running: dict[int, tuple[subprocess.Popen[bytes], float]] = {}
     try:
-        returncode = proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        raise
-    if returncode != 0:
-        raise NemoRunError([str(a) for a in proc.args], returncode, log.read_text(errors="replace"))  # type: ignore[union-attr]
-
-
-def run_nemo(module: str, args: Sequence[str], *, env: dict[str, str], log: Path, cwd: Path, timeout: float = 600) -> None:
-    """Run ``python -m module args`` to the end; raise :class:`NemoRunError` if it fails."""
-    wait_nemo(start_nemo(module, args, env=env, log=log, cwd=cwd), log, timeout)
+        while waiting or running:
+            while waiting and len(running) < limit:
+                i, job = waiting.pop(0)
+                job.folder.mkdir(parents=True, exist_ok=True)
+                with open(job.log, "wb") as out:
+                    cmd = [sys.executable, *job.argv]
+                    proc = subprocess.Popen(cmd, env=env, cwd=job.folder, stdout=out, stderr=subprocess.STDOUT)
+                running[i] = (proc, time.monotonic() + timeout)
+            time.sleep(0.2)
+            for i, (proc, deadline) in list(running.items()):
+                if proc.poll() is None and time.monotonic() > deadline:
+                    proc.kill()
+                if (returncode := proc.poll()) is not None:
+                    del running[i]
+                    if returncode:
+                        errors[i] = NemoRunError(jobs[i].argv, returncode, jobs[i].log.read_text(errors="replace"))
+    finally:
+        for proc, _ in running.values():  # only left on an exception (e.g. KeyboardInterrupt)
+            proc.kill()
+            proc.wait()
+    return errors
 
 
 def _stock_config() -> DictConfig:

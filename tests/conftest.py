@@ -1,0 +1,159 @@
+"""Session fixtures: tiny tokenizers, and tiny ``.nemo`` models built once with real NeMo on the CPU.
+
+NeMo runs in subprocesses (:mod:`nemo_vocab_ext.testing.make_model` and ``.restore``): its imports
+take seconds and its CPU patches must not leak into the test process. Tests that use the ``.nemo``
+fixtures or ``restore_nemo`` are marked ``@pytest.mark.nemo``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+import torch
+
+from nemo_vocab_ext.testing.tiny import NemoJob, NemoRunError, cpu_env, offline_hf_home, run_concurrently
+from nemo_vocab_ext.tokenizer import train_bpe
+
+BASE_VOCAB = 500  # padded to 512 rows (make_vocab_size_divisible_by=128)
+LARGER_VOCAB = 700  # padded to 768 rows
+
+# name -> make_model flags; every model is built from base_tokenizer, each with its own seed.
+NEMO_MODELS: dict[str, list[str]] = {
+    "tied_dist": [],
+    "untied_dist": ["--untied"],
+    "tied_single": ["--single-file"],
+    "untied_single": ["--untied", "--single-file"],
+}
+
+RestoreJob = tuple[Path, Path | None]
+
+
+def english_texts() -> list[str]:
+    """Python's own documentation topics: a pip-free English corpus (about 460 kB)."""
+    from pydoc_data.topics import topics
+
+    return [topics[k] for k in sorted(topics)]
+
+
+def saved_state_path(nemo: Path) -> Path:
+    """Where a fixture model's ``make_model --dump`` (its tensors as saved) lies."""
+    return nemo.with_name(nemo.stem + ".saved.pt")
+
+
+def _raise_first(errors: Sequence[NemoRunError | None]) -> None:
+    for error in errors:
+        if error is not None:
+            raise error
+
+
+@pytest.fixture(scope="session")
+def base_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Folder with ``vocab.json`` and ``merges.txt``: a 500-token GPT-2 byte-level BPE, ``<|endoftext|>`` = 0."""
+    return train_bpe(english_texts(), tmp_path_factory.mktemp("tok_base"), BASE_VOCAB)
+
+
+@pytest.fixture(scope="session")
+def larger_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 700-token BPE of the same corpus: its first 500 tokens and merges are ``base_tokenizer``'s."""
+    return train_bpe(english_texts(), tmp_path_factory.mktemp("tok_larger"), LARGER_VOCAB)
+
+
+@pytest.fixture(scope="session")
+def nemo_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Environment for NeMo subprocesses: CPU only, Hugging Face hub offline."""
+    return cpu_env(offline_hf_home(tmp_path_factory.mktemp("hf_home")))
+
+
+@pytest.fixture(scope="session")
+def nemo_models(
+    tmp_path_factory: pytest.TempPathFactory, base_tokenizer: Path, nemo_env: dict[str, str]
+) -> dict[str, Path]:
+    """Every model of ``NEMO_MODELS``, built concurrently on first use: name -> ``.nemo`` path.
+
+    Tiny mcore GPTs (2 layers, hidden 64, 500 tokens in 512 rows) with megatron's random init.
+    """
+    root = tmp_path_factory.mktemp("nemo_models")
+    outs: dict[str, Path] = {}
+    jobs = []
+    for seed, (name, flags) in enumerate(NEMO_MODELS.items(), start=1):
+        out = outs[name] = root / name / f"{name}.nemo"  # save_to uses the output's folder as scratch: one each
+        args = ["--vocab-dir", str(base_tokenizer), "--out", str(out), "--dump", str(saved_state_path(out))]
+        jobs.append(
+            NemoJob.module("nemo_vocab_ext.testing.make_model", [*args, *flags, "--seed", str(seed)], out.parent)
+        )
+    _raise_first(run_concurrently(jobs, nemo_env))
+    return outs
+
+
+@pytest.fixture(scope="session")
+def nemo_tied_dist(nemo_models: dict[str, Path]) -> Path:
+    """Tied embeddings, distributed layout (``model_weights/``)."""
+    return nemo_models["tied_dist"]
+
+
+@pytest.fixture(scope="session")
+def nemo_untied_dist(nemo_models: dict[str, Path]) -> Path:
+    """Own ``model.output_layer.weight``, distributed layout."""
+    return nemo_models["untied_dist"]
+
+
+@pytest.fixture(scope="session")
+def nemo_tied_single(nemo_models: dict[str, Path]) -> Path:
+    """Tied embeddings, single-file layout (``model_weights.ckpt``) of an mcore model."""
+    return nemo_models["tied_single"]
+
+
+@pytest.fixture(scope="session")
+def nemo_untied_single(nemo_models: dict[str, Path]) -> Path:
+    """Own ``model.output_layer.weight``, single-file layout."""
+    return nemo_models["untied_single"]
+
+
+@pytest.fixture(scope="session")
+def saved_state() -> Callable[[Path], dict]:
+    """``saved_state(fixture_nemo) -> dict``: the fixture model's tensors and sizes as it saved them.
+
+    Same format as a ``restore_nemo`` result: ``{"state_dict", "vocab_size", "padded_vocab_size"}``.
+    """
+    return lambda nemo: torch.load(saved_state_path(nemo))
+
+
+class NemoRestorer:
+    """Restores ``.nemo`` files with real NeMo in subprocesses (``nemo_vocab_ext.testing.restore``).
+
+    ``restorer(path, vocab_dir=None)`` returns the dump ``{"state_dict": {name: tensor},
+    "vocab_size", "padded_vocab_size"}`` and raises :class:`NemoRunError` (``.log`` holds NeMo's
+    output) when the restore fails. ``restorer.many(jobs)`` runs several concurrently and returns
+    each dump or error.
+    """
+
+    def __init__(self, root: Path, env: dict[str, str]):
+        self.root = root
+        self.env = env
+        self._ids = itertools.count()
+
+    def __call__(self, path: Path, vocab_dir: Path | None = None) -> dict:
+        (result,) = self.many([(path, vocab_dir)])
+        if isinstance(result, NemoRunError):
+            raise result
+        return result
+
+    def many(self, jobs: Sequence[RestoreJob]) -> list[dict | NemoRunError]:
+        runs = []
+        for path, vocab_dir in jobs:
+            folder = self.root / f"restore_{next(self._ids)}"
+            args = ["--nemo", str(path), "--dump", str(folder / "dump.pt")]
+            if vocab_dir is not None:
+                args += ["--vocab-dir", str(vocab_dir)]
+            runs.append(NemoJob.module("nemo_vocab_ext.testing.restore", args, folder))
+        errors = run_concurrently(runs, self.env)
+        return [error or torch.load(run.folder / "dump.pt") for run, error in zip(runs, errors, strict=True)]
+
+
+@pytest.fixture(scope="session")
+def restore_nemo(tmp_path_factory: pytest.TempPathFactory, nemo_env: dict[str, str]) -> NemoRestorer:
+    """``restore_nemo(path, vocab_dir=None) -> dict``; ``restore_nemo.many([(path, vocab_dir), ...])``."""
+    return NemoRestorer(tmp_path_factory.mktemp("restores"), nemo_env)

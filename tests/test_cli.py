@@ -1,0 +1,182 @@
+"""CLI behaviour without NeMo: exit codes, one-line messages, dry runs, and one test per bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner, Result
+
+from nemo_vocab_ext.checkpoint import DISTRIBUTED, Checkpoint
+from nemo_vocab_ext.cli import main
+from nemo_vocab_ext.io import Format, load_checkpoint, save_checkpoint
+from nemo_vocab_ext.tokenizer import train_bpe
+from nemo_vocab_ext.vocab import embed_tokenizer
+
+HIDDEN = 8
+
+
+def english() -> list[str]:
+    from pydoc_data.topics import topics
+
+    return [topics[k] for k in sorted(topics)]
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tok")
+    return {name: train_bpe(english(), root / name, size) for name, size in (("small", 300), ("base", 400), ("large", 600))}
+
+
+def make_nemo(path: Path, tokenizer: Path, *, rows: int = 512, tied: bool = True, nan: bool = False) -> Path:
+    g = torch.Generator().manual_seed(0)
+    tensors: dict = {"model.embedding.word_embeddings.weight": torch.randn(rows, HIDDEN, generator=g)}
+    if not tied:
+        tensors["model.output_layer.weight"] = torch.randn(rows, HIDDEN, generator=g)
+    tensors["model.decoder.final_layernorm.weight"] = torch.ones(HIDDEN)
+    if nan:
+        tensors["model.decoder.final_layernorm.weight"][3] = float("nan")
+    config = {
+        "make_vocab_size_divisible_by": 128,
+        "tensor_model_parallel_size": 1,
+        "share_embeddings_and_output_weights": tied,
+        "tokenizer": {"library": "megatron", "type": "GPT2BPETokenizer"},
+    }
+    ckpt = embed_tokenizer(
+        Checkpoint(tensors, config, DISTRIBUTED),
+        {"vocab_file": tokenizer / "vocab.json", "merge_file": tokenizer / "merges.txt"},
+    )
+    save_checkpoint(ckpt, path, Format.NEMO)
+    return path
+
+
+def run(*args: object) -> Result:
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture()
+def base_nemo(tmp_path: Path, tokenizers: dict[str, Path]) -> Path:
+    return make_nemo(tmp_path / "base.nemo", tokenizers["base"], tied=False)
+
+
+def test_inspect_json_fields(base_nemo: Path) -> None:
+    result = run("inspect", base_nemo, "--json")
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    expected_keys = {
+        "format", "layout", "embedding_rows", "hidden_size", "tied", "has_output_layer", "tokenizer_vocab_size",
+        "padded_vocab_size", "make_vocab_size_divisible_by", "tensor_model_parallel_size",
+        "pipeline_model_parallel_size", "num_tensors", "num_parameters",
+    }  # fmt: skip
+    assert expected_keys <= set(info)
+    assert (info["tokenizer_vocab_size"], info["padded_vocab_size"], info["embedding_rows"]) == (400, 512, 512)
+    assert info["num_parameters"] == 2 * 512 * HIDDEN + HIDDEN and info["tied"] is False
+
+
+def test_resize_dry_run_prints_the_plan_and_writes_nothing(base_nemo: Path, tokenizers: dict[str, Path], tmp_path: Path) -> None:
+    dst = tmp_path / "out.nemo"
+    result = run("resize", base_nemo, dst, "--tokenizer", tokenizers["large"], "--init", "mean", "--tp", "2", "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "tokenizer size: 400 -> 600" in result.output and "rows: 512 -> 768" in result.output
+    assert "rows [400, 512) old padding (dropped)" in result.output and "rows [400, 600) new tokens: mean" in result.output
+    assert "TP2: 512 -> 768" in result.output and "TP4: 512 -> 1024" in result.output
+    assert not dst.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["base.nemo"]
+
+
+def test_resize_writes_config_and_artifacts_for_the_new_tokenizer(base_nemo: Path, tokenizers: dict[str, Path], tmp_path: Path) -> None:
+    dst = tmp_path / "out.nemo"
+    result = run("resize", base_nemo, dst, "--tokenizer", tokenizers["large"], "--init", "normal")
+    assert result.exit_code == 0, result.output
+    out, _ = load_checkpoint(dst)
+    assert out.tensors["model.embedding.word_embeddings.weight"].shape == (640, HIDDEN)
+    assert out.tensors["model.output_layer.weight"].shape == (640, HIDDEN)
+    vocab_ref = out.config["tokenizer"]["vocab_file"]
+    assert out.artifacts[vocab_ref.removeprefix("nemo:")] == (tokenizers["large"] / "vocab.json").read_bytes()
+    assert len(out.artifacts) == 2  # the old tokenizer's artifacts are replaced, not kept beside
+    assert run("validate", dst).exit_code == 0
+
+
+def test_resize_clears_stale_override_vocab_size(tokenizers: dict[str, Path], tmp_path: Path) -> None:
+    src = make_nemo(tmp_path / "b.nemo", tokenizers["base"])
+    ckpt, _ = load_checkpoint(src)
+    ckpt.config["override_vocab_size"] = 512
+    save_checkpoint(ckpt, src, Format.NEMO, force=True)
+    assert run("resize", src, tmp_path / "o.nemo", "--tokenizer", tokenizers["large"]).exit_code == 0
+    out, _ = load_checkpoint(tmp_path / "o.nemo")
+    assert out.config["override_vocab_size"] is None
+
+
+def test_shrink_needs_the_flag(base_nemo: Path, tokenizers: dict[str, Path], tmp_path: Path) -> None:
+    result = run("resize", base_nemo, tmp_path / "o.nemo", "--tokenizer", tokenizers["small"])
+    assert result.exit_code == 1
+    assert "100 trained rows would be dropped" in result.output and "--allow-shrink" in result.output
+    assert not (tmp_path / "o.nemo").exists()
+    ok = run("resize", base_nemo, tmp_path / "o.nemo", "--tokenizer", tokenizers["small"], "--allow-shrink")
+    assert ok.exit_code == 0, ok.output
+    assert load_checkpoint(tmp_path / "o.nemo")[0].tensors["model.embedding.word_embeddings.weight"].shape[0] == 384
+
+
+def test_destination_exists_needs_force(base_nemo: Path, tmp_path: Path) -> None:
+    dst = tmp_path / "x.safetensors"
+    dst.write_text("keep me")
+    result = run("convert", base_nemo, dst)
+    assert result.exit_code == 1 and "pass --force" in result.output and dst.read_text() == "keep me"
+    assert run("convert", base_nemo, dst, "--force").exit_code == 0
+
+
+def test_nan_weights_fail_validation(tokenizers: dict[str, Path], tmp_path: Path) -> None:
+    bad = make_nemo(tmp_path / "nan.nemo", tokenizers["base"], nan=True)
+    result = run("validate", bad, "--json")
+    report = json.loads(result.output)
+    assert result.exit_code == 1 and not report["ok"]
+    (finite,) = [c for c in report["checks"] if c["name"] == "finite"]
+    assert not finite["ok"] and "model.decoder.final_layernorm.weight" in finite["message"]
+
+
+def test_wrong_key_names_are_named(tokenizers: dict[str, Path], tmp_path: Path) -> None:
+    src = make_nemo(tmp_path / "k.nemo", tokenizers["base"])
+    ckpt, _ = load_checkpoint(src)
+    ckpt.tensors["model.embed.weight"] = ckpt.tensors.pop("model.embedding.word_embeddings.weight")
+    save_checkpoint(ckpt, src, Format.NEMO, force=True)
+    result = run("inspect", src)
+    assert result.exit_code == 1
+    assert "no word-embedding tensor found" in result.output and "model.embed.weight" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_pickle_that_would_run_code_is_refused(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):  # type: ignore[no-untyped-def]
+            return (os.system, (f"touch {marker}",))
+
+    ckpt = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": Evil()}, ckpt)
+    result = run("inspect", ckpt)
+    assert result.exit_code == 1 and "would run code" in result.output and "posix.system" in result.output
+    raw = tmp_path / "raw.ckpt"  # a bare pickle, not torch's zip format
+    raw.write_bytes(pickle.dumps({"state_dict": {}, "hyper_parameters": Evil()}))
+    assert run("inspect", raw).exit_code == 1
+    assert not marker.exists()
+
+
+def test_usage_errors_exit_2_and_debug_shows_traceback(base_nemo: Path, tmp_path: Path) -> None:
+    assert run("resize", base_nemo, tmp_path / "o.nemo").exit_code == 2  # neither --tokenizer nor --vocab-size
+    assert run("convert", base_nemo, tmp_path / "o.bin").exit_code == 1  # format not inferable
+    broken = tmp_path / "broken.nemo"
+    broken.write_bytes(b"not a tar")
+    plain = run("inspect", broken)
+    assert plain.exit_code == 1 and plain.output.count("\n") == 1 and str(broken) in plain.output
+    debug = CliRunner().invoke(main, ["--debug", "inspect", str(broken)])
+    assert debug.exception is not None and type(debug.exception).__name__ == "CheckpointFormatError"
+
+
+def test_vocab_size_without_tokenizer(base_nemo: Path, tmp_path: Path) -> None:
+    result = run("resize", base_nemo, tmp_path / "o.nemo", "--vocab-size", "1000", "--init", "mean")
+    assert result.exit_code == 0, result.output
+    assert load_checkpoint(tmp_path / "o.nemo")[0].tensors["model.embedding.word_embeddings.weight"].shape[0] == 1024

@@ -1,0 +1,257 @@
+"""The CPU NeMo harness and its fixtures are what they claim, and the bug this project fixes is real.
+
+The tests marked ``nemo`` run real NeMo 2.4.1, in subprocesses, on the CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import tarfile
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import BASE_VOCAB, LARGER_VOCAB, NEMO_MODELS, NemoRestorer
+
+from nemo_vocab_ext.testing.tiny import NemoJob, NemoRunError, run_concurrently
+from nemo_vocab_ext.tokenizer import read_vocab_json
+
+EMBEDDING = "model.embedding.word_embeddings.weight"
+OUTPUT_LAYER = "model.output_layer.weight"
+HIDDEN = 64
+
+
+def test_cpu_patches_do_nothing_on_a_gpu_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    from nemo_vocab_ext.testing import cpu_nemo
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cpu_nemo, "_applied", False)
+    synchronize = torch.cuda.synchronize
+    cpu_nemo.apply_cpu_patches()
+    assert cpu_nemo._applied is False and torch.cuda.synchronize is synchronize
+
+
+def test_run_concurrently_reports_each_job(tmp_path: Path) -> None:
+    code = "import sys, time; time.sleep(0.3); print('out'); sys.exit(int(sys.argv[1]))"
+    jobs = [NemoJob(["-c", code, str(rc)], tmp_path / f"job{i}") for i, rc in enumerate([0, 3, 0])]
+    ok, failed, ok_too = run_concurrently(jobs, dict(os.environ), max_parallel=2)
+    assert ok is None and ok_too is None
+    assert isinstance(failed, NemoRunError) and failed.returncode == 3 and "out" in failed.log
+    (slow,) = run_concurrently([NemoJob(["-c", "import time; time.sleep(30)"], tmp_path / "slow")], {}, timeout=0.5)
+    assert isinstance(slow, NemoRunError) and slow.returncode < 0  # killed
+
+
+def members(nemo: Path) -> set[str]:
+    with tarfile.open(nemo, "r:") as tar:
+        return {name.removeprefix("./") for name in tar.getnames()}
+
+
+def model_config(nemo: Path) -> dict:
+    with tarfile.open(nemo, "r:") as tar:
+        f = tar.extractfile("./model_config.yaml")
+        assert f is not None
+        return yaml.safe_load(f)
+
+
+@pytest.fixture(scope="module")
+def restored(
+    nemo_models: dict[str, Path], larger_tokenizer: Path, restore_nemo: NemoRestorer
+) -> dict[tuple[str, str], dict | NemoRunError]:
+    """(model name, "base" or "larger" tokenizer) -> restore result; all restores run concurrently."""
+    keys = [(name, "base") for name in NEMO_MODELS] + [("tied_dist", "larger"), ("untied_dist", "larger")]
+    keys += [("tied_single", "larger")]
+    jobs = [(nemo_models[name], larger_tokenizer if tok == "larger" else None) for name, tok in keys]
+    return dict(zip(keys, restore_nemo.many(jobs), strict=True))
+
+
+def test_base_tokenizer(base_tokenizer: Path, larger_tokenizer: Path) -> None:
+    base = read_vocab_json(base_tokenizer / "vocab.json")
+    larger = read_vocab_json(larger_tokenizer / "vocab.json")
+    assert len(base) == BASE_VOCAB and len(larger) == LARGER_VOCAB
+    assert base["<|endoftext|>"] == 0
+    assert all(larger[token] == i for token, i in base.items())  # the larger one extends the base one
+
+
+@pytest.mark.nemo
+@pytest.mark.parametrize("name", NEMO_MODELS)
+def test_layout(nemo_models: dict[str, Path], name: str) -> None:
+    names = members(nemo_models[name])
+    assert "model_config.yaml" in names
+    assert any(n.endswith("_vocab.json") for n in names) and any(n.endswith("_merges.txt") for n in names)
+    if name.endswith("_dist"):
+        assert {"model_weights/metadata.json", "model_weights/common.pt", "model_weights/.metadata"} <= names
+        assert any(n.startswith("model_weights/__0_") and n.endswith(".distcp") for n in names)
+        assert "model_weights.ckpt" not in names
+    else:
+        assert "model_weights.ckpt" in names
+        assert not any(n.startswith("model_weights/") for n in names)
+
+
+@pytest.mark.nemo
+@pytest.mark.parametrize("name", NEMO_MODELS)
+def test_tied_and_untied(nemo_models: dict[str, Path], saved_state: Callable[[Path], dict], name: str) -> None:
+    saved = saved_state(nemo_models[name])
+    tied = name.startswith("tied")
+    cfg = model_config(nemo_models[name])
+    assert cfg["share_embeddings_and_output_weights"] is tied
+    assert cfg["mcore_gpt"] is True
+    assert saved["vocab_size"] == BASE_VOCAB and saved["padded_vocab_size"] == 512
+    assert saved["state_dict"][EMBEDDING].shape == (512, HIDDEN)
+    if tied:
+        assert OUTPUT_LAYER not in saved["state_dict"]
+    else:
+        assert saved["state_dict"][OUTPUT_LAYER].shape == (512, HIDDEN)
+        assert not torch.equal(saved["state_dict"][OUTPUT_LAYER], saved["state_dict"][EMBEDDING])
+
+
+@pytest.mark.nemo
+def test_weights_are_random_not_trivial(nemo_models: dict[str, Path], saved_state: Callable[[Path], dict]) -> None:
+    tables = [saved_state(path)["state_dict"][EMBEDDING] for path in nemo_models.values()]
+    for table in tables:
+        assert table.std() > 0.01 and (table.abs().sum(dim=1) > 0).all()
+    # Each model has its own seed, so a mixed-up fixture cannot go unnoticed.
+    assert all(not torch.equal(a, b) for i, a in enumerate(tables) for b in tables[i + 1 :])
+
+
+@pytest.mark.nemo
+@pytest.mark.parametrize("name", NEMO_MODELS)
+def test_restore_round_trip(
+    nemo_models: dict[str, Path],
+    saved_state: Callable[[Path], dict],
+    restored: dict[tuple[str, str], dict | NemoRunError],
+    name: str,
+) -> None:
+    result = restored[(name, "base")]
+    assert not isinstance(result, NemoRunError), result
+    saved = saved_state(nemo_models[name])
+    assert (result["vocab_size"], result["padded_vocab_size"]) == (BASE_VOCAB, 512)
+    assert result["state_dict"].keys() == saved["state_dict"].keys()
+    for key, tensor in saved["state_dict"].items():
+        assert torch.equal(result["state_dict"][key], tensor), key
+
+
+@pytest.mark.nemo
+@pytest.mark.parametrize("name", ["tied_dist", "untied_dist"])
+def test_bug_distributed_restore_with_larger_tokenizer_zero_pads_silently(
+    nemo_models: dict[str, Path],
+    saved_state: Callable[[Path], dict],
+    restored: dict[tuple[str, str], dict | NemoRunError],
+    name: str,
+) -> None:
+    """NeMo's silent behaviour: megatron-core does not check the stored size of vocab tables.
+
+    A 512-row checkpoint restored with a 700-token tokenizer builds 768 rows, loads the first 512
+    and leaves the rest exactly zero, without a message: the new tokens all get zero embeddings
+    (and, untied, zero logits).
+    """
+    result = restored[(name, "larger")]
+    assert not isinstance(result, NemoRunError), result
+    saved = saved_state(nemo_models[name])["state_dict"]
+    assert (result["vocab_size"], result["padded_vocab_size"]) == (LARGER_VOCAB, 768)
+    for key in (EMBEDDING, OUTPUT_LAYER) if name.startswith("untied") else (EMBEDDING,):
+        table = result["state_dict"][key]
+        assert table.shape == (768, HIDDEN)
+        assert torch.equal(table[:512], saved[key])
+        assert torch.count_nonzero(table[512:]) == 0, key
+    other = [k for k in saved if k not in (EMBEDDING, OUTPUT_LAYER)]
+    assert all(torch.equal(result["state_dict"][k], saved[k]) for k in other)
+
+
+@pytest.mark.nemo
+def test_bug_single_file_restore_with_larger_tokenizer_fails(
+    restored: dict[tuple[str, str], dict | NemoRunError],
+) -> None:
+    result = restored[("tied_single", "larger")]
+    assert isinstance(result, NemoRunError)
+    assert result.returncode != 0
+    assert (
+        "size mismatch for model.embedding.word_embeddings.weight: copying a param with shape "
+        "torch.Size([512, 64]) from checkpoint, the shape in current model is torch.Size([768, 64])"
+    ) in result.log
+
+
+# The stock script's training-checkpoint path (exp_manager top-k + resume_if_exists), trimmed.
+# Dropout off and a constant learning rate: a resumed run then matches a continuous one exactly
+# (Lightning does not restore the RNG, and a resumed cosine schedule keeps the first max_steps).
+_TRAIN_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from omegaconf import OmegaConf, open_dict
+
+    def main(vocab_dir, log_dir, max_steps):
+        from nemo_vocab_ext.testing.cpu_nemo import apply_cpu_patches, init_cpu_process_group
+
+        apply_cpu_patches()
+        from nemo.collections.nlp.models.language_modeling.megatron_gpt_model import MegatronGPTModel
+        from nemo.collections.nlp.parts.megatron_trainer_builder import MegatronTrainerBuilder
+        from nemo.utils.exp_manager import exp_manager
+        from nemo_vocab_ext.testing.tiny import fit_mock_data_to_vocab, tiny_model_config, tiny_trainer_config
+
+        model = tiny_model_config(f"{vocab_dir}/vocab.json", f"{vocab_dir}/merges.txt")
+        with open_dict(model):
+            model.hidden_dropout = model.attention_dropout = 0.0
+            model.optim.pop("sched")
+        trainer = tiny_trainer_config(max_steps=max_steps)
+        trainer.val_check_interval, trainer.limit_val_batches = 2, 1
+        em = {
+            "explicit_log_dir": log_dir, "resume_if_exists": True, "resume_ignore_no_checkpoint": True,
+            "create_tensorboard_logger": False, "create_checkpoint_callback": True,
+            "checkpoint_callback_params": {
+                "monitor": "val_loss", "save_top_k": 1, "mode": "min", "save_last": True,
+                "filename": "megatron_gpt--{val_loss:.2f}-{step}-{consumed_samples}", "model_parallel_size": 1,
+            },
+        }
+        cfg = OmegaConf.create({"trainer": trainer, "model": model, "exp_manager": em})
+        init_cpu_process_group()
+        trainer = MegatronTrainerBuilder(cfg).create_trainer()
+        exp_manager(trainer, cfg.exp_manager)
+        model = MegatronGPTModel(cfg.model, trainer)
+        fit_mock_data_to_vocab(model.tokenizer.vocab_size)
+        trainer.fit(model)
+
+    if __name__ == "__main__":
+        main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    """
+)
+
+
+def _last_checkpoint(log_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The ``-last`` training checkpoint (a torch_dist directory): its tensors, read with torch only, and common.pt."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    (last,) = (log_dir / "checkpoints").glob("*-last")
+    flat = log_dir / "last.pt"
+    dcp_to_torch_save(last, flat)
+    return torch.load(flat, weights_only=False), torch.load(last / "common.pt", weights_only=False)
+
+
+@pytest.mark.nemo
+def test_training_checkpoint_saves_and_resumes_optimizer_state(
+    tmp_path: Path, base_tokenizer: Path, nemo_env: dict[str, str]
+) -> None:
+    """The optimizer-step patch: top-k checkpoints with AdamW state save, and a resume is exact."""
+    script = tmp_path / "train.py"
+    script.write_text(_TRAIN_SCRIPT)
+
+    def job(name: str, steps: int) -> NemoJob:
+        argv = [str(script), str(base_tokenizer), str(tmp_path / name), str(steps)]
+        return NemoJob(argv, tmp_path, f"{name}_{steps}.log")
+
+    for error in run_concurrently([job("resumed", 2), job("continuous", 4)], nemo_env):
+        assert error is None, error
+    (error,) = run_concurrently([job("resumed", 4)], nemo_env)
+    assert error is None, error
+    assert "Restored all states from the checkpoint" in (tmp_path / "resumed_4.log").read_text()
+
+    resumed, resumed_common = _last_checkpoint(tmp_path / "resumed")
+    continuous, _ = _last_checkpoint(tmp_path / "continuous")
+    assert f"optimizer.state.exp_avg.{EMBEDDING}" in resumed
+    assert resumed.keys() == continuous.keys()
+    for key, value in continuous.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(resumed[key], value), key
+    assert resumed_common["global_step"] == 4
+    assert int(resumed_common["optimizer_states"][0]["state"]["common_step"]) == 4

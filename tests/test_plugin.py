@@ -1,0 +1,209 @@
+"""``+model.vocab_extension`` through the stock continual-pretraining call sequence, with real NeMo on a CPU.
+
+Every run goes through NeMo's own ``hydra_runner`` (so the plugin is discovered exactly as in the
+stock script), ``merge_cfg_with`` and ``MegatronGPTModel.restore_from(..., NLPSaveRestoreConnector())``.
+The runs are started together once per module; each test reads what its run left behind.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import BASE_VOCAB, LARGER_VOCAB, NemoRestorer, english_texts
+
+from nemo_vocab_ext.testing.runs import stock_job, write_pretraining_config
+from nemo_vocab_ext.testing.stock_pretraining import PROBE_ENV
+from nemo_vocab_ext.testing.tiny import NemoRunError, run_concurrently
+from nemo_vocab_ext.tokenizer import load_tokenizer, pieces_under, train_bpe
+
+pytestmark = pytest.mark.nemo
+
+EMBEDDING = "model.embedding.word_embeddings.weight"
+OUTPUT_LAYER = "model.output_layer.weight"
+STEPS = 3
+
+
+def tokenizer_args(vocab_dir: Path) -> list[str]:
+    return [f"model.tokenizer.vocab_file={vocab_dir}/vocab.json", f"model.tokenizer.merge_file={vocab_dir}/merges.txt"]
+
+
+@pytest.fixture(scope="module")
+def bad_data(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A Megatron dataset holding one id at or above the merged tokenizer's size."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
+    from make_indexed_data import write_dataset
+
+    prefix = str(tmp_path_factory.mktemp("data") / "bad_text_document")
+    write_dataset(prefix, 5000, LARGER_VOCAB, bad=1, seed=0)
+    return prefix
+
+
+@pytest.fixture(scope="module")
+def runs(
+    tmp_path_factory: pytest.TempPathFactory,
+    nemo_models: dict[str, Path],
+    base_tokenizer: Path,
+    larger_tokenizer: Path,
+    nemo_env: dict[str, str],
+    bad_data: str,
+) -> dict[str, tuple[Path, NemoRunError | None]]:
+    root = tmp_path_factory.mktemp("plugin_runs")
+    smaller = train_bpe(english_texts(), root / "tok_smaller", 300)
+    foreign = train_bpe([t[::-1] for t in english_texts()], root / "tok_foreign", 600)  # other ids
+    untied = ["model.share_embeddings_and_output_weights=False"]
+    plans: dict[str, tuple[Path, list[str], list[str], int]] = {
+        "fvt_tied_dist": (
+            nemo_models["tied_dist"],
+            tokenizer_args(larger_tokenizer),
+            ["+model.vocab_extension.init=fvt"],
+            1,
+        ),
+        "preset_zeros_untied_single": (
+            nemo_models["untied_single"],
+            tokenizer_args(larger_tokenizer) + untied,
+            ["+vocab_extension@model.vocab_extension=zeros"],
+            1,
+        ),
+        "inert_tied_dist": (nemo_models["tied_dist"], tokenizer_args(larger_tokenizer), [], 1),
+        "shrink_refused": (nemo_models["tied_dist"], tokenizer_args(smaller), ["+model.vocab_extension.init=mean"], 1),
+        "moved_ids_refused": (
+            nemo_models["tied_dist"],
+            tokenizer_args(foreign),
+            ["+model.vocab_extension.init=mean"],
+            1,
+        ),
+        "data_check": (
+            nemo_models["tied_dist"],
+            tokenizer_args(larger_tokenizer)
+            + ["model.data.data_impl=mmap", f"model.data.data_prefix=[1.0,{bad_data}]"],
+            ["+model.vocab_extension.init=mean", "+model.vocab_extension.check_data=true"],
+            1,
+        ),
+        "tp2_mean_untied_dist": (
+            nemo_models["untied_dist"],
+            tokenizer_args(larger_tokenizer) + untied,
+            ["+model.vocab_extension.init=mean"],
+            2,
+        ),
+    }
+    env = dict(nemo_env, **{PROBE_ENV: "probe.pt"})
+    jobs = []
+    for name, (nemo, run_args, extension, nproc) in plans.items():
+        folder = root / name
+        config = write_pretraining_config(
+            folder / "conf" / "gpt.yaml", base_tokenizer, exp_dir=folder / "exp", max_steps=STEPS, tp=nproc
+        )
+        jobs.append(stock_job(config, [f"model.restore_from_path={nemo}", *run_args, *extension], folder, nproc=nproc))
+    errors = run_concurrently(jobs, env, timeout=1200)
+    return {name: (job.folder, err) for name, job, err in zip(plans, jobs, errors, strict=True)}
+
+
+def ok_run(runs: dict, name: str) -> Path:
+    folder, error = runs[name]
+    if error is not None:
+        raise AssertionError(f"{name} failed: {error}")
+    return folder
+
+
+def failed_run(runs: dict, name: str) -> str:
+    folder, error = runs[name]
+    assert error is not None, f"{name} was expected to fail"
+    return error.log
+
+
+def probe(folder: Path, rank: int = 0) -> dict:
+    return torch.load(folder / f"probe.pt.rank{rank}")
+
+
+def test_fvt_extension_keeps_old_rows_and_trains(
+    runs: dict,
+    nemo_tied_dist: Path,
+    saved_state: Callable[[Path], dict],
+    base_tokenizer: Path,
+    larger_tokenizer: Path,
+) -> None:
+    folder = ok_run(runs, "fvt_tied_dist")
+    log = (folder / "run.log").read_text()
+    assert "[vocab_extension] tokenizer size: 500 -> 700" in log and "rows: 512 -> 768" in log
+    record = probe(folder)
+    old = saved_state(nemo_tied_dist)["state_dict"][EMBEDDING]
+    start = record["start"][EMBEDDING]
+    assert start.shape == (768, old.shape[1]) and record["padded_vocab_size"] == 768
+    assert torch.equal(start[:BASE_VOCAB], old[:BASE_VOCAB])  # before the first step
+    pieces = pieces_under(
+        load_tokenizer(base_tokenizer), load_tokenizer(larger_tokenizer), range(BASE_VOCAB, LARGER_VOCAB)
+    )
+    for i, ids in enumerate(pieces):
+        expected = old[ids].double().mean(0).to(old.dtype)
+        assert torch.equal(start[BASE_VOCAB + i], expected), f"new token {BASE_VOCAB + i}"
+    assert len(record["losses"]) == STEPS and all(np.isfinite(record["losses"]))
+
+
+def test_trained_extension_restores_without_the_plugin(
+    runs: dict, larger_tokenizer: Path, restore_nemo: NemoRestorer
+) -> None:
+    saved = ok_run(runs, "fvt_tied_dist") / "exp" / "checkpoints" / "megatron_gpt.nemo"
+    result = restore_nemo(saved, larger_tokenizer)
+    assert (result["vocab_size"], result["padded_vocab_size"]) == (LARGER_VOCAB, 768)
+    assert result["state_dict"][EMBEDDING].shape[0] == 768
+
+
+def test_preset_from_conf_overrides_zero_pads_untied_single_file(
+    runs: dict, nemo_untied_single: Path, saved_state: Callable[[Path], dict]
+) -> None:
+    folder = ok_run(runs, "preset_zeros_untied_single")
+    record = probe(folder)
+    saved = saved_state(nemo_untied_single)["state_dict"]
+    for key in (EMBEDDING, OUTPUT_LAYER):
+        start, old = record["start"][key], saved[key]
+        assert torch.equal(start[:BASE_VOCAB], old[:BASE_VOCAB]), key
+        assert torch.equal(start[BASE_VOCAB:LARGER_VOCAB], torch.zeros(LARGER_VOCAB - BASE_VOCAB, old.shape[1]))
+        pad = old[:BASE_VOCAB].double().mean(0).to(old.dtype)  # its own table's mean
+        assert torch.equal(start[LARGER_VOCAB:], pad.expand(768 - LARGER_VOCAB, -1)), key
+
+
+def test_without_the_override_the_plugin_is_inert(
+    runs: dict, nemo_tied_dist: Path, saved_state: Callable[[Path], dict]
+) -> None:
+    folder = ok_run(runs, "inert_tied_dist")
+    assert "[vocab_extension]" not in (folder / "run.log").read_text()
+    start = probe(folder)["start"][EMBEDDING]
+    old = saved_state(nemo_tied_dist)["state_dict"][EMBEDDING]
+    # Stock NeMo: stored rows loaded as they are (old padding rows included), the rest silently zero.
+    assert torch.equal(start[:512], old) and not start[512:].any()
+
+
+def test_shrink_is_refused(runs: dict) -> None:
+    log = failed_run(runs, "shrink_refused")
+    assert "trained rows would be dropped" in log and "+model.vocab_extension.allow_shrink=true" in log
+
+
+def test_tokenizer_that_moved_ids_is_refused(runs: dict) -> None:
+    log = failed_run(runs, "moved_ids_refused")
+    assert "base token ids moved" in log and "pretrained rows would be scrambled" in log
+    assert "tokenizer merge" in log
+
+
+def test_data_check_fails_before_training(runs: dict, bad_data: str) -> None:
+    log = failed_run(runs, "data_check")
+    assert f">= vocab size {LARGER_VOCAB}" in log and "re-tokenize" in log
+    assert "reduced_train_loss" not in log and not (runs["data_check"][0] / "probe.pt.rank0").exists()
+
+
+def test_tensor_parallel_2_each_rank_gets_its_rows(
+    runs: dict, nemo_untied_dist: Path, saved_state: Callable[[Path], dict]
+) -> None:
+    folder = ok_run(runs, "tp2_mean_untied_dist")
+    saved = saved_state(nemo_untied_dist)["state_dict"]
+    for key in (EMBEDDING, OUTPUT_LAYER):
+        old = saved[key]
+        mean = old[:BASE_VOCAB].double().mean(0).to(old.dtype)
+        expected = torch.cat([old[:BASE_VOCAB], mean.expand(768 - BASE_VOCAB, -1)])
+        blocks = [probe(folder, rank)["start"][key] for rank in range(2)]
+        assert [b.shape[0] for b in blocks] == [384, 384]
+        assert torch.equal(torch.cat(blocks), expected), key

@@ -41,3 +41,11 @@ class Checkpoint:
 
     def weights(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.tensors.items() if isinstance(v, torch.Tensor)}
+
+
+def stored_entries(tensors: dict[str, Value]) -> dict[str, torch.Tensor | bytes]:
+    """Entries for a distributed checkpoint, which has no way to store None (single-file layouts do)."""
+    empty = [k for k, v in tensors.items() if v is None]
+    if empty:
+        raise ValueError(f"'{empty[0]}' is None: only single-file layouts store empty _extra_state entries")
+    return {k: v for k, v in tensors.items() if v is not None}

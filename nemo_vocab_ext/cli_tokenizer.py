@@ -84,8 +84,13 @@ def train_cmd(
 @click.argument("base", type=click.Path(path_type=Path))
 @click.argument("new", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--divisible-by", type=click.IntRange(min=1), default=128, show_default=True,
-              help="The model's make_vocab_size_divisible_by, for the padded sizes printed.")
+@click.option(
+    "--divisible-by",
+    type=click.IntRange(min=1),
+    default=128,
+    show_default=True,
+    help="The model's make_vocab_size_divisible_by, for the padded sizes printed.",
+)
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @report_errors
 def merge_cmd(base: Path, new: Path, out: Path, divisible_by: int, force: bool) -> None:
@@ -148,8 +153,13 @@ def _compare_text(base: TokenizerInfo, merged: TokenizerInfo, path: Path, json_k
 @tokenizer.command("check")
 @click.argument("base", type=click.Path(path_type=Path))
 @click.argument("merged", type=click.Path(path_type=Path))
-@click.option("--text", "texts", multiple=True, type=click.Path(path_type=Path),
-              help="Text file (one text a line) to encode with both; repeatable.")
+@click.option(
+    "--text",
+    "texts",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="Text file (one text a line) to encode with both; repeatable.",
+)
 @click.option("--json-key", default=None, help="The --text files are JSONL with the text under this key.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.pass_context

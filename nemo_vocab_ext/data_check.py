@@ -367,9 +367,7 @@ def _advise_sequential(fd: int) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
 
 
-def _scan_windows(
-    info: IndexInfo, window_bytes: int, tally: _Tally, progress: Progress | None
-) -> int:
+def _scan_windows(info: IndexInfo, window_bytes: int, tally: _Tally, progress: Progress | None) -> int:
     """Map the .bin one window at a time and feed each to the tally; returns bytes scanned.
 
     Each window is unmapped before the next is mapped: mapping the whole file would leave every
@@ -450,9 +448,7 @@ def _locate(info: IndexInfo, positions: list[int], values: list[int]) -> tuple[B
     the few pages the searches touch are read."""
     if not positions:
         return ()
-    pointers = np.memmap(
-        info.idx_path, dtype="<i8", mode="r", offset=info.pointers_offset, shape=(info.num_sequences,)
-    )
+    pointers = np.memmap(info.idx_path, dtype="<i8", mode="r", offset=info.pointers_offset, shape=(info.num_sequences,))
     bounds = np.memmap(
         info.idx_path, dtype="<i8", mode="r", offset=info.document_index_offset, shape=(info.num_documents + 1,)
     )

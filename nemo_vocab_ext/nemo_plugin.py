@@ -67,9 +67,8 @@ class ExtensionSettings:
         settings = cls(**{str(k): v for k, v in values.items()})
         for name, allowed in (("init", list(Init)), ("padding_init", [Init.ZEROS, Init.MEAN, Init.NORMAL])):
             if getattr(settings, name) not in {i.value for i in allowed}:
-                raise ConfigError(
-                    f"model.vocab_extension.{name}={getattr(settings, name)!r}; choose one of {[i.value for i in allowed]}"
-                )
+                choices = [i.value for i in allowed]
+                raise ConfigError(f"model.vocab_extension.{name}={getattr(settings, name)!r}; choose one of {choices}")
         return settings
 
 
@@ -211,30 +210,22 @@ def prepare_restore(restore_path: str | Path, model_cfg: Any, settings: Extensio
         _log(f"checkpoint rows ({rows}) already match the tokenizer ({new_vocab} tokens): nothing to do")
         return None
     new_info = _info_from_files(files, work)
-    if own is not None and new_info is not None:
-        check = check_ids_preserved(own, new_info)
-        if not check.ok:
-            raise TokenizerError(
-                f"{check.summary()}; the pretrained rows would be scrambled. Merge tokenizers with `nemo-vocab-ext tokenizer merge`"
-            )
     init = Init(settings.init)
     if init is Init.FVT and (own is None or new_info is None):
         raise TokenizerError(
             "vocab_extension.init=fvt needs the checkpoint's own tokenizer and a file-based new tokenizer"
         )
-    try:
-        plan = plan_resize(
-            ckpt,
-            old_vocab,
-            new_vocab,
-            tensor_parallel=int(model_cfg.get("tensor_model_parallel_size", 1) or 1),
-            divisible_by=int(model_cfg.get("make_vocab_size_divisible_by", 128) or 128),
-            init=init,
-            padding_init=Init(settings.padding_init),
-            allow_shrink=settings.allow_shrink,
-        )
-    except ResizeError as e:
-        raise ResizeError(str(e).replace("(--allow-shrink)", "(+model.vocab_extension.allow_shrink=true)")) from e
+    plan = plan_resize(
+        ckpt,
+        old_vocab,
+        new_vocab,
+        tensor_parallel=int(model_cfg.get("tensor_model_parallel_size", 1) or 1),
+        divisible_by=int(model_cfg.get("make_vocab_size_divisible_by", 128) or 128),
+        init=init,
+        padding_init=Init(settings.padding_init),
+        allow_shrink=settings.allow_shrink,
+        shrink_hint="set +model.vocab_extension.allow_shrink=true to drop them",
+    )
     if plan.rows.new_rows != new_rows:  # override_vocab_size: NeMo builds exactly that many rows
         raise ResizeError(
             f"override_vocab_size={new_rows} disagrees with the padded size {plan.rows.new_rows}; unset it"

@@ -116,7 +116,10 @@ def validate_checkpoint(
         else:
             want = expected_rows(tok.vocab_size, ckpt.config, tp=tp, divisible_by=multiple)
             which = "given" if new else "checkpoint's"
-            msg = f"{rows:,} rows; the {which} tokenizer ({tok.vocab_size:,} tokens) needs {want:,} at TP={tp}, divisible by {multiple}"
+            msg = (
+                f"{rows:,} rows; the {which} tokenizer ({tok.vocab_size:,} tokens) needs {want:,} "
+                f"at TP={tp}, divisible by {multiple}"
+            )
             if rows == want:
                 report.add("embedding rows", True, msg)
             else:

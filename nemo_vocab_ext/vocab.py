@@ -138,7 +138,12 @@ class ResizePlan:
             f"(make_vocab_size_divisible_by={self.divisible_by}, tensor parallel={self.tensor_parallel})",
             "padded rows per tensor-parallel size: "
             + ", ".join(f"TP{tp}: {o if o is not None else '?'} -> {n}" for tp, (o, n) in self.padded_per_tp().items()),
-            f"tables: {'embedding (tied with the output layer)' if self.tied else 'embedding and untied output layer, each with its own statistics'}",
+            "tables: "
+            + (
+                "embedding (tied with the output layer)"
+                if self.tied
+                else "embedding and untied output layer, each with its own statistics"
+            ),
         ]
         for rc in self.rows.classes(self.init, self.padding_init):
             if rc.rows:
@@ -161,6 +166,7 @@ def plan_resize(
     init: Init = Init.ZEROS,
     padding_init: Init = Init.MEAN,
     allow_shrink: bool = False,
+    shrink_hint: str = "pass --allow-shrink to drop them",
 ) -> ResizePlan:
     keys = ckpt.vocab_keys()
     tables = vocab_tables(ckpt)
@@ -176,7 +182,7 @@ def plan_resize(
     try:
         rows = plan_rows(old_vocab, old_rows, new_vocab, new_rows, allow_shrink=allow_shrink)
     except ShrinkRefusedError as e:
-        raise ResizeError(f"{e} (--allow-shrink)") from e
+        raise ResizeError(f"{e}; {shrink_hint}") from e
     except ValueError as e:
         raise ResizeError(str(e)) from e
     return ResizePlan(old_vocab, new_vocab, rows, tp, multiple, init, padding_init, keys.tied, keys)

@@ -238,8 +238,9 @@ def pretraining_config(
         "sched": {"name": "CosineAnnealing", "warmup_steps": max(1, steps // 10), "constant_steps": 0,
                   "min_lr": lr / 10},
     }
-    # Real data; no validation split (limit_val_batches=0), index files out of the data folder.
-    cfg.model.data.merge_with({"data_impl": "mmap", "splits_string": "100,0,0", "index_mapping_dir": str(cache)})
+    # Real data. NeMo needs a non-empty validation split: one batch of it runs at the end (and as sanity check).
+    cfg.model.data.merge_with({"data_impl": "mmap", "splits_string": "95,5,0", "index_mapping_dir": str(cache)})
+    cfg.trainer.limit_val_batches = 1
     cfg.trainer.log_every_n_steps = max(1, steps // 20)
     if gpu:  # the stock defaults' accelerator; fp32 keeps GPU and CPU runs comparable
         cfg.trainer.accelerator = "gpu"
@@ -452,7 +453,8 @@ class Demo:
             raise DemoError(f"restored sizes (tokenizer, padded, rows) {sizes}", job.log)
         if not all(torch.isfinite(v).all() for v in restored["state_dict"].values() if v.is_floating_point()):
             raise DemoError("restored weights hold NaN/Inf", job.log)
-        say(6, f"restored: tokenizer vocab size {sizes[0]}, padded vocab size {sizes[1]}, embedding {tuple(table.shape)}")
+        say(6, f"restored: tokenizer vocab size {sizes[0]}, padded vocab size {sizes[1]}, "
+               f"embedding {tuple(table.shape)}")
         r = lambda p: rel(p, self.root)  # noqa: E731
         run_cli(["validate", r(self.p.final_nemo), "--data", r(self.p.mixed_data)], self.root, self.cli_log)
 

@@ -111,7 +111,7 @@ def plan_rows(
     if new_vocab < old_vocab and not allow_shrink:
         raise ShrinkRefusedError(
             f"the new vocabulary ({new_vocab} tokens) is smaller than the trained one ({old_vocab}): "
-            f"{old_vocab - new_vocab} trained rows would be dropped; pass the shrink flag if that is intended"
+            f"{old_vocab - new_vocab} trained rows would be dropped"
         )
     return RowPlan(old_vocab, old_rows, new_vocab, new_rows)
 

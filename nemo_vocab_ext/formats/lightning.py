@@ -48,7 +48,7 @@ def read_lightning(path: str | Path) -> Checkpoint:
         common = safe_torch_load(path / "common.pt", what=f"{path}/common.pt")
         if not isinstance(common, dict):
             raise CheckpointFormatError(f"{path}/common.pt: expected a dict, found {type(common).__name__}")
-        tensors = read_torch_dist(path)
+        tensors: dict[str, Value] = dict(read_torch_dist(path))
         artifacts = common.pop(ARTIFACTS_KEY, {}) or {}
         config = _config_of(common, path)
         return Checkpoint(tensors, config, DISTRIBUTED, dict(artifacts), training_state=common)
@@ -83,7 +83,10 @@ def write_lightning(ckpt: Checkpoint, dst: Path) -> None:
         buf = io.BytesIO()
         torch.save(payload, buf)
         write_torch_dist(
-            dst, ckpt.tensors, common=buf.getvalue(), metadata_json=ckpt.training_state.get("dist_metadata")
+            dst,
+            stored_entries(ckpt.tensors),
+            common=buf.getvalue(),
+            metadata_json=ckpt.training_state.get("dist_metadata"),
         )
         return
     if ckpt.layout != SINGLE:

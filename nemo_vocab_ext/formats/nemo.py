@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import yaml
 
-from ..checkpoint import DISTRIBUTED, MP_RANK, SINGLE, TP_PP_RANK, Checkpoint, Value
+from ..checkpoint import DISTRIBUTED, MP_RANK, SINGLE, TP_PP_RANK, Checkpoint, Value, stored_entries
 from ..errors import CheckpointFormatError, ConfigError, UnsupportedError
 from .archive import NemoArchive, write_tar
 from .safe_pickle import safe_torch_load
@@ -139,7 +139,7 @@ def read_nemo(path: str | Path) -> Checkpoint:
                 )
             with tempfile.TemporaryDirectory() as tmp:
                 weights_dir = source.extract_dir(WEIGHTS_DIR, Path(tmp))
-                tensors = read_torch_dist(weights_dir)
+                tensors: dict[str, Value] = dict(read_torch_dist(weights_dir))
                 common = (weights_dir / "common.pt").read_bytes() if (weights_dir / "common.pt").exists() else b""
             state = {"dist_common": common, "dist_metadata": metadata_json}
             return Checkpoint(tensors, config, layout, artifacts, training_state=state)
@@ -171,7 +171,7 @@ def write_nemo_dir(ckpt: Checkpoint, out_dir: Path) -> None:
     if ckpt.layout == DISTRIBUTED:
         write_torch_dist(
             out_dir / WEIGHTS_DIR,
-            ckpt.tensors,
+            stored_entries(ckpt.tensors),
             common=ckpt.training_state.get("dist_common") or _state_dict_bytes({}),
             metadata_json=ckpt.training_state.get("dist_metadata") or DEFAULT_DIST_METADATA,
         )

@@ -58,7 +58,7 @@ def _to_storable(tensors: dict[str, Value]) -> tuple[dict[str, torch.Tensor], li
             )
             blobs.append(key)
         elif isinstance(value, torch.Tensor):
-            ident = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), value.dtype)
+            ident = (value.untyped_storage().data_ptr(), int(value.storage_offset()), tuple(value.shape), value.dtype)
             if value.numel() and ident in seen:  # tied weights: store once, remember the alias
                 aliases[key] = seen[ident]
                 continue

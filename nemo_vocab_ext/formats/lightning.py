@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import DISTRIBUTED, SINGLE, Checkpoint, Value
+from ..checkpoint import DISTRIBUTED, SINGLE, Checkpoint, Value, stored_entries
 from ..errors import CheckpointFormatError, ConfigError
 from .safe_pickle import safe_torch_load
 from .torch_dist import read_torch_dist, write_torch_dist

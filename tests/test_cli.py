@@ -29,7 +29,9 @@ def english() -> list[str]:
 @pytest.fixture(scope="module")
 def tokenizers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tok")
-    return {name: train_bpe(english(), root / name, size) for name, size in (("small", 300), ("base", 400), ("large", 600))}
+    return {
+        name: train_bpe(english(), root / name, size) for name, size in (("small", 300), ("base", 400), ("large", 600))
+    }
 
 
 def make_nemo(path: Path, tokenizer: Path, *, rows: int = 512, tied: bool = True, nan: bool = False) -> Path:
@@ -77,17 +79,25 @@ def test_inspect_json_fields(base_nemo: Path) -> None:
     assert info["num_parameters"] == 2 * 512 * HIDDEN + HIDDEN and info["tied"] is False
 
 
-def test_resize_dry_run_prints_the_plan_and_writes_nothing(base_nemo: Path, tokenizers: dict[str, Path], tmp_path: Path) -> None:
+def test_resize_dry_run_prints_the_plan_and_writes_nothing(
+    base_nemo: Path, tokenizers: dict[str, Path], tmp_path: Path
+) -> None:
     dst = tmp_path / "out.nemo"
-    result = run("resize", base_nemo, dst, "--tokenizer", tokenizers["large"], "--init", "mean", "--tp", "2", "--dry-run")
+    result = run(
+        "resize", base_nemo, dst, "--tokenizer", tokenizers["large"], "--init", "mean", "--tp", "2", "--dry-run"
+    )
     assert result.exit_code == 0, result.output
     assert "tokenizer size: 400 -> 600" in result.output and "rows: 512 -> 768" in result.output
-    assert "rows [400, 512) old padding (dropped)" in result.output and "rows [400, 600) new tokens: mean" in result.output
+    assert (
+        "rows [400, 512) old padding (dropped)" in result.output and "rows [400, 600) new tokens: mean" in result.output
+    )
     assert "TP2: 512 -> 768" in result.output and "TP4: 512 -> 1024" in result.output
     assert not dst.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["base.nemo"]
 
 
-def test_resize_writes_config_and_artifacts_for_the_new_tokenizer(base_nemo: Path, tokenizers: dict[str, Path], tmp_path: Path) -> None:
+def test_resize_writes_config_and_artifacts_for_the_new_tokenizer(
+    base_nemo: Path, tokenizers: dict[str, Path], tmp_path: Path
+) -> None:
     dst = tmp_path / "out.nemo"
     result = run("resize", base_nemo, dst, "--tokenizer", tokenizers["large"], "--init", "normal")
     assert result.exit_code == 0, result.output

@@ -108,11 +108,15 @@ def test_resized_restores_with_new_tokenizer_old_rows_identical(
     assert all(torch.equal(result["state_dict"][k], saved[k]) for k in others)
 
 
-def test_inspect_and_validate_on_nemo_files(nemo_tied_dist: Path, resized: dict[str, Path], larger_tokenizer: Path) -> None:
+def test_inspect_and_validate_on_nemo_files(
+    nemo_tied_dist: Path, resized: dict[str, Path], larger_tokenizer: Path
+) -> None:
     import json
 
     info = json.loads(cli("inspect", nemo_tied_dist, "--json"))
-    assert info["layout"] == "distributed" and info["embedding_rows"] == 512 and info["tokenizer_vocab_size"] == BASE_VOCAB
+    assert (
+        info["layout"] == "distributed" and info["embedding_rows"] == 512 and info["tokenizer_vocab_size"] == BASE_VOCAB
+    )
     assert info["tied"] is True and info["has_output_layer"] is False
     result = CliRunner().invoke(main, ["validate", str(nemo_tied_dist), "--tokenizer", str(larger_tokenizer), "--json"])
     report = json.loads(result.output)

@@ -42,7 +42,12 @@ def synthetic(layout: str) -> Checkpoint:
 @pytest.mark.parametrize("layout", [SINGLE, DISTRIBUTED])
 @pytest.mark.parametrize(
     ("fmt", "name"),
-    [(Format.NEMO, "m.nemo"), (Format.CKPT, "m.ckpt"), (Format.SAFETENSORS, "m.safetensors"), (Format.SAFETENSORS, "shards")],
+    [
+        (Format.NEMO, "m.nemo"),
+        (Format.CKPT, "m.ckpt"),
+        (Format.SAFETENSORS, "m.safetensors"),
+        (Format.SAFETENSORS, "shards"),
+    ],
 )
 def test_round_trip_is_bit_exact(tmp_path: Path, layout: str, fmt: Format, name: str) -> None:
     ckpt = synthetic(layout)
@@ -77,7 +82,9 @@ def test_tied_alias_is_stored_once(tmp_path: Path) -> None:
         assert "model.word_embeddings_for_head.weight" not in set(f.keys())
         assert f.metadata()["format"] == "pt"
     back, _ = load_checkpoint(dst)
-    assert torch.equal(back.tensors["model.word_embeddings_for_head.weight"], ckpt.tensors["model.embedding.word_embeddings.weight"])
+    assert torch.equal(
+        back.tensors["model.word_embeddings_for_head.weight"], ckpt.tensors["model.embedding.word_embeddings.weight"]
+    )
 
 
 def test_existing_destination_needs_force_and_failures_leave_nothing(tmp_path: Path) -> None:
@@ -105,7 +112,12 @@ def _tar_with(tmp_path: Path, name: str, add) -> Path:  # type: ignore[no-untype
 
 @pytest.mark.parametrize(
     ("kind", "message"),
-    [("dotdot", "outside the archive"), ("absolute", "absolute path"), ("symlink", "is a link"), ("hardlink", "is a link")],
+    [
+        ("dotdot", "outside the archive"),
+        ("absolute", "absolute path"),
+        ("symlink", "is a link"),
+        ("hardlink", "is a link"),
+    ],
 )
 def test_hostile_archives_are_refused_whole(tmp_path: Path, kind: str, message: str) -> None:
     def add(tar: tarfile.TarFile) -> None:

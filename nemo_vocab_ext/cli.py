@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from .cli_common import report_errors, say
+from .cli_common import report_errors, say, stages
 from .cli_tokenizer import tokenizer
 from .core.resize import Init
 from .io import Format, format_for_destination, load_checkpoint, save_checkpoint
@@ -103,11 +103,13 @@ def validate(
 def convert(src: Path, dst: Path, to: str | None, force: bool) -> None:
     """Convert between .nemo, .ckpt and safetensors; every tensor is read back and compared."""
     fmt = format_for_destination(dst, Format(to) if to else None)
-    loaded, src_fmt = load_checkpoint(src)
-    if fmt is not Format.CKPT:
-        # Weights only: optimizer state belongs to training checkpoints.
-        loaded.tensors = {k: v for k, v in loaded.tensors.items() if not k.startswith("optimizer.")}
-    save_checkpoint(loaded, dst, fmt, force=force)
+    with stages(4) as stage:
+        stage("reading")
+        loaded, src_fmt = load_checkpoint(src)
+        if fmt is not Format.CKPT:
+            # Weights only: optimizer state belongs to training checkpoints.
+            loaded.tensors = {k: v for k, v in loaded.tensors.items() if not k.startswith("optimizer.")}
+        save_checkpoint(loaded, dst, fmt, force=force, stage=stage)
     say(f"wrote {dst} ({fmt}, {loaded.layout} layout) from {src} ({src_fmt}); {len(loaded.tensors)} entries verified")
 
 
@@ -157,20 +159,22 @@ def resize(
 
     if (tokenizer is None) == (vocab_size is None):
         raise click.UsageError("give exactly one of --tokenizer and --vocab-size")
-    lines = run_resize(
-        src,
-        dst,
-        tokenizer=tokenizer,
-        vocab_size=vocab_size,
-        init=Init(init),
-        padding_init=Init(padding_init),
-        tensor_parallel=tp,
-        divisible_by=divisible_by,
-        allow_shrink=allow_shrink,
-        seed=seed,
-        dry_run=dry_run,
-        force=force,
-    )
+    with stages(1 if dry_run else 5) as stage:
+        lines = run_resize(
+            src,
+            dst,
+            tokenizer=tokenizer,
+            vocab_size=vocab_size,
+            init=Init(init),
+            padding_init=Init(padding_init),
+            tensor_parallel=tp,
+            divisible_by=divisible_by,
+            allow_shrink=allow_shrink,
+            seed=seed,
+            dry_run=dry_run,
+            force=force,
+            stage=stage,
+        )
     click.echo("\n".join(lines))
 
 

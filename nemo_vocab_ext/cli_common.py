@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import click
@@ -46,3 +48,20 @@ def say(msg: str) -> None:
     """A note on stderr, silent with ``--quiet``."""
     if not _root_flag("quiet"):
         click.echo(msg, err=True)
+
+
+@contextlib.contextmanager
+def stages(total: int) -> Iterator[Callable[[str], None]]:
+    """A progress bar over a command's steps on stderr; silent when stderr is no terminal or with --quiet."""
+    if _root_flag("quiet") or not sys.stderr.isatty():
+        yield lambda _: None
+        return
+    with click.progressbar(length=total, file=sys.stderr, show_eta=False, item_show_func=lambda s: s) as bar:
+        done = [0]
+
+        def advance(name: str) -> None:
+            bar.update(1 if done[0] else 0, name)
+            done[0] += 1
+
+        yield advance
+        bar.update(total - bar.pos, "done")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -109,9 +110,24 @@ def verify_same_weights(expected: Checkpoint, written: Checkpoint, where: Path) 
         raise CheckpointFormatError(f"{where}: config or artifacts differ after writing; the output was not kept")
 
 
-def save_checkpoint(ckpt: Checkpoint, dst: str | Path, fmt: Format, *, force: bool = False) -> None:
-    """Write atomically, and read everything back before the output takes its name."""
+Stage = Callable[[str], None]
+
+
+def no_stage(_: str) -> None:
+    pass
+
+
+def save_checkpoint(
+    ckpt: Checkpoint, dst: str | Path, fmt: Format, *, force: bool = False, stage: Stage = no_stage
+) -> None:
+    """Write atomically, and read everything back before the output takes its name.
+
+    ``stage`` is told when each step starts (for a progress display).
+    """
     with atomic_output(dst, force=force) as tmp:
+        stage(f"writing {fmt}")
         _write(ckpt, tmp, fmt)
+        stage("reading back")
         written, _ = load_checkpoint(tmp, fmt)
+        stage("verifying")
         verify_same_weights(ckpt, written, Path(dst))

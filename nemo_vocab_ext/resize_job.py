@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .core.resize import Init
 from .errors import TokenizerError
-from .io import Format, load_checkpoint, save_checkpoint
+from .io import Format, Stage, no_stage, load_checkpoint, save_checkpoint
 from .vocab import (
     apply_resize,
     check_tokenizer_fits,
@@ -32,10 +32,12 @@ def run_resize(
     seed: int = 0,
     dry_run: bool = False,
     force: bool = False,
+    stage: Stage = no_stage,
 ) -> list[str]:
     """Resize ``src`` into ``dst`` (a .nemo) and return the report lines; ``dry_run`` writes nothing."""
     from .tokenizer import load_tokenizer, pieces_under
 
+    stage("reading")
     ckpt, _ = load_checkpoint(src)
     with tempfile.TemporaryDirectory(prefix="nemo_vocab_ext.") as tmp:
         own = load_checkpoint_tokenizer(ckpt, Path(tmp))
@@ -62,6 +64,7 @@ def run_resize(
         pieces = None
         if init is Init.FVT and own is not None and new is not None and plan.rows.new_vocab > plan.rows.old_vocab:
             pieces = pieces_under(own, new, range(plan.rows.old_vocab, plan.rows.new_vocab))
+        stage("resizing")
         resized = apply_resize(ckpt, plan, pieces=pieces, seed=seed)
         if tokenizer is not None:
             resized = embed_tokenizer(resized, tokenizer_config_files(tokenizer))
@@ -69,5 +72,5 @@ def run_resize(
         resized.config = dict(resized.config, make_vocab_size_divisible_by=plan.divisible_by)
         if tensor_parallel is not None and resized.rank_tensors is None:
             resized.config["tensor_model_parallel_size"] = tensor_parallel
-        save_checkpoint(resized, dst, Format.NEMO, force=force)
+        save_checkpoint(resized, dst, Format.NEMO, force=force, stage=stage)
     return [f"wrote {dst}", *plan.lines()]

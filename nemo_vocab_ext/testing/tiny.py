@@ -7,14 +7,17 @@ process (:mod:`nemo_vocab_ext.testing.make_model`, :mod:`nemo_vocab_ext.testing.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -122,6 +125,137 @@ def run_concurrently(
             proc.kill()
             proc.wait()
     return errors
+
+
+class ForkServer:
+    """A NeMo program in ``--serve`` mode: NeMo is imported once, each job runs in a child forked from it.
+
+    A job costs a second or so instead of a new interpreter's ~15 s of imports, and still runs in
+    a process of its own (its own process group, patches and globals), with its output in its own
+    log. Jobs run one after another, in the order given. Single-process jobs only (no torchrun).
+    ``argv`` is what follows ``python`` (``["-m", module]`` or ``[script]``); the program calls
+    :func:`serve_forked` when given ``--serve``.
+    """
+
+    def __init__(self, argv: Sequence[str], env: dict[str, str], folder: Path, name: str):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.name = name
+        self.log = folder / f"{name}_server.log"
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, *argv, "--serve"],
+                env=env,
+                cwd=folder,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+            )
+
+    @classmethod
+    def for_module(cls, module: str, env: dict[str, str], folder: Path) -> ForkServer:
+        """A server of ``python -m module``, its jobs logged to ``<folder>/<last part of module>.log``."""
+        return cls(["-m", module], env, folder, module.rsplit(".", 1)[-1])
+
+    def run(self, jobs: Sequence[tuple[Sequence[str], Path]], timeout: float = 600) -> list[NemoRunError | None]:
+        """Run ``main(args)`` in ``folder`` for each ``(args, folder)``; return each one's error or ``None``.
+
+        Each job's output is in ``folder/<name>.log``; the server kills a job after ``timeout`` seconds.
+        """
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        logs = [folder / f"{self.name}.log" for _, folder in jobs]
+        for (args, folder), log in zip(jobs, logs, strict=True):
+            request = {"args": list(args), "folder": str(folder), "log": str(log), "timeout": timeout}
+            self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        errors: list[NemoRunError | None] = []
+        for (args, _), log in zip(jobs, logs, strict=True):
+            line = self.proc.stdout.readline()  # the server times jobs out, so an answer or EOF comes
+            if not line:
+                self.close()
+                raise RuntimeError(f"the {self.name} server stopped; its log ends:\n{self._log_tail()}")
+            returncode = json.loads(line)["returncode"]
+            errors.append(NemoRunError(args, returncode, log.read_text(errors="replace")) if returncode else None)
+        return errors
+
+    def close(self) -> None:
+        """End the server (its current job first); idempotent."""
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def _log_tail(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+
+def serve_forked(main: Callable[[list[str]], int], preload: Callable[[], None]) -> NoReturn:
+    """The ``--serve`` side of :class:`ForkServer`: call ``preload``, then run each job of stdin in a fork.
+
+    Requests are JSON lines on stdin, answers JSON lines on the original stdout; everything else
+    the server prints goes to stderr, so that it can never corrupt the answers. Ends at the end of
+    stdin, without the ~6 s an interpreter that imported NeMo takes to shut down: the children
+    did the work, and the server has nothing to clean up.
+    """
+    answers = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    preload()
+    for line in sys.stdin:
+        job = json.loads(line)
+        returncode = _run_in_fork(
+            main, job["args"], Path(job["folder"]), Path(job["log"]), float(job["timeout"]), answers.fileno()
+        )
+        answers.write(json.dumps({"returncode": returncode}) + "\n")
+    answers.close()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _run_in_fork(
+    main: Callable[[list[str]], int], args: list[str], folder: Path, log: Path, timeout: float, answers_fd: int
+) -> int:
+    folder.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns
+        returncode = 1
+        try:
+            os.close(answers_fd)  # only the server answers
+            os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+            out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(out, 1)
+            os.dup2(out, 2)
+            os.chdir(folder)
+            returncode = main(args)
+        except SystemExit as e:
+            returncode = e.code if isinstance(e.code, int) else int(e.code is not None)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            try:
+                # A normal exit would stop the Manager that megatron's checkpoint writer spawns. os._exit
+                # does not, and must end the child here: it must never unwind into the server's loop.
+                for child in multiprocessing.active_children():
+                    child.terminate()
+                    child.join()
+                sys.stdout.flush()
+                sys.stderr.flush()
+            finally:
+                os._exit(returncode)
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+        time.sleep(0.05)
 
 
 def _stock_config() -> DictConfig:

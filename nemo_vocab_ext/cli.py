@@ -16,6 +16,7 @@ from .cli_common import report_errors, say, stages
 from .cli_tokenizer import tokenizer
 from .core.resize import Init
 from .io import Format, format_for_destination, load_checkpoint, save_checkpoint
+from .layout import change_layout
 
 INIT_CHOICES = click.Choice([i.value for i in Init])
 
@@ -98,9 +99,14 @@ def validate(
 @click.option(
     "--to", "to", type=click.Choice([f.value for f in Format]), help="Output format (default: from DST's suffix)."
 )
+@click.option(
+    "--layout",
+    type=click.Choice(["distributed", "single"]),
+    help="Weight layout of DST (default: SRC's). mcore models: distributed as NeMo writes it, or one state-dict file.",
+)
 @click.option("--force", is_flag=True, help="Overwrite DST.")
 @report_errors
-def convert(src: Path, dst: Path, to: str | None, force: bool) -> None:
+def convert(src: Path, dst: Path, to: str | None, layout: str | None, force: bool) -> None:
     """Convert between .nemo, .ckpt and safetensors; every tensor is read back and compared."""
     fmt = format_for_destination(dst, Format(to) if to else None)
     with stages(4) as stage:
@@ -109,6 +115,8 @@ def convert(src: Path, dst: Path, to: str | None, force: bool) -> None:
         if fmt is not Format.CKPT:
             # Weights only: optimizer state belongs to training checkpoints.
             loaded.tensors = {k: v for k, v in loaded.tensors.items() if not k.startswith("optimizer.")}
+        if layout is not None:
+            loaded = change_layout(loaded, layout)
         save_checkpoint(loaded, dst, fmt, force=force, stage=stage)
     say(f"wrote {dst} ({fmt}, {loaded.layout} layout) from {src} ({src_fmt}); {len(loaded.tensors)} entries verified")
 

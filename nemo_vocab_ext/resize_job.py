@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .core.resize import Init
 from .errors import TokenizerError
-from .io import Format, Stage, no_stage, load_checkpoint, save_checkpoint
+from .io import Format, Stage, load_checkpoint, no_stage, save_checkpoint
 from .vocab import (
     apply_resize,
     check_tokenizer_fits,

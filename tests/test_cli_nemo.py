@@ -55,12 +55,30 @@ def resized(
     return out
 
 
+# Each model written in the other layout (distributed <-> single file).
+OTHER_LAYOUT = {name: "single" if name.endswith("_dist") else "distributed" for name in NEMO_MODELS}
+
+
+@pytest.fixture(scope="module")
+def relaid(nemo_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    out = {}
+    for name, path in nemo_models.items():
+        out[name] = tmp_path_factory.mktemp("relaid") / f"{name}.nemo"
+        cli("convert", path, out[name], "--layout", OTHER_LAYOUT[name])
+    return out
+
+
 @pytest.fixture(scope="module")
 def restored(
-    converted: dict[str, Path], resized: dict[str, Path], larger_tokenizer: Path, restore_nemo: NemoRestorer
+    converted: dict[str, Path],
+    resized: dict[str, Path],
+    relaid: dict[str, Path],
+    larger_tokenizer: Path,
+    restore_nemo: NemoRestorer,
 ) -> dict[tuple[str, str], dict]:
-    keys = [(name, "converted") for name in NEMO_MODELS] + [(name, "resized") for name in NEMO_MODELS]
-    jobs = [(converted[n], None) if kind == "converted" else (resized[n], larger_tokenizer) for n, kind in keys]
+    keys = [(name, kind) for kind in ("converted", "resized", "relaid") for name in NEMO_MODELS]
+    sources = {"converted": converted, "resized": resized, "relaid": relaid}
+    jobs = [(sources[kind][n], larger_tokenizer if kind == "resized" else None) for n, kind in keys]
     results = restore_nemo.many(jobs)
     for key, result in zip(keys, results, strict=True):
         if isinstance(result, Exception):
@@ -79,12 +97,13 @@ def test_round_trip_is_bit_exact_on_every_tensor(
     assert set(final.tensors) == set(source.tensors)
 
 
+@pytest.mark.parametrize("kind", ["converted", "relaid"])
 @pytest.mark.parametrize("name", NEMO_MODELS)
-def test_round_trip_restores_in_nemo_unchanged(
-    nemo_models: dict[str, Path], saved_state: Callable[[Path], dict], restored: dict, name: str
+def test_round_trip_and_other_layout_restore_in_nemo_unchanged(
+    nemo_models: dict[str, Path], saved_state: Callable[[Path], dict], restored: dict, name: str, kind: str
 ) -> None:
     saved = saved_state(nemo_models[name])["state_dict"]
-    back = restored[(name, "converted")]["state_dict"]
+    back = restored[(name, kind)]["state_dict"]
     assert set(back) == set(saved)
     for key, tensor in saved.items():
         assert torch.equal(back[key], tensor), key
@@ -106,6 +125,11 @@ def test_resized_restores_with_new_tokenizer_old_rows_identical(
         assert torch.equal(new[BASE_VOCAB:], mean.expand(768 - BASE_VOCAB, -1))
     others = set(saved) - set(tables)
     assert all(torch.equal(result["state_dict"][k], saved[k]) for k in others)
+
+
+@pytest.mark.parametrize("name", NEMO_MODELS)
+def test_other_layout_is_written_as_asked(relaid: dict[str, Path], name: str) -> None:
+    assert load_checkpoint(relaid[name])[0].layout == OTHER_LAYOUT[name]
 
 
 def test_inspect_and_validate_on_nemo_files(

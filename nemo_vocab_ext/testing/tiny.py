@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -232,6 +233,10 @@ def _run_in_fork(
             os.dup2(out, 1)
             os.dup2(out, 2)
             os.chdir(folder)
+            # os._exit skips the clean-ups that delete temporary files (the gloo store file, for one):
+            # whatever the job leaves behind stays in its own folder.
+            tempfile.tempdir = os.environ["TMPDIR"] = str(folder / "tmp")
+            os.makedirs(tempfile.tempdir, exist_ok=True)
             returncode = main(args)
         except SystemExit as e:
             returncode = e.code if isinstance(e.code, int) else int(e.code is not None)

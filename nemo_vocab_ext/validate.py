@@ -144,5 +144,5 @@ def validate_checkpoint(
         size = tok.vocab_size if tok is not None else rows
         for prefix in data_prefixes:
             scan = scan_token_ids(prefix, size)
-            report.add(f"data {prefix}", scan.ok, scan.summary())
+            report.add("data", scan.ok, scan.summary())
     return report

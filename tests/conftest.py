@@ -1,20 +1,21 @@
 """Session fixtures: tiny tokenizers, and tiny ``.nemo`` models built once with real NeMo on the CPU.
 
-NeMo runs in subprocesses (:mod:`nemo_vocab_ext.testing.make_model` and ``.restore``): its imports
-take seconds and its CPU patches must not leak into the test process. Tests that use the ``.nemo``
-fixtures or ``restore_nemo`` are marked ``@pytest.mark.nemo``.
+NeMo runs in subprocesses (:mod:`nemo_vocab_ext.testing.make_model` and ``.restore``) forked from
+servers that import NeMo once: its imports take ~15 s, and its CPU patches must not leak into the
+test process. Tests that use the ``.nemo`` fixtures or ``restore_nemo`` are marked
+``@pytest.mark.nemo``.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
 import torch
 
-from nemo_vocab_ext.testing.tiny import NemoJob, NemoRunError, cpu_env, offline_hf_home, run_concurrently
+from nemo_vocab_ext.testing.tiny import ForkServer, NemoRunError, cpu_env, offline_hf_home
 from nemo_vocab_ext.tokenizer import train_bpe
 
 BASE_VOCAB = 500  # padded to 512 rows (make_vocab_size_divisible_by=128)
@@ -69,11 +70,13 @@ def nemo_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def nemo_models(
-    tmp_path_factory: pytest.TempPathFactory, base_tokenizer: Path, nemo_env: dict[str, str]
+    restore_nemo: NemoRestorer, tmp_path_factory: pytest.TempPathFactory, base_tokenizer: Path, nemo_env: dict[str, str]
 ) -> dict[str, Path]:
-    """Every model of ``NEMO_MODELS``, built concurrently on first use: name -> ``.nemo`` path.
+    """Every model of ``NEMO_MODELS``, built on first use: name -> ``.nemo`` path.
 
     Tiny mcore GPTs (2 layers, hidden 64, 500 tokens in 512 rows) with megatron's random init.
+    Requests ``restore_nemo`` first only to start its server: it imports NeMo on the second core
+    while the models build, since nearly every user of these models restores them.
     """
     root = tmp_path_factory.mktemp("nemo_models")
     outs: dict[str, Path] = {}
@@ -81,10 +84,12 @@ def nemo_models(
     for seed, (name, flags) in enumerate(NEMO_MODELS.items(), start=1):
         out = outs[name] = root / name / f"{name}.nemo"  # save_to uses the output's folder as scratch: one each
         args = ["--vocab-dir", str(base_tokenizer), "--out", str(out), "--dump", str(saved_state_path(out))]
-        jobs.append(
-            NemoJob.module("nemo_vocab_ext.testing.make_model", [*args, *flags, "--seed", str(seed)], out.parent)
-        )
-    _raise_first(run_concurrently(jobs, nemo_env))
+        jobs.append(([*args, *flags, "--seed", str(seed)], out.parent))
+    server = ForkServer.for_module("nemo_vocab_ext.testing.make_model", nemo_env, root)
+    try:
+        _raise_first(server.run(jobs))
+    finally:
+        server.close()
     return outs
 
 
@@ -122,17 +127,18 @@ def saved_state() -> Callable[[Path], dict]:
 
 
 class NemoRestorer:
-    """Restores ``.nemo`` files with real NeMo in subprocesses (``nemo_vocab_ext.testing.restore``).
+    """Restores ``.nemo`` files with real NeMo (``nemo_vocab_ext.testing.restore``), each in a process of its own.
 
     ``restorer(path, vocab_dir=None)`` returns the dump ``{"state_dict": {name: tensor},
     "vocab_size", "padded_vocab_size"}`` and raises :class:`NemoRunError` (``.log`` holds NeMo's
-    output) when the restore fails. ``restorer.many(jobs)`` runs several concurrently and returns
-    each dump or error.
+    output) when the restore fails; ``restorer.many(jobs)`` returns each dump or error. The
+    processes are forked from one server that imports NeMo once, so a restore takes about a second.
+    TP=1 only: restore at TP=2 with ``torchrun`` (see ``nemo_vocab_ext.testing.tiny.run_concurrently``).
     """
 
     def __init__(self, root: Path, env: dict[str, str]):
         self.root = root
-        self.env = env
+        self.server = ForkServer.for_module("nemo_vocab_ext.testing.restore", env, root)
         self._ids = itertools.count()
 
     def __call__(self, path: Path, vocab_dir: Path | None = None) -> dict:
@@ -148,12 +154,17 @@ class NemoRestorer:
             args = ["--nemo", str(path), "--dump", str(folder / "dump.pt")]
             if vocab_dir is not None:
                 args += ["--vocab-dir", str(vocab_dir)]
-            runs.append(NemoJob.module("nemo_vocab_ext.testing.restore", args, folder))
-        errors = run_concurrently(runs, self.env)
-        return [error or torch.load(run.folder / "dump.pt") for run, error in zip(runs, errors, strict=True)]
+            runs.append((args, folder))
+        errors = self.server.run(runs)
+        return [error or torch.load(folder / "dump.pt") for (_, folder), error in zip(runs, errors, strict=True)]
 
 
 @pytest.fixture(scope="session")
-def restore_nemo(tmp_path_factory: pytest.TempPathFactory, nemo_env: dict[str, str]) -> NemoRestorer:
-    """``restore_nemo(path, vocab_dir=None) -> dict``; ``restore_nemo.many([(path, vocab_dir), ...])``."""
-    return NemoRestorer(tmp_path_factory.mktemp("restores"), nemo_env)
+def restore_nemo(tmp_path_factory: pytest.TempPathFactory, nemo_env: dict[str, str]) -> Iterator[NemoRestorer]:
+    """``restore_nemo(path, vocab_dir=None) -> dict``; ``restore_nemo.many([(path, vocab_dir), ...])``.
+
+    Its server starts importing NeMo as soon as the fixture is set up.
+    """
+    restorer = NemoRestorer(tmp_path_factory.mktemp("restores"), nemo_env)
+    yield restorer
+    restorer.server.close()

@@ -16,7 +16,7 @@ import torch
 import yaml
 from conftest import BASE_VOCAB, LARGER_VOCAB, NEMO_MODELS, NemoRestorer
 
-from nemo_vocab_ext.testing.tiny import NemoJob, NemoRunError, run_concurrently
+from nemo_vocab_ext.testing.tiny import ForkServer, NemoJob, NemoRunError, run_concurrently
 from nemo_vocab_ext.tokenizer import read_vocab_json
 
 EMBEDDING = "model.embedding.word_embeddings.weight"
@@ -44,6 +44,52 @@ def test_run_concurrently_reports_each_job(tmp_path: Path) -> None:
     assert isinstance(slow, NemoRunError) and slow.returncode < 0  # killed
 
 
+_ECHO_SERVER = textwrap.dedent(
+    """
+    import os
+    import tempfile
+
+    from nemo_vocab_ext.testing.tiny import serve_forked
+
+    SEEN = []  # what each job adds here must not reach the next one
+
+
+    def main(argv):
+        SEEN.append(argv[0])
+        print("pid", os.getpid(), "cwd", os.path.basename(os.getcwd()), "seen", SEEN)
+        print("tmp", tempfile.gettempdir())
+        if argv[1] == "raise":
+            raise ValueError("boom")
+        return int(argv[1])
+
+
+    if __name__ == "__main__":
+        serve_forked(main, lambda: None)
+    """
+)
+
+
+def test_fork_server_runs_each_job_in_a_fresh_fork(tmp_path: Path) -> None:
+    script = tmp_path / "echo.py"
+    script.write_text(_ECHO_SERVER)
+    server = ForkServer([str(script)], dict(os.environ), tmp_path, "echo")
+    try:
+        jobs = [([name, code], tmp_path / name) for name, code in [("a", "0"), ("b", "3"), ("c", "raise"), ("d", "0")]]
+        a, b, c, d = server.run(jobs)
+        (e,) = server.run([(["e", "0"], tmp_path / "e")])  # a server serves any number of batches
+    finally:
+        server.close()
+    assert server.proc.returncode == 0
+    assert a is None and d is None and e is None
+    assert isinstance(b, NemoRunError) and b.returncode == 3
+    assert isinstance(c, NemoRunError) and c.returncode == 1 and "ValueError: boom" in c.log
+    logs = {name: (tmp_path / name / "echo.log").read_text() for name in "abde"}
+    assert all(f"cwd {name} seen ['{name}']" in log for name, log in logs.items())
+    assert len({log.split()[1] for log in logs.values()}) == 4  # four processes
+    tmps = [Path(log.split("tmp ")[-1].strip()) for log in logs.values()]
+    assert len(set(tmps)) == 4 and not any(tmp.exists() for tmp in tmps)  # each job's own, removed after it
+
+
 def members(nemo: Path) -> set[str]:
     with tarfile.open(nemo, "r:") as tar:
         return {name.removeprefix("./") for name in tar.getnames()}
@@ -58,9 +104,9 @@ def model_config(nemo: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def restored(
-    nemo_models: dict[str, Path], larger_tokenizer: Path, restore_nemo: NemoRestorer
+    restore_nemo: NemoRestorer, nemo_models: dict[str, Path], larger_tokenizer: Path
 ) -> dict[tuple[str, str], dict | NemoRunError]:
-    """(model name, "base" or "larger" tokenizer) -> restore result; all restores run concurrently."""
+    """(model name, "base" or "larger" tokenizer) -> restore result, all restored in one batch."""
     keys = [(name, "base") for name in NEMO_MODELS] + [("tied_dist", "larger"), ("untied_dist", "larger")]
     keys += [("tied_single", "larger")]
     jobs = [(nemo_models[name], larger_tokenizer if tok == "larger" else None) for name, tok in keys]
@@ -179,9 +225,20 @@ def test_bug_single_file_restore_with_larger_tokenizer_fails(
 _TRAIN_SCRIPT = textwrap.dedent(
     """
     import sys
+
     from omegaconf import OmegaConf, open_dict
 
-    def main(vocab_dir, log_dir, max_steps):
+
+    def preload():
+        from nemo_vocab_ext.testing.cpu_nemo import apply_cpu_patches
+
+        apply_cpu_patches()
+        import nemo.collections.nlp.models.language_modeling.megatron_gpt_model  # noqa: F401
+        import nemo.utils.exp_manager  # noqa: F401
+
+
+    def main(argv):
+        vocab_dir, log_dir, max_steps = argv[0], argv[1], int(argv[2])
         from nemo_vocab_ext.testing.cpu_nemo import apply_cpu_patches, init_cpu_process_group
 
         apply_cpu_patches()
@@ -211,9 +268,13 @@ _TRAIN_SCRIPT = textwrap.dedent(
         model = MegatronGPTModel(cfg.model, trainer)
         fit_mock_data_to_vocab(model.tokenizer.vocab_size)
         trainer.fit(model)
+        return 0
+
 
     if __name__ == "__main__":
-        main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+        from nemo_vocab_ext.testing.tiny import serve_forked
+
+        sys.exit(serve_forked(main, preload) if sys.argv[1:] == ["--serve"] else main(sys.argv[1:]))
     """
 )
 
@@ -235,16 +296,18 @@ def test_training_checkpoint_saves_and_resumes_optimizer_state(
     """The optimizer-step patch: top-k checkpoints with AdamW state save, and a resume is exact."""
     script = tmp_path / "train.py"
     script.write_text(_TRAIN_SCRIPT)
-
-    def job(name: str, steps: int) -> NemoJob:
-        argv = [str(script), str(base_tokenizer), str(tmp_path / name), str(steps)]
-        return NemoJob(argv, tmp_path, f"{name}_{steps}.log")
-
-    for error in run_concurrently([job("resumed", 2), job("continuous", 4)], nemo_env):
-        assert error is None, error
-    (error,) = run_concurrently([job("resumed", 4)], nemo_env)
-    assert error is None, error
-    assert "Restored all states from the checkpoint" in (tmp_path / "resumed_4.log").read_text()
+    server = ForkServer([str(script)], nemo_env, tmp_path, "train")
+    try:
+        runs = [("resumed", 2), ("continuous", 4), ("resumed", 4)]  # the last one resumes the first
+        jobs = [
+            ([str(base_tokenizer), str(tmp_path / name), str(steps)], tmp_path / f"{name}_{steps}")
+            for name, steps in runs
+        ]
+        for error in server.run(jobs):
+            assert error is None, error
+    finally:
+        server.close()
+    assert "Restored all states from the checkpoint" in (tmp_path / "resumed_4" / "train.log").read_text()
 
     resumed, resumed_common = _last_checkpoint(tmp_path / "resumed")
     continuous, _ = _last_checkpoint(tmp_path / "continuous")

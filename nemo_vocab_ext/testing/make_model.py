@@ -8,6 +8,8 @@
 concurrent run (``save_to`` uses it as scratch space), and ``torchrun`` for ``--tp`` > 1.
 Weights are megatron's random init (norms 1, biases 0), trained on mock data with ``--train-steps``.
 ``--dump`` writes what was saved in the format of :mod:`nemo_vocab_ext.testing.restore`.
+``python -m nemo_vocab_ext.testing.make_model --serve`` imports NeMo once and runs jobs read from stdin,
+each in a forked child (:class:`nemo_vocab_ext.testing.tiny.ForkServer`).
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@
 resized model is restored with its new tokenizer. ``OUT.pt`` holds ``{"state_dict": {name: tensor},
 "vocab_size": int, "padded_vocab_size": int}`` (under torchrun, one ``OUT.rank<r>.pt`` per rank with
 that rank's slices). Any load error propagates: the exit status is non-zero.
+``python -m nemo_vocab_ext.testing.restore --serve`` imports NeMo once and runs jobs read from stdin,
+each in a forked child (:class:`nemo_vocab_ext.testing.tiny.ForkServer`).
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -221,6 +222,9 @@ def _run_in_fork(
     main: Callable[[list[str]], int], args: list[str], folder: Path, log: Path, timeout: float, answers_fd: int
 ) -> int:
     folder.mkdir(parents=True, exist_ok=True)
+    # os._exit skips the clean-ups that delete temporary files (the gloo store file, for one): the job
+    # gets a temporary folder of its own, removed once it ends. A short path, as unix sockets need.
+    job_tmp = tempfile.mkdtemp(prefix="nemo_job_")
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -233,10 +237,7 @@ def _run_in_fork(
             os.dup2(out, 1)
             os.dup2(out, 2)
             os.chdir(folder)
-            # os._exit skips the clean-ups that delete temporary files (the gloo store file, for one):
-            # whatever the job leaves behind stays in its own folder.
-            tempfile.tempdir = os.environ["TMPDIR"] = str(folder / "tmp")
-            os.makedirs(tempfile.tempdir, exist_ok=True)
+            tempfile.tempdir = os.environ["TMPDIR"] = job_tmp
             returncode = main(args)
         except SystemExit as e:
             returncode = e.code if isinstance(e.code, int) else int(e.code is not None)
@@ -254,13 +255,16 @@ def _run_in_fork(
             finally:
                 os._exit(returncode)
     deadline = time.monotonic() + timeout
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-        time.sleep(0.05)
+    try:
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return os.waitstatus_to_exitcode(status)
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+            time.sleep(0.05)
+    finally:
+        shutil.rmtree(job_tmp, ignore_errors=True)
 
 
 def _stock_config() -> DictConfig:

@@ -237,8 +237,9 @@ def apply_resize(
         rank_tensors = _split_into_ranks(ckpt.rank_tensors, new_tables)
         tensors = dict(rank_tensors[min(rank_tensors)])
     config = dict(ckpt.config)
-    if config.get("override_vocab_size"):
-        config["override_vocab_size"] = None  # stale: it would win over the new tokenizer's size
+    # Stale: it would win over the new tokenizer's size. Removed, not nulled: NeMo reads it with
+    # cfg.get('override_vocab_size', padded) and a null would become the table size.
+    config.pop("override_vocab_size", None)
     return replace(ckpt, tensors=tensors, config=config, rank_tensors=rank_tensors)
 
 

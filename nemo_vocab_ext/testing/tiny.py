@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 if TYPE_CHECKING:
     from lightning.pytorch import Trainer
 
-STOCK_CONFIG = Path(__file__).with_name("megatron_gpt_config.yaml")
+STOCK_CONFIG = Path(__file__).with_name("tiny_gpt.yaml")
 
 # Any 40-hex name works: offline, huggingface_hub resolves refs/main to this snapshot folder.
 _FAKE_GPT2_SHA = "0123456789abcdef0123456789abcdef01234567"

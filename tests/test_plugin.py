@@ -16,8 +16,7 @@ import pytest
 import torch
 from conftest import BASE_VOCAB, LARGER_VOCAB, NemoRestorer, english_texts
 
-from nemo_vocab_ext.testing.runs import stock_job, write_pretraining_config
-from nemo_vocab_ext.testing.stock_pretraining import PROBE_ENV
+from nemo_vocab_ext.testing.runs import PROBE_ENV, stock_job, write_pretraining_config
 from nemo_vocab_ext.testing.tiny import NemoRunError, run_concurrently
 from nemo_vocab_ext.tokenizer import load_tokenizer, pieces_under, train_bpe
 

@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from nemo_vocab_ext.formats.torch_dist import read_tensor_infos
-from nemo_vocab_ext.testing.runs import stock_job, write_pretraining_config
-from nemo_vocab_ext.testing.stock_pretraining import PROBE_ENV
+from nemo_vocab_ext.testing.runs import PROBE_ENV, stock_job, write_pretraining_config
 from nemo_vocab_ext.testing.tiny import NemoJob, NemoRunError, run_concurrently
 
 pytestmark = pytest.mark.nemo

@@ -36,12 +36,10 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from nemo_vocab_ext.testing.runs import stock_job, write_pretraining_config
+from nemo_vocab_ext.testing.runs import PROBE_ENV, stock_job, write_pretraining_config
 from nemo_vocab_ext.testing.tiny import NemoJob, NemoRunError, cpu_env, offline_hf_home, run_concurrently
 from nemo_vocab_ext.tokenizer import EOS_TOKEN, TokenizerInfo, load_tokenizer
 
-# stock_pretraining.PROBE_ENV; importing that module would import NeMo and patch torch in this process.
-PROBE_ENV = "NEMO_VOCAB_EXT_PROBE"
 MARKER = ".nemo_vocab_ext_demo"  # only a folder holding this file is ever wiped by a rerun
 EMBEDDING = "model.embedding.word_embeddings.weight"
 BASE_VOCAB = 2000

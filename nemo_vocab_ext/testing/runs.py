@@ -8,6 +8,9 @@ from omegaconf import OmegaConf
 
 from .tiny import NemoJob, tiny_model_config, tiny_trainer_config
 
+# Names a file (relative to the run's folder) for stock_pretraining's Probe: vocab tables at train start, losses.
+PROBE_ENV = "NEMO_VOCAB_EXT_PROBE"
+
 
 def write_pretraining_config(
     path: Path,

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from nemo_vocab_ext.testing.cpu_nemo import apply_cpu_patches, init_cpu_process_group
+from nemo_vocab_ext.testing.runs import PROBE_ENV
 from nemo_vocab_ext.testing.tiny import fit_mock_data_to_vocab
 
 apply_cpu_patches()
@@ -31,7 +32,6 @@ from nemo.collections.nlp.parts.nlp_overrides import NLPSaveRestoreConnector  # 
 from nemo.core.config import hydra_runner  # noqa: E402
 from nemo.utils.exp_manager import exp_manager  # noqa: E402
 
-PROBE_ENV = "NEMO_VOCAB_EXT_PROBE"
 _VOCAB_PARAMS = ("model.embedding.word_embeddings.weight", "model.output_layer.weight")
 
 

@@ -156,3 +156,70 @@ def test_truncated_archive_and_missing_config(tmp_path: Path) -> None:
         tar.addfile(info, io.BytesIO(b"abc"))
     with pytest.raises(ConfigError, match="model_config.yaml is missing"):
         load_checkpoint(no_config)
+
+
+def _legacy_ranks(tp: int, pp: int) -> dict[tuple[int, int], dict]:
+    """Legacy GPT rank files: the embedding on the first stage, split in row blocks over TP."""
+    full = torch.arange(16 * 2, dtype=torch.float32).reshape(16, 2)
+    ranks: dict[tuple[int, int], dict] = {}
+    for t in range(tp):
+        for p in range(pp):
+            state: dict = {f"model.language_model.encoder.layers.{p}.mlp.weight": torch.full((2, 2), float(t))}
+            if p == 0:
+                state["model.language_model.embedding.word_embeddings.weight"] = full.chunk(tp)[t].clone()
+            ranks[(t, p)] = state
+    return ranks
+
+
+@pytest.mark.parametrize(("tp", "pp", "layout"), [(2, 1, "mp_rank"), (2, 2, "tp_pp_rank")])
+def test_legacy_rank_layouts_read_resize_and_write(tmp_path: Path, tp: int, pp: int, layout: str) -> None:
+    from nemo_vocab_ext.core.resize import Init
+    from nemo_vocab_ext.vocab import apply_resize, plan_resize, vocab_tables
+
+    ranks = _legacy_ranks(tp, pp)
+    ckpt = Checkpoint(ranks[(0, 0)], {"tensor_model_parallel_size": tp}, layout, rank_tensors=ranks)
+    src = tmp_path / "legacy.nemo"
+    save_checkpoint(ckpt, src, Format.NEMO)
+    with tarfile.open(src) as tar:
+        names = set(tar.getnames())
+    expected = (
+        "./mp_rank_01/model_weights.ckpt" if layout == "mp_rank" else "./tp_rank_01_pp_rank_001/model_weights.ckpt"
+    )
+    assert expected in names
+    back, _ = load_checkpoint(src)
+    assert back.layout == layout and back.rank_tensors is not None and set(back.rank_tensors) == set(ranks)
+    table = vocab_tables(back)["model.language_model.embedding.word_embeddings.weight"]
+    assert torch.equal(table, torch.arange(32, dtype=torch.float32).reshape(16, 2))  # rank blocks joined
+    plan = plan_resize(back, 10, 20, tensor_parallel=tp, divisible_by=4, init=Init.ZEROS)
+    grown = apply_resize(back, plan)
+    assert grown.rank_tensors is not None
+    blocks = [grown.rank_tensors[(t, 0)]["model.language_model.embedding.word_embeddings.weight"] for t in range(tp)]
+    assert [b.shape[0] for b in blocks] == [12, 12]  # 24 rows re-split: every rank's range moved
+    assert torch.equal(torch.cat(blocks)[:10], table[:10])
+    if pp > 1:  # other stages' files are untouched
+        later = grown.rank_tensors[(1, 1)]
+        assert set(later) == set(ranks[(1, 1)]) and all(torch.equal(later[k], v) for k, v in ranks[(1, 1)].items())
+
+
+def test_tar_gz_and_zarr(tmp_path: Path) -> None:
+    plain = tmp_path / "m.nemo"
+    save_checkpoint(synthetic(SINGLE), plain, Format.NEMO)
+    old_style = tmp_path / "old.nemo"  # archives older than NeMo 1.7 are gzipped
+    with tarfile.open(plain) as src, tarfile.open(old_style, "w:gz") as dst:
+        for member in src.getmembers():
+            dst.addfile(member, src.extractfile(member) if member.isfile() else None)
+    verify_same_weights(synthetic(SINGLE), load_checkpoint(old_style)[0], old_style)
+
+    zarr = tmp_path / "zarr.nemo"
+    with tarfile.open(zarr, "w:") as tar:
+        for name, data in [
+            ("./model_config.yaml", b"a: 1\n"),
+            ("./model_weights/metadata.json", b'{"sharded_backend": "zarr"}'),
+        ]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    from nemo_vocab_ext.errors import UnsupportedError
+
+    with pytest.raises(UnsupportedError, match="convert_zarr_to_torch_dist"):
+        load_checkpoint(zarr)

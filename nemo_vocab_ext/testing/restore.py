@@ -26,6 +26,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vocab-dir", type=Path, help="restore with this vocab.json and merges.txt instead")
     p.add_argument("--dump", type=Path, required=True, help="where to torch.save the restored tensors")
     p.add_argument("--tp", type=int, default=1, help="tensor parallel size (run under torchrun for more than 1)")
+    p.add_argument(
+        "--vocab-extension",
+        metavar="INIT",
+        help="restore through VocabExtensionGPTModel with model.vocab_extension.init=INIT",
+    )
     return p.parse_args(argv)
 
 
@@ -76,8 +81,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.vocab_dir is not None:
             conf.tokenizer.vocab_file = str((args.vocab_dir / "vocab.json").resolve())
             conf.tokenizer.merge_file = str((args.vocab_dir / "merges.txt").resolve())
+        if args.vocab_extension is not None:
+            conf.vocab_extension = {"init": args.vocab_extension}
     init_cpu_process_group(args.tp)
-    model = MegatronGPTModel.restore_from(
+    model_class = MegatronGPTModel
+    if args.vocab_extension is not None:
+        from nemo_vocab_ext.model import VocabExtensionGPTModel
+
+        model_class = VocabExtensionGPTModel
+    model = model_class.restore_from(
         str(args.nemo),
         override_config_path=conf,
         trainer=cpu_trainer(conf, devices=args.tp),

@@ -18,19 +18,24 @@ from conftest import BASE_VOCAB, LARGER_VOCAB
 from nemo_vocab_ext.io import load_checkpoint
 from nemo_vocab_ext.testing.tiny import NemoJob, run_concurrently
 
-pytestmark = pytest.mark.nemo
-
 SCRIPT = "examples/nlp/language_modeling/megatron_gpt_pretraining.py"
+NEMO_EXAMPLES_DIR = os.environ.get("NEMO_EXAMPLES_DIR")
+
+pytestmark = [
+    pytest.mark.nemo,
+    # Checked before any fixture is built, so a skip costs nothing.
+    pytest.mark.skipif(
+        not NEMO_EXAMPLES_DIR,
+        reason=f"NEMO_EXAMPLES_DIR is not set: it must point at a NeMo 2.4.x checkout with {SCRIPT}",
+    ),
+]
 EMBEDDING = "model.embedding.word_embeddings.weight"
 
 
 def stock_script() -> Path:
-    root = os.environ.get("NEMO_EXAMPLES_DIR")
-    if not root:
-        pytest.skip("NEMO_EXAMPLES_DIR is not set: it must point at a NeMo 2.4.x checkout holding " + SCRIPT)
-    script = Path(root) / SCRIPT
+    script = Path(str(NEMO_EXAMPLES_DIR)) / SCRIPT
     if not script.is_file():
-        pytest.skip(f"NEMO_EXAMPLES_DIR={root} has no {SCRIPT}")
+        pytest.fail(f"NEMO_EXAMPLES_DIR={NEMO_EXAMPLES_DIR} has no {SCRIPT}")
     return script
 
 

@@ -34,22 +34,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _preload() -> None:
-    """What every job imports: done once by ``--serve`` before it forks a child per job."""
-    from nemo_vocab_ext.testing.cpu_nemo import apply_cpu_patches
-
-    apply_cpu_patches()
-    import nemo.collections.nlp.models.language_modeling.megatron_gpt_model  # noqa: F401
-    import nemo.collections.nlp.parts.megatron_trainer_builder  # noqa: F401
-
-
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv == ["--serve"]:  # jobs from stdin, see nemo_vocab_ext.testing.tiny.ForkServer
-        from nemo_vocab_ext.testing.tiny import serve_forked
+    from nemo_vocab_ext.testing.tiny import job_args
 
-        serve_forked(main, _preload)
-    args = parse_args(argv)
+    args = parse_args(job_args(main, argv))
     from nemo_vocab_ext.testing.cpu_nemo import apply_cpu_patches, init_cpu_process_group
 
     apply_cpu_patches()

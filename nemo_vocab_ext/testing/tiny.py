@@ -195,6 +195,23 @@ class ForkServer:
         return self.log.read_text(errors="replace")[-4000:]
 
 
+def _preload_nemo() -> None:
+    """What every NeMo job imports: done once by a ``--serve`` process before it forks a child per job."""
+    from nemo_vocab_ext.testing.cpu_nemo import apply_cpu_patches
+
+    apply_cpu_patches()
+    import nemo.collections.nlp.models.language_modeling.megatron_gpt_model  # noqa: F401
+    import nemo.collections.nlp.parts.megatron_trainer_builder  # noqa: F401
+
+
+def job_args(main: Callable[[list[str]], int], argv: list[str] | None) -> list[str]:
+    """A NeMo job module's arguments; with ``--serve`` alone, become its fork server instead (never returns)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv == ["--serve"]:  # jobs from stdin, see ForkServer
+        serve_forked(main, _preload_nemo)
+    return argv
+
+
 def serve_forked(main: Callable[[list[str]], int], preload: Callable[[], None]) -> NoReturn:
     """The ``--serve`` side of :class:`ForkServer`: call ``preload``, then run each job of stdin in a fork.
 

@@ -147,10 +147,8 @@ def _info_from_files(files: dict[str, str], workdir: Path):  # type: ignore[no-u
     return None
 
 
-def _stored_rows(restore_path: Path, layout: str) -> int | None:
-    """The stored embedding's row count, cheaply when the layout allows (distributed: metadata only)."""
-    if layout != DISTRIBUTED:
-        return None
+def _stored_rows(restore_path: Path) -> int:
+    """The embedding's row count of a distributed checkpoint, from its ``.metadata`` alone."""
     shapes = read_dist_tensor_shapes(restore_path)
     return shapes[find_vocab_keys(shapes).embedding][0]
 
@@ -200,15 +198,13 @@ def prepare_restore(restore_path: str | Path, model_cfg: Any, settings: Extensio
     own_where = checkpoint_tokenizer_files(Checkpoint({}, config, layout, artifacts), own_dir)
     own = load_tokenizer(own_where) if own_where is not None else None
     old_vocab = own.vocab_size if own is not None else None
-    stored = _stored_rows(source, layout)
-    if stored is not None and stored == new_rows and old_vocab in (None, new_vocab):
+    # The distributed layout tells the stored rows from its metadata; the others need the tensors.
+    ckpt = None if layout == DISTRIBUTED else read_nemo(source)
+    stored = _stored_rows(source) if ckpt is None else vocab_tables(ckpt)[ckpt.vocab_keys().embedding].shape[0]
+    if stored == new_rows and old_vocab in (None, new_vocab):
         _log(f"checkpoint rows ({stored}) already match the tokenizer ({new_vocab} tokens): nothing to do")
         return None
-    ckpt = read_nemo(source)
-    rows = vocab_tables(ckpt)[ckpt.vocab_keys().embedding].shape[0]
-    if rows == new_rows and old_vocab in (None, new_vocab):
-        _log(f"checkpoint rows ({rows}) already match the tokenizer ({new_vocab} tokens): nothing to do")
-        return None
+    ckpt = ckpt or read_nemo(source)
     new_info = _info_from_files(files, work)
     init = Init(settings.init)
     if init is Init.FVT and (own is None or new_info is None):

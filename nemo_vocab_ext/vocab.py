@@ -6,7 +6,6 @@ Works on ``Checkpoint`` objects only, so the CLI and the NeMo plugin share one i
 from __future__ import annotations
 
 import hashlib
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -337,7 +336,3 @@ def tokenizer_config_files(tokenizer_path: Path) -> dict[str, Path]:
     raise TokenizerError(
         f"{p}: cannot embed this tokenizer in a .nemo; give a vocab.json+merges.txt folder or a .model file"
     )
-
-
-def with_tempdir() -> tempfile.TemporaryDirectory[str]:
-    return tempfile.TemporaryDirectory(prefix="nemo_vocab_ext.")

@@ -191,3 +191,21 @@ def test_vocab_size_without_tokenizer(base_nemo: Path, tmp_path: Path) -> None:
     result = run("resize", base_nemo, tmp_path / "o.nemo", "--vocab-size", "1000", "--init", "mean")
     assert result.exit_code == 0, result.output
     assert load_checkpoint(tmp_path / "o.nemo")[0].tensors["model.embedding.word_embeddings.weight"].shape[0] == 1024
+
+
+def test_cli_never_imports_nemo_or_megatron(base_nemo: Path, tokenizers: dict[str, Path], tmp_path: Path) -> None:
+    """Conversion, validation and resize work on a machine without the NeMo stack."""
+    import subprocess
+    import sys
+
+    blocker = "import sys; sys.modules.update({m: None for m in ('nemo', 'megatron', 'megatron.core', 'apex')}); "
+    run_cli = blocker + "from nemo_vocab_ext.cli import main; main()"
+    commands = [
+        ["inspect", str(base_nemo)],
+        ["convert", str(base_nemo), str(tmp_path / "a.safetensors")],
+        ["resize", str(tmp_path / "a.safetensors"), str(tmp_path / "b.nemo"), "--tokenizer", str(tokenizers["large"])],
+        ["validate", str(tmp_path / "b.nemo")],
+    ]
+    for args in commands:
+        done = subprocess.run([sys.executable, "-c", run_cli, *args], capture_output=True, text=True)
+        assert done.returncode == 0, (args, done.stderr)

@@ -231,12 +231,12 @@ def prepare_restore(restore_path: str | Path, model_cfg: Any, settings: Extensio
     pieces = None
     if init is Init.FVT and own is not None and new_info is not None and new_vocab > plan.rows.old_vocab:
         pieces = pieces_under(own, new_info, range(plan.rows.old_vocab, new_vocab))
-    resized = apply_resize(ckpt, plan, pieces=pieces, seed=settings.seed)
+    resized, done = apply_resize(ckpt, plan, pieces=pieces, seed=settings.seed)
     resized = embed_tokenizer(resized, {k: Path(v) for k, v in files.items()})
     out = work / "resized"
     write_nemo_dir(resized, out)
     if settings.report:
-        for line in ["resized the vocabulary before loading:", *plan.lines()]:
+        for line in ["resized the vocabulary before loading:", *plan.lines(done)]:
             _log(line)
     return out
 

@@ -65,7 +65,7 @@ def run_resize(
         if init is Init.FVT and own is not None and new is not None and plan.rows.new_vocab > plan.rows.old_vocab:
             pieces = pieces_under(own, new, range(plan.rows.old_vocab, plan.rows.new_vocab))
         stage("resizing")
-        resized = apply_resize(ckpt, plan, pieces=pieces, seed=seed)
+        resized, done = apply_resize(ckpt, plan, pieces=pieces, seed=seed)
         if tokenizer is not None:
             resized = embed_tokenizer(resized, tokenizer_config_files(tokenizer))
         # Record what the rows were padded for, so NeMo builds the same table from this config.
@@ -73,4 +73,4 @@ def run_resize(
         if tensor_parallel is not None and resized.rank_tensors is None:
             resized.config["tensor_model_parallel_size"] = tensor_parallel
         save_checkpoint(resized, dst, Format.NEMO, force=force, stage=stage)
-    return [f"wrote {dst}", *plan.lines()]
+    return [f"wrote {dst}", *plan.lines(done)]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -108,11 +108,6 @@ class ResizePlan:
     padding_init: Init
     tied: bool
     keys: VocabKeys
-    tensors: list[TensorResize] = field(default_factory=list)
-
-    @property
-    def changed(self) -> bool:
-        return self.rows.changed
 
     def padded_per_tp(self) -> dict[int, tuple[int | None, int]]:
         old = self.old_vocab
@@ -124,8 +119,8 @@ class ResizePlan:
             for tp in REPORT_TP_SIZES
         }
 
-    def lines(self) -> list[str]:
-        """The human-readable plan / report."""
+    def lines(self, done: Sequence[TensorResize] = ()) -> list[str]:
+        """The human-readable plan; with ``done`` (what ``apply_resize`` did), the report."""
         old = (
             "unknown (no tokenizer in the checkpoint: every stored row treated as a token)"
             if self.old_vocab is None
@@ -149,7 +144,7 @@ class ResizePlan:
                 out.append(f"  rows [{rc.start:,}, {rc.stop:,}) {rc.name}: {rc.action} ({rc.rows:,} rows)")
         out.append(f"init '{self.init}': {INIT_DESCRIPTIONS[self.init]}")
         out.append(f"expected cost of '{self.init}': {INIT_COSTS[self.init]}")
-        for t in self.tensors:
+        for t in done:
             extra = f", fvt fallbacks to mean: {t.fvt_fallbacks}" if self.init is Init.FVT else ""
             out.append(f"{t.key}: {list(t.old_shape)} -> {list(t.new_shape)}, old rows sha256 {t.old_rows_hash}{extra}")
         return out
@@ -200,12 +195,12 @@ def apply_resize(
     *,
     pieces: Sequence[Sequence[int]] | None = None,
     seed: int = 0,
-) -> Checkpoint:
-    """Return a new Checkpoint whose vocab tables (and their optimizer state) follow ``plan``."""
+) -> tuple[Checkpoint, list[TensorResize]]:
+    """A new Checkpoint whose vocab tables (and their optimizer state) follow ``plan``, and what was done."""
     tables = vocab_tables(ckpt)
     generator = torch.Generator().manual_seed(seed)
     new_tables: dict[str, torch.Tensor] = {}
-    plan.tensors.clear()
+    done: list[TensorResize] = []
     resized_once: dict[int, torch.Tensor] = {}
     for key, table in tables.items():
         if id(table) in resized_once:  # one storage under two names (tied copies): resize once
@@ -216,7 +211,7 @@ def apply_resize(
         )
         resized_once[id(table)] = new
         new_tables[key] = new
-        plan.tensors.append(
+        done.append(
             TensorResize(
                 key, tuple(table.shape), tuple(new.shape), rows_hash(table, plan.rows.kept), stats.fvt_fallbacks
             )
@@ -239,7 +234,7 @@ def apply_resize(
     # Stale: it would win over the new tokenizer's size. Removed, not nulled: NeMo reads it with
     # cfg.get('override_vocab_size', padded) and a null would become the table size.
     config.pop("override_vocab_size", None)
-    return replace(ckpt, tensors=tensors, config=config, rank_tensors=rank_tensors)
+    return replace(ckpt, tensors=tensors, config=config, rank_tensors=rank_tensors), done
 
 
 def _split_into_ranks(

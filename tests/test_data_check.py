@@ -331,8 +331,9 @@ def test_bad_arguments(good: str) -> None:
 @pytest.mark.parametrize("dtype", [np.uint16, np.int32])
 def test_tool_output_reads_back_in_megatron(mcore: ModuleType, tool: ModuleType, tmp_path: Path, dtype: Any) -> None:
     prefix = str(tmp_path / "synth")
-    w = tool.write_dataset(prefix, 100_003, 57344, dtype=np.dtype(dtype), mean_doc_tokens=300, bad=9, seed=3,
-                           chunk_bytes=4096 + 2)
+    w = tool.write_dataset(
+        prefix, 100_003, 57344, dtype=np.dtype(dtype), mean_doc_tokens=300, bad=9, seed=3, chunk_bytes=4096 + 2
+    )
     ds = mcore.IndexedDataset(prefix)
     assert ds.index.dtype == dtype
     assert len(ds) == w.num_documents and ds.document_indices.tolist() == list(range(w.num_documents + 1))
@@ -365,7 +366,9 @@ def test_tool_cli(tmp_path: Path) -> None:
     out = tmp_path / "sub" / "cli"
     run = subprocess.run(
         [sys.executable, str(TOOL), "--tokens", "5000", "--vocab", "70000", "--out", str(out), "--bad", "2"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert "5,000 int32 tokens" in run.stdout and "planted 2 ids >= 70000" in run.stdout
     info = read_index(out)
@@ -373,9 +376,23 @@ def test_tool_cli(tmp_path: Path) -> None:
     assert scan_token_ids(out, 70000).num_out_of_range == 2
 
     refused = subprocess.run(
-        [sys.executable, str(TOOL), "--tokens", "10", "--vocab", "65536", "--dtype", "uint16", "--bad", "1",
-         "--out", str(out)],
-        capture_output=True, text=True, check=False,
+        [
+            sys.executable,
+            str(TOOL),
+            "--tokens",
+            "10",
+            "--vocab",
+            "65536",
+            "--dtype",
+            "uint16",
+            "--bad",
+            "1",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert refused.returncode == 2 and "cannot plant" in refused.stderr
 

@@ -191,7 +191,7 @@ def test_legacy_rank_layouts_read_resize_and_write(tmp_path: Path, tp: int, pp: 
     table = vocab_tables(back)["model.language_model.embedding.word_embeddings.weight"]
     assert torch.equal(table, torch.arange(32, dtype=torch.float32).reshape(16, 2))  # rank blocks joined
     plan = plan_resize(back, 10, 20, tensor_parallel=tp, divisible_by=4, init=Init.ZEROS)
-    grown = apply_resize(back, plan)
+    grown, _ = apply_resize(back, plan)
     assert grown.rank_tensors is not None
     blocks = [grown.rank_tensors[(t, 0)]["model.language_model.embedding.word_embeddings.weight"] for t in range(tp)]
     assert [b.shape[0] for b in blocks] == [12, 12]  # 24 rows re-split: every rank's range moved

@@ -419,8 +419,11 @@ def test_sentencepiece_merge(
     # pieces_under on SentencePiece: a word-internal piece gets no "▁" from the dummy prefix.
     er = base.token_to_id("er")
     assert er is not None and pieces_under(base, base, range(er, er + 1)) == [[er]]
-    for i, ids in zip(range(base.vocab_size, merged.vocab_size), pieces_under(base, merged, range(
-        base.vocab_size, merged.vocab_size)), strict=True):
+    for i, ids in zip(
+        range(base.vocab_size, merged.vocab_size),
+        pieces_under(base, merged, range(base.vocab_size, merged.vocab_size)),
+        strict=True,
+    ):
         assert b"".join(base.token_bytes(j) for j in ids) == merged.token_bytes(i)
 
 

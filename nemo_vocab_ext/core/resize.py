@@ -81,10 +81,6 @@ class RowPlan:
     def kept(self) -> int:
         return min(self.old_vocab, self.new_vocab)
 
-    @property
-    def changed(self) -> bool:
-        return (self.old_vocab, self.old_rows) != (self.new_vocab, self.new_rows)
-
     def classes(self, init: Init = Init.ZEROS, padding_init: Init = Init.MEAN) -> list[RowClass]:
         out = [RowClass("old tokens", 0, self.kept, "copied bit-exact")]
         if self.old_rows > self.old_vocab:

@@ -101,6 +101,12 @@ def test_resize_writes_config_and_artifacts_for_the_new_tokenizer(
     dst = tmp_path / "out.nemo"
     result = run("resize", base_nemo, dst, "--tokenizer", tokenizers["large"], "--init", "normal")
     assert result.exit_code == 0, result.output
+    from nemo_vocab_ext.vocab import rows_hash
+
+    old_table = load_checkpoint(base_nemo)[0].tensors["model.embedding.word_embeddings.weight"]
+    assert isinstance(old_table, torch.Tensor)
+    assert f"model.output_layer.weight: [512, {HIDDEN}] -> [640, {HIDDEN}]" in result.output
+    assert f"old rows sha256 {rows_hash(old_table, 400)}" in result.output  # the report shows what was kept
     out, _ = load_checkpoint(dst)
     assert out.tensors["model.embedding.word_embeddings.weight"].shape == (640, HIDDEN)
     assert out.tensors["model.output_layer.weight"].shape == (640, HIDDEN)

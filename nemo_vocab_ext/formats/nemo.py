@@ -101,15 +101,19 @@ def open_nemo(path: str | Path) -> NemoArchive | ExtractedNemo:
     return ExtractedNemo(path) if path.is_dir() else NemoArchive(path)
 
 
+def _header(source: NemoArchive | ExtractedNemo, path: Path) -> tuple[dict[str, Any], dict[str, bytes], str]:
+    names = source.names()
+    if CONFIG not in names:
+        raise ConfigError(f"{path}: {CONFIG} is missing; this is not a NeMo model archive")
+    config = parse_config(source.read(CONFIG), str(path))
+    artifacts = {n: source.read(n) for n in names if _ARTIFACT.match(n)}
+    return config, artifacts, detect_layout(names, path)
+
+
 def read_nemo_header(path: str | Path) -> tuple[dict[str, Any], dict[str, bytes], str]:
     """Config, artifacts and layout, without reading any weights."""
     with open_nemo(path) as source:
-        names = source.names()
-        if CONFIG not in names:
-            raise ConfigError(f"{path}: {CONFIG} is missing; this is not a NeMo model archive")
-        config = parse_config(source.read(CONFIG), str(path))
-        artifacts = {n: source.read(n) for n in names if _ARTIFACT.match(n)}
-        return config, artifacts, detect_layout(names, Path(path))
+        return _header(source, Path(path))
 
 
 def read_dist_tensor_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
@@ -127,8 +131,8 @@ def read_dist_tensor_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
 def read_nemo(path: str | Path) -> Checkpoint:
     """A .nemo archive or an extracted .nemo folder."""
     path = Path(path)
-    config, artifacts, layout = read_nemo_header(path)
     with open_nemo(path) as source:
+        config, artifacts, layout = _header(source, path)
         names = source.names()
         if layout == DISTRIBUTED:
             metadata_json = source.read(f"{WEIGHTS_DIR}/metadata.json")

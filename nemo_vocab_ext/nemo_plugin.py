@@ -207,9 +207,9 @@ def prepare_restore(restore_path: str | Path, model_cfg: Any, settings: Extensio
     ckpt = ckpt or read_nemo(source)
     new_info = _info_from_files(files, work)
     init = Init(settings.init)
-    if init is Init.FVT and (own is None or new_info is None):
+    if init.needs_pieces and (own is None or new_info is None):
         raise TokenizerError(
-            "vocab_extension.init=fvt needs the checkpoint's own tokenizer and a file-based new tokenizer"
+            f"vocab_extension.init={init} needs the checkpoint's own tokenizer and a file-based new tokenizer"
         )
     plan = plan_resize(
         ckpt,
@@ -229,7 +229,7 @@ def prepare_restore(restore_path: str | Path, model_cfg: Any, settings: Extensio
     if own is not None and new_info is not None:
         check_tokenizer_fits(own, new_info, "model.tokenizer")
     pieces = None
-    if init is Init.FVT and own is not None and new_info is not None and new_vocab > plan.rows.old_vocab:
+    if init.needs_pieces and own is not None and new_info is not None and new_vocab > plan.rows.old_vocab:
         pieces = pieces_under(own, new_info, range(plan.rows.old_vocab, new_vocab))
     resized, done = apply_resize(ckpt, plan, pieces=pieces, seed=settings.seed)
     resized = embed_tokenizer(resized, {k: Path(v) for k, v in files.items()})

@@ -45,8 +45,8 @@ def run_resize(
         new_vocab = new.vocab_size if new is not None else vocab_size
         assert new_vocab is not None
         old_vocab = own.vocab_size if own is not None else None
-        if init is Init.FVT and (own is None or new is None):
-            raise TokenizerError("--init fvt needs the checkpoint's own tokenizer and --tokenizer (the new one)")
+        if init.needs_pieces and (own is None or new is None):
+            raise TokenizerError(f"--init {init} needs the checkpoint's own tokenizer and --tokenizer (the new one)")
         plan = plan_resize(
             ckpt,
             old_vocab,
@@ -62,7 +62,7 @@ def run_resize(
         if dry_run:
             return ["plan (dry run, nothing written):", *plan.lines()]
         pieces = None
-        if init is Init.FVT and own is not None and new is not None and plan.rows.new_vocab > plan.rows.old_vocab:
+        if init.needs_pieces and own is not None and new is not None and plan.rows.new_vocab > plan.rows.old_vocab:
             pieces = pieces_under(own, new, range(plan.rows.old_vocab, plan.rows.new_vocab))
         stage("resizing")
         resized, done = apply_resize(ckpt, plan, pieces=pieces, seed=seed)

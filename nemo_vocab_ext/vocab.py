@@ -145,7 +145,7 @@ class ResizePlan:
         out.append(f"init '{self.init}': {INIT_DESCRIPTIONS[self.init]}")
         out.append(f"expected cost of '{self.init}': {INIT_COSTS[self.init]}")
         for t in done:
-            extra = f", fvt fallbacks to mean: {t.fvt_fallbacks}" if self.init is Init.FVT else ""
+            extra = f", fvt fallbacks to mean: {t.fvt_fallbacks}" if self.init.needs_pieces else ""
             out.append(f"{t.key}: {list(t.old_shape)} -> {list(t.new_shape)}, old rows sha256 {t.old_rows_hash}{extra}")
         return out
 

@@ -1,13 +1,19 @@
-"""The in-memory form every format adapter reads into and writes from."""
+"""The form every format adapter reads into and writes from: a config, artifacts, and entries by key.
+
+Entries are read lazily (an :class:`~.formats.region.Entries` mapping) so that a command holds one
+tensor at a time; a plain dict of in-memory values works the same everywhere.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from .core.keys import VocabKeys, find_vocab_keys
+from .formats.region import tensor_meta
 
 # bytes: opaque blobs (``_extra_state``) kept exactly as stored; None: an empty ``_extra_state``.
 Value = torch.Tensor | bytes | None
@@ -29,23 +35,23 @@ class Checkpoint:
     ``training_state`` carries what a training checkpoint holds besides weights (step, loops...).
     """
 
-    tensors: dict[str, Value]
+    tensors: MutableMapping[str, Value]
     config: dict[str, Any]
     layout: str
     artifacts: dict[str, bytes] = field(default_factory=dict)
     rank_tensors: dict[tuple[int, int], dict[str, Value]] | None = None
     training_state: dict[str, Any] = field(default_factory=dict)
 
+    def tensor_keys(self) -> list[str]:
+        """Keys of tensor entries (not byte blobs or empty entries), without reading any."""
+        return [k for k in self.tensors if tensor_meta(self.tensors, k) is not None]
+
     def vocab_keys(self) -> VocabKeys:
-        return find_vocab_keys(k for k, v in self.tensors.items() if isinstance(v, torch.Tensor))
+        return find_vocab_keys(self.tensor_keys())
 
-    def weights(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in self.tensors.items() if isinstance(v, torch.Tensor)}
-
-
-def stored_entries(tensors: dict[str, Value]) -> dict[str, torch.Tensor | bytes]:
-    """Entries for a distributed checkpoint, which has no way to store None (single-file layouts do)."""
-    empty = [k for k, v in tensors.items() if v is None]
-    if empty:
-        raise ValueError(f"'{empty[0]}' is None: only single-file layouts store empty _extra_state entries")
-    return {k: v for k, v in tensors.items() if v is not None}
+    def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every tensor entry, read one at a time."""
+        for key in self.tensor_keys():
+            value = self.tensors[key]
+            assert isinstance(value, torch.Tensor)
+            yield key, value

@@ -15,10 +15,15 @@ import click
 from .cli_common import report_errors, say, stages
 from .cli_tokenizer import tokenizer
 from .core.resize import Init
-from .io import Format, format_for_destination, load_checkpoint, save_checkpoint
+from .io import Format, format_for_destination, load_checkpoint, save_checkpoint, select
 from .layout import change_layout
 
 INIT_CHOICES = click.Choice([i.value for i in Init])
+VERIFY_OPTION = click.option(
+    "--verify",
+    is_flag=True,
+    help="Also read every entry back and compare it bit for bit with the source (reads both again).",
+)
 
 
 @click.group(
@@ -105,20 +110,22 @@ def validate(
     help="Weight layout of DST (default: SRC's). mcore models: distributed as NeMo writes it, or one state-dict file.",
 )
 @click.option("--force", is_flag=True, help="Overwrite DST.")
+@VERIFY_OPTION
 @report_errors
-def convert(src: Path, dst: Path, to: str | None, layout: str | None, force: bool) -> None:
-    """Convert between .nemo, .ckpt and safetensors; every tensor is read back and compared."""
+def convert(src: Path, dst: Path, to: str | None, layout: str | None, force: bool, verify: bool) -> None:
+    """Convert between .nemo, .ckpt and safetensors, one tensor at a time; the output is read back and checked."""
     fmt = format_for_destination(dst, Format(to) if to else None)
     with stages(4) as stage:
         stage("reading")
         loaded, src_fmt = load_checkpoint(src)
         if fmt is not Format.CKPT:
             # Weights only: optimizer state belongs to training checkpoints.
-            loaded.tensors = {k: v for k, v in loaded.tensors.items() if not k.startswith("optimizer.")}
+            loaded = select(loaded, lambda key: not key.startswith("optimizer."))
         if layout is not None:
             loaded = change_layout(loaded, layout)
-        save_checkpoint(loaded, dst, fmt, force=force, stage=stage)
-    say(f"wrote {dst} ({fmt}, {loaded.layout} layout) from {src} ({src_fmt}); {len(loaded.tensors)} entries verified")
+        save_checkpoint(loaded, dst, fmt, force=force, verify=verify, stage=stage)
+    checked = "compared bit for bit" if verify else "checked (names, shapes, dtypes)"
+    say(f"wrote {dst} ({fmt}, {loaded.layout} layout) from {src} ({src_fmt}); {len(loaded.tensors)} entries {checked}")
 
 
 @main.command()
@@ -147,6 +154,7 @@ def convert(src: Path, dst: Path, to: str | None, layout: str | None, force: boo
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the 'normal' init.")
 @click.option("--dry-run", is_flag=True, help="Print the plan; write nothing.")
 @click.option("--force", is_flag=True, help="Overwrite DST.")
+@VERIFY_OPTION
 @report_errors
 def resize(
     src: Path,
@@ -161,6 +169,7 @@ def resize(
     seed: int,
     dry_run: bool,
     force: bool,
+    verify: bool,
 ) -> None:
     """Grow (or, with --allow-shrink, shrink) the vocabulary of SRC into a new .nemo DST."""
     from .resize_job import run_resize
@@ -181,6 +190,7 @@ def resize(
             seed=seed,
             dry_run=dry_run,
             force=force,
+            verify=verify,
             stage=stage,
         )
     click.echo("\n".join(lines))

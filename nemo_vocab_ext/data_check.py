@@ -152,7 +152,8 @@ class DataScan:
         if self.ok:
             return (
                 f"{head} in {self.index.num_documents:,} documents, "
-                f"max id {self.max_id} < vocab size {self.vocab_size}, ok"
+                f"max id {self.max_id} < vocab size {self.vocab_size}, ok "
+                f"({self.index.bin_bytes / 1e9:.2f} GB scanned at {self.bytes_per_second / 1e9:.1f} GB/s)"
             )
         parts = []
         if self.num_out_of_range:

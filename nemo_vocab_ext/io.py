@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -11,6 +12,7 @@ import torch
 from .checkpoint import Checkpoint, Value
 from .errors import CheckpointFormatError
 from .formats.archive import atomic_output
+from .formats.region import Entries, held, tensor_meta
 
 
 class Format(str, enum.Enum):
@@ -98,13 +100,24 @@ def _same(a: Value, b: Value) -> bool:
     return type(a) is type(b) and a == b
 
 
-def verify_same_weights(expected: Checkpoint, written: Checkpoint, where: Path) -> None:
-    """Every stored entry of ``expected`` must come back bit-exact, and the config unchanged."""
-    missing = sorted(set(expected.tensors) - set(written.tensors))
+def _shape_of(entries: Mapping[str, Value], key: str) -> object:
+    """What a reader knows of an entry without reading it: shape and dtype, or that it is a blob or empty."""
+    meta = tensor_meta(entries, key)
+    if meta is not None:
+        return meta
+    return "empty" if held(entries, key) is None else "blob"
+
+
+def verify_written(expected: Checkpoint, written: Checkpoint, where: Path, *, bitwise: bool) -> None:
+    """Every entry of ``expected`` is in ``written`` with its shape and dtype, and the config is unchanged;
+    with ``bitwise``, every entry is also read back and compared bit for bit (one entry in memory at a time)."""
+    missing = [k for k in expected.tensors if k not in written.tensors]
     if missing:
         raise CheckpointFormatError(f"{where}: written file lacks {len(missing)} entries, first '{missing[0]}'")
-    for key, value in expected.tensors.items():
-        if not _same(value, written.tensors[key]):
+    for key in expected.tensors:
+        if _shape_of(expected.tensors, key) != _shape_of(written.tensors, key):
+            raise CheckpointFormatError(f"{where}: entry '{key}' has another shape or type after writing; not kept")
+        if bitwise and not _same(expected.tensors[key], written.tensors[key]):
             raise CheckpointFormatError(f"{where}: entry '{key}' differs after writing; the output was not kept")
     if expected.config != written.config or expected.artifacts != written.artifacts:
         raise CheckpointFormatError(f"{where}: config or artifacts differ after writing; the output was not kept")
@@ -118,10 +131,18 @@ def no_stage(_: str) -> None:
 
 
 def save_checkpoint(
-    ckpt: Checkpoint, dst: str | Path, fmt: Format, *, force: bool = False, stage: Stage = no_stage
+    ckpt: Checkpoint,
+    dst: str | Path,
+    fmt: Format,
+    *,
+    force: bool = False,
+    verify: bool = False,
+    stage: Stage = no_stage,
 ) -> None:
-    """Write atomically, and read everything back before the output takes its name.
+    """Write atomically; the output takes its name only after it is read back and checked.
 
+    The check covers every entry's presence, shape and dtype, and the config and artifacts;
+    ``verify`` also compares every entry's bytes (a second read of input and output).
     ``stage`` is told when each step starts (for a progress display).
     """
     with atomic_output(dst, force=force) as tmp:
@@ -130,4 +151,9 @@ def save_checkpoint(
         stage("reading back")
         written, _ = load_checkpoint(tmp, fmt)
         stage("verifying")
-        verify_same_weights(ckpt, written, Path(dst))
+        verify_written(ckpt, written, Path(dst), bitwise=verify)
+
+
+def select(ckpt: Checkpoint, keep: Callable[[str], bool]) -> Checkpoint:
+    """The same checkpoint with only the entries whose key passes ``keep`` (nothing is read)."""
+    return dataclasses.replace(ckpt, tensors=Entries({k: held(ckpt.tensors, k) for k in ckpt.tensors if keep(k)}))

@@ -32,6 +32,7 @@ def run_resize(
     seed: int = 0,
     dry_run: bool = False,
     force: bool = False,
+    verify: bool = False,
     stage: Stage = no_stage,
 ) -> list[str]:
     """Resize ``src`` into ``dst`` (a .nemo) and return the report lines; ``dry_run`` writes nothing."""
@@ -72,5 +73,5 @@ def run_resize(
         resized.config = dict(resized.config, make_vocab_size_divisible_by=plan.divisible_by)
         if tensor_parallel is not None and resized.rank_tensors is None:
             resized.config["tensor_model_parallel_size"] = tensor_parallel
-        save_checkpoint(resized, dst, Format.NEMO, force=force, stage=stage)
+        save_checkpoint(resized, dst, Format.NEMO, force=force, verify=verify, stage=stage)
     return [f"wrote {dst}", *plan.lines(done)]

@@ -70,10 +70,18 @@ def _check_tied(ckpt: Checkpoint, report: Report) -> None:
         )
 
 
+def _all_finite(t: torch.Tensor, block: int = 1 << 24) -> bool:
+    """``isfinite(t).all()`` in blocks: the boolean mask of a whole large tensor would double its memory."""
+    flat = t.reshape(-1)
+    return all(bool(torch.isfinite(flat[i : i + block]).all()) for i in range(0, flat.numel(), block))
+
+
 def _check_finite(ckpt: Checkpoint, report: Report) -> None:
     bad = []
-    for key, t in ckpt.weights().items():
-        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+    count = 0
+    for key, t in ckpt.weights():  # one tensor in memory at a time
+        count += 1
+        if t.is_floating_point() and not _all_finite(t):
             bad.append(key)
     if bad:
         report.add(
@@ -82,7 +90,7 @@ def _check_finite(ckpt: Checkpoint, report: Report) -> None:
             f"NaN/Inf in {len(bad)} tensor(s), first '{bad[0]}'; this checkpoint cannot be trained from",
         )
     else:
-        report.add("finite", True, f"no NaN/Inf in {len(ckpt.weights())} tensors")
+        report.add("finite", True, f"no NaN/Inf in {count} tensors")
 
 
 def validate_checkpoint(

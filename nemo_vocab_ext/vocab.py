@@ -6,7 +6,7 @@ Works on ``Checkpoint`` objects only, so the CLI and the NeMo plugin share one i
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from .core.resize import (
 )
 from .core.sizes import padded_vocab_size
 from .errors import ConfigError, ResizeError, TokenizerError
+from .formats.region import Entries, Stored, held
 from .tokenizer import TokenizerInfo, check_ids_preserved, load_tokenizer
 
 DEFAULT_DIVISIBLE_BY = 128
@@ -201,22 +202,25 @@ def apply_resize(
     generator = torch.Generator().manual_seed(seed)
     new_tables: dict[str, torch.Tensor] = {}
     done: list[TensorResize] = []
-    resized_once: dict[int, torch.Tensor] = {}
+    resized_once: dict[Hashable, torch.Tensor] = {}
     for key, table in tables.items():
-        if id(table) in resized_once:  # one storage under two names (tied copies): resize once
-            new_tables[key] = resized_once[id(table)]
+        stored = held(ckpt.tensors, key)
+        identity = stored.identity() if isinstance(stored, Stored) else id(table)
+        if identity in resized_once:  # one storage under two names (tied copies): resize once
+            new_tables[key] = resized_once[identity]
             continue
         new, stats = resize_table(
             table, plan.rows, plan.init, padding_init=plan.padding_init, pieces=pieces, generator=generator
         )
-        resized_once[id(table)] = new
+        resized_once[identity] = new
         new_tables[key] = new
         done.append(
             TensorResize(
                 key, tuple(table.shape), tuple(new.shape), rows_hash(table, plan.rows.kept), stats.fvt_fallbacks
             )
         )
-    tensors: dict[str, Value] = dict(ckpt.tensors)
+    # Untouched entries stay as held (on disk until written); only the resized ones are in memory.
+    tensors: dict[str, object] = {k: held(ckpt.tensors, k) for k in ckpt.tensors}
     for key, new in new_tables.items():
         if ckpt.rank_tensors is None:
             tensors[key] = new
@@ -234,7 +238,8 @@ def apply_resize(
     # Stale: it would win over the new tokenizer's size. Removed, not nulled: NeMo reads it with
     # cfg.get('override_vocab_size', padded) and a null would become the table size.
     config.pop("override_vocab_size", None)
-    return replace(ckpt, tensors=tensors, config=config, rank_tensors=rank_tensors), done
+    entries = Entries(tensors)
+    return replace(ckpt, tensors=entries, config=config, rank_tensors=rank_tensors), done
 
 
 def _split_into_ranks(

@@ -419,7 +419,7 @@ class Demo:
         """The tables the continual run started from, against base.nemo as saved (read without NeMo)."""
         from nemo_vocab_ext.io import load_checkpoint
 
-        old = load_checkpoint(self.p.base_nemo)[0].weights()[EMBEDDING]
+        old = load_checkpoint(self.p.base_nemo)[0].tensors[EMBEDDING]
         start = record["start"][EMBEDDING]
         rows = padded(merged_vocab)
         if record["tokenizer_vocab_size"] != merged_vocab or tuple(start.shape) != (rows, old.shape[1]):

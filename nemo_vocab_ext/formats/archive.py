@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import CheckpointFormatError, OutputExistsError, UnsafeCheckpointError
+from .region import FileRegion
 
 
 def normalize_member(name: str) -> str:
@@ -55,7 +56,9 @@ class NemoArchive:
     def _open(self) -> tarfile.TarFile:
         for mode in ("r:", "r:gz"):
             try:
-                return tarfile.open(self.path, mode)  # noqa: SIM115 - closed by close()
+                tar = tarfile.open(self.path, mode)  # noqa: SIM115 - closed by close()
+                self.compressed = mode != "r:"
+                return tar
             except (tarfile.TarError, EOFError, OSError):
                 continue
         raise CheckpointFormatError(f"{self.path}: not a .nemo archive (neither tar nor tar.gz)")
@@ -91,17 +94,23 @@ class NemoArchive:
             )
         return data
 
-    def extract_dir(self, prefix: str, out_dir: Path) -> Path:
-        """Extract every member under ``prefix/`` into ``out_dir/prefix`` (members were checked on open)."""
-        target = out_dir / prefix
-        target.mkdir(parents=True, exist_ok=True)
+    def region(self, name: str) -> FileRegion:
+        """Where a member's bytes lie in the archive file (uncompressed archives only)."""
+        member = self.members.get(name)
+        if member is None or not member.isfile():
+            raise CheckpointFormatError(f"{self.path}: member '{name}' is missing")
+        assert not self.compressed, "compressed archives have no byte regions; extract them"
+        if member.offset_data + member.size > self.path.stat().st_size:
+            raise CheckpointFormatError(f"{self.path}: member '{name}' is truncated; re-copy the file")
+        return FileRegion(self.path, member.offset_data, member.size)
+
+    def extract_all(self, out_dir: Path) -> None:
+        """Extract every file member into ``out_dir`` (members were checked on open)."""
         for name, member in self.members.items():
-            if not name.startswith(prefix + "/") or not member.isfile():
-                continue
-            dest = out_dir / name
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            dest.write_bytes(self.read(name))
-        return target
+            if member.isfile():
+                dest = out_dir / name
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.write_bytes(self.read(name))
 
 
 def _publish(tmp: Path, dst: Path, force: bool) -> None:
@@ -137,11 +146,3 @@ def atomic_output(dst: str | Path, *, force: bool) -> Iterator[Path]:
         _publish(tmp, dst, force)
     finally:
         shutil.rmtree(tmp_root, ignore_errors=True)
-
-
-def write_tar(src_dir: Path, dst: Path) -> None:
-    """Write ``src_dir`` as NeMo does: an uncompressed tar with ``./`` member names, sorted for reproducibility."""
-    with tarfile.open(dst, "w:") as tar:
-        tar.add(src_dir, arcname=".", recursive=False)
-        for path in sorted(src_dir.rglob("*")):
-            tar.add(path, arcname="./" + path.relative_to(src_dir).as_posix(), recursive=False)

@@ -14,10 +14,12 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import DISTRIBUTED, SINGLE, Checkpoint, Value, stored_entries
+from ..checkpoint import DISTRIBUTED, SINGLE, Checkpoint
 from ..errors import CheckpointFormatError, ConfigError
+from .region import Entries, FileRegion, OutFile, held
 from .safe_pickle import safe_torch_load
-from .torch_dist import read_torch_dist, write_torch_dist
+from .torch_dist import open_torch_dist, write_torch_dist
+from .torch_zip import load_all, read_torch_file, write_torch_file
 
 ARTIFACTS_KEY = "nemo_vocab_ext_artifacts"
 MODEL_PREFIX = "model."
@@ -48,16 +50,17 @@ def read_lightning(path: str | Path) -> Checkpoint:
         common = safe_torch_load(path / "common.pt", what=f"{path}/common.pt")
         if not isinstance(common, dict):
             raise CheckpointFormatError(f"{path}/common.pt: expected a dict, found {type(common).__name__}")
-        tensors: dict[str, Value] = dict(read_torch_dist(path))
         artifacts = common.pop(ARTIFACTS_KEY, {}) or {}
         config = _config_of(common, path)
-        return Checkpoint(tensors, config, DISTRIBUTED, dict(artifacts), training_state=common)
+        return Checkpoint(Entries(open_torch_dist(path)), config, DISTRIBUTED, dict(artifacts), training_state=common)
     if not path.is_file():
         raise CheckpointFormatError(f"{path}: neither a Lightning .ckpt file nor a distributed checkpoint folder")
-    payload = safe_torch_load(path, what=str(path))
+    # Tensors stay in the file until used; the rest (loops, optimizer param groups...) is small.
+    payload = read_torch_file(FileRegion(path, 0, path.stat().st_size), what=str(path))
     if not isinstance(payload, dict) or "state_dict" not in payload:
         raise CheckpointFormatError(f"{path}: not a Lightning checkpoint (no 'state_dict')")
-    state: dict[str, Value] = payload.pop("state_dict")
+    state = Entries(payload.pop("state_dict"))
+    payload = load_all(payload)  # optimizer states, when present, are written back as they were
     artifacts = payload.pop(ARTIFACTS_KEY, {}) or {}
     config = _config_of(payload, path)
     return Checkpoint(state, config, SINGLE, dict(artifacts), training_state=payload)
@@ -84,7 +87,7 @@ def write_lightning(ckpt: Checkpoint, dst: Path) -> None:
         torch.save(payload, buf)
         write_torch_dist(
             dst,
-            stored_entries(ckpt.tensors),
+            ckpt.tensors,
             common=buf.getvalue(),
             metadata_json=ckpt.training_state.get("dist_metadata"),
         )
@@ -94,5 +97,6 @@ def write_lightning(ckpt: Checkpoint, dst: Path) -> None:
             f"{ckpt.layout} checkpoints hold one file per rank; merge the partitions first "
             "(NeMo's megatron_change_num_partitions.py) or write a .nemo"
         )
-    payload["state_dict"] = dict(ckpt.tensors)
-    torch.save(payload, dst)
+    payload["state_dict"] = {k: held(ckpt.tensors, k) for k in ckpt.tensors}
+    with open(dst, "wb") as f:
+        write_torch_file(payload, OutFile(f))

@@ -11,11 +11,21 @@ from typing import Any
 import torch
 import yaml
 
-from ..checkpoint import DISTRIBUTED, MP_RANK, SINGLE, TP_PP_RANK, Checkpoint, Value, stored_entries
+from ..checkpoint import DISTRIBUTED, MP_RANK, SINGLE, TP_PP_RANK, Checkpoint, Value
 from ..errors import CheckpointFormatError, ConfigError, UnsupportedError
-from .archive import NemoArchive, write_tar
-from .safe_pickle import safe_torch_load
-from .torch_dist import read_tensor_infos, read_torch_dist, write_torch_dist
+from .archive import NemoArchive
+from .folder import DirOut, OutFolder, tar_out
+from .region import Entries, FileRegion, held
+from .torch_dist import (
+    COMMON_FILE,
+    METADATA_FILE,
+    METADATA_JSON,
+    dist_entries,
+    parse_metadata,
+    tensor_infos,
+    write_torch_dist,
+)
+from .torch_zip import load_all, read_torch_file, write_torch_file
 
 CONFIG = "model_config.yaml"
 WEIGHTS_FILE = "model_weights.ckpt"
@@ -62,17 +72,10 @@ def dump_config(config: dict[str, Any]) -> bytes:
     return OmegaConf.to_yaml(OmegaConf.create(config)).encode("utf-8")
 
 
-def _load_state_dict(data: bytes, what: str) -> dict[str, Value]:
-    state = safe_torch_load(io.BytesIO(data), what=what)
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise CheckpointFormatError(f"{what}: expected a state dict, found {type(state).__name__}")
-    return state
-
-
 class ExtractedNemo:
     """An extracted .nemo folder (what NeMo's ``model_extracted_dir`` points at), read like an archive."""
+
+    compressed = False
 
     def __init__(self, path: Path):
         self.path = path
@@ -87,13 +90,13 @@ class ExtractedNemo:
         return sorted(p.relative_to(self.path).as_posix() for p in self.path.rglob("*") if p.is_file())
 
     def read(self, name: str) -> bytes:
+        return self.region(name).read()
+
+    def region(self, name: str) -> FileRegion:
         member = self.path / name
         if not member.is_file():
             raise CheckpointFormatError(f"{self.path}: '{name}' is missing")
-        return member.read_bytes()
-
-    def extract_dir(self, prefix: str, out_dir: Path) -> Path:
-        return self.path / prefix  # already on disk
+        return FileRegion(member, 0, member.stat().st_size)
 
 
 def open_nemo(path: str | Path) -> NemoArchive | ExtractedNemo:
@@ -116,82 +119,102 @@ def read_nemo_header(path: str | Path) -> tuple[dict[str, Any], dict[str, bytes]
         return _header(source, Path(path))
 
 
+
 def read_dist_tensor_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
     """Global shapes of a distributed .nemo's tensors, from its ``.metadata`` alone."""
-    with open_nemo(path) as source, tempfile.TemporaryDirectory() as tmp:
-        if isinstance(source, NemoArchive):
-            target = Path(tmp) / WEIGHTS_DIR
-            target.mkdir()
-            (target / ".metadata").write_bytes(source.read(f"{WEIGHTS_DIR}/.metadata"))
-        else:
-            target = source.path / WEIGHTS_DIR
-        return {k: tuple(info.shape) for k, info in read_tensor_infos(target).items()}
+    with open_nemo(path) as source:
+        metadata = parse_metadata(source.read(f"{WEIGHTS_DIR}/{METADATA_FILE}"), f"{path}:{WEIGHTS_DIR}")
+    return {k: info.shape for k, info in tensor_infos(metadata).items()}
+
+
+def _state_dict(region: FileRegion, what: str) -> dict[str, Value]:
+    state = read_torch_file(region, what=what)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise CheckpointFormatError(f"{what}: expected a state dict, found {type(state).__name__}")
+    return state
+
+
+def _entries(source: NemoArchive | ExtractedNemo, path: Path) -> Checkpoint:
+    config, artifacts, layout = _header(source, path)
+    if layout == DISTRIBUTED:
+        metadata_json = source.read(f"{WEIGHTS_DIR}/{METADATA_JSON}")
+        if b'"zarr"' in metadata_json:
+            raise UnsupportedError(
+                f"{path}: weights use the deprecated zarr backend; convert them to torch_dist first with "
+                f"NeMo's scripts/checkpoint_converters/convert_zarr_to_torch_dist.py"
+            )
+        where = f"{path}:{WEIGHTS_DIR}"
+        metadata = parse_metadata(source.read(f"{WEIGHTS_DIR}/{METADATA_FILE}"), where)
+        entries = dist_entries(metadata, lambda name: source.region(f"{WEIGHTS_DIR}/{name}"), where)
+        common_name = f"{WEIGHTS_DIR}/{COMMON_FILE}"
+        common = source.read(common_name) if common_name in source.names() else b""
+        state = {"dist_common": common, "dist_metadata": metadata_json}
+        return Checkpoint(Entries(entries), config, layout, artifacts, training_state=state)
+    if layout == SINGLE:
+        tensors = _state_dict(source.region(WEIGHTS_FILE), f"{path}:{WEIGHTS_FILE}")
+        return Checkpoint(Entries(tensors), config, layout, artifacts)
+    pattern = _TP_PP_RANK if layout == TP_PP_RANK else _MP_RANK
+    ranks: dict[tuple[int, int], dict[str, Value]] = {}
+    for name in source.names():
+        m = pattern.match(name)
+        if m:
+            rank = (int(m.group(1)), int(m.group(2)) if layout == TP_PP_RANK else 0)
+            ranks[rank] = load_all(_state_dict(source.region(name), f"{path}:{name}"))
+    return Checkpoint(ranks[min(ranks)], config, layout, artifacts, rank_tensors=ranks)
 
 
 def read_nemo(path: str | Path) -> Checkpoint:
-    """A .nemo archive or an extracted .nemo folder."""
+    """A .nemo archive or an extracted .nemo folder; weights are read when first used."""
     path = Path(path)
     with open_nemo(path) as source:
-        config, artifacts, layout = _header(source, path)
-        names = source.names()
-        if layout == DISTRIBUTED:
-            metadata_json = source.read(f"{WEIGHTS_DIR}/metadata.json")
-            if b'"zarr"' in metadata_json:
-                raise UnsupportedError(
-                    f"{path}: weights use the deprecated zarr backend; convert them to torch_dist first with "
-                    f"NeMo's scripts/checkpoint_converters/convert_zarr_to_torch_dist.py"
-                )
-            with tempfile.TemporaryDirectory() as tmp:
-                weights_dir = source.extract_dir(WEIGHTS_DIR, Path(tmp))
-                tensors: dict[str, Value] = dict(read_torch_dist(weights_dir))
-                common = (weights_dir / "common.pt").read_bytes() if (weights_dir / "common.pt").exists() else b""
-            state = {"dist_common": common, "dist_metadata": metadata_json}
-            return Checkpoint(tensors, config, layout, artifacts, training_state=state)
-        if layout == SINGLE:
-            tensors = _load_state_dict(source.read(WEIGHTS_FILE), f"{path}:{WEIGHTS_FILE}")
-            return Checkpoint(tensors, config, layout, artifacts)
-        pattern = _TP_PP_RANK if layout == TP_PP_RANK else _MP_RANK
-        ranks: dict[tuple[int, int], dict[str, Value]] = {}
-        for name in names:
-            m = pattern.match(name)
-            if m:
-                rank = (int(m.group(1)), int(m.group(2)) if layout == TP_PP_RANK else 0)
-                ranks[rank] = _load_state_dict(source.read(name), f"{path}:{name}")
-        return Checkpoint(ranks[min(ranks)], config, layout, artifacts, rank_tensors=ranks)
+        if not source.compressed:
+            return _entries(source, path)
+        assert isinstance(source, NemoArchive)
+        # tar.gz (before NeMo 1.7): no byte offsets into a compressed stream, so read it all now.
+        with tempfile.TemporaryDirectory() as tmp:
+            source.extract_all(Path(tmp))
+            ckpt = _entries(ExtractedNemo(Path(tmp)), path)
+            ckpt.tensors = {k: ckpt.tensors[k] for k in ckpt.tensors}
+            return ckpt
 
 
-def _state_dict_bytes(state: dict[str, Value]) -> bytes:
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    return buf.getvalue()
+def _write_nemo_to(ckpt: Checkpoint, out: OutFolder) -> None:
+    out.write_bytes(CONFIG, dump_config(ckpt.config))
+    for name, data in ckpt.artifacts.items():
+        out.write_bytes(name, data)
+    if ckpt.layout == DISTRIBUTED:
+        common = ckpt.training_state.get("dist_common")
+        if not common:
+            buf = io.BytesIO()
+            torch.save({}, buf)
+            common = buf.getvalue()
+        write_torch_dist(
+            out.folder(WEIGHTS_DIR),
+            ckpt.tensors,
+            common=common,
+            metadata_json=ckpt.training_state.get("dist_metadata") or DEFAULT_DIST_METADATA,
+        )
+    elif ckpt.layout == SINGLE:
+        with out.file(WEIGHTS_FILE) as f:
+            write_torch_file({k: held(ckpt.tensors, k) for k in ckpt.tensors}, f)
+    elif ckpt.rank_tensors is not None:
+        for (tp, pp), state in ckpt.rank_tensors.items():
+            folder = f"tp_rank_{tp:02d}_pp_rank_{pp:03d}" if ckpt.layout == TP_PP_RANK else f"mp_rank_{tp:02d}"
+            with out.folder(folder).file(WEIGHTS_FILE) as f:
+                write_torch_file(state, f)
+    else:
+        raise CheckpointFormatError(f"layout {ckpt.layout} needs per-rank tensors")
 
 
 def write_nemo_dir(ckpt: Checkpoint, out_dir: Path) -> None:
     """Lay out an extracted .nemo (what NeMo's ``model_extracted_dir`` reads) in ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / CONFIG).write_bytes(dump_config(ckpt.config))
-    for name, data in ckpt.artifacts.items():
-        (out_dir / name).write_bytes(data)
-    if ckpt.layout == DISTRIBUTED:
-        write_torch_dist(
-            out_dir / WEIGHTS_DIR,
-            stored_entries(ckpt.tensors),
-            common=ckpt.training_state.get("dist_common") or _state_dict_bytes({}),
-            metadata_json=ckpt.training_state.get("dist_metadata") or DEFAULT_DIST_METADATA,
-        )
-    elif ckpt.layout == SINGLE:
-        (out_dir / WEIGHTS_FILE).write_bytes(_state_dict_bytes(ckpt.tensors))
-    elif ckpt.rank_tensors is not None:
-        for (tp, pp), state in ckpt.rank_tensors.items():
-            folder = f"tp_rank_{tp:02d}_pp_rank_{pp:03d}" if ckpt.layout == TP_PP_RANK else f"mp_rank_{tp:02d}"
-            (out_dir / folder).mkdir()
-            (out_dir / folder / WEIGHTS_FILE).write_bytes(_state_dict_bytes(state))
-    else:
-        raise CheckpointFormatError(f"layout {ckpt.layout} needs per-rank tensors")
+    _write_nemo_to(ckpt, DirOut(out_dir))
 
 
 def write_nemo(ckpt: Checkpoint, dst: Path) -> None:
-    """Write a .nemo archive at ``dst`` (callers make it atomic)."""
-    with tempfile.TemporaryDirectory(dir=dst.parent) as staging:
-        write_nemo_dir(ckpt, Path(staging))
-        write_tar(Path(staging), dst)
+    """Write a .nemo archive at ``dst``, streamed straight into the tar (callers make it atomic)."""
+    with tar_out(dst) as out:
+        _write_nemo_to(ckpt, out)

@@ -68,7 +68,13 @@ _REFUSED = re.compile(
 )
 
 
-def _unsafe(what: str, name: str) -> UnsafeCheckpointError:
+def refused_global(message: str) -> str | None:
+    """The name torch's weights-only unpickler refused, from its error message; None if none was."""
+    match = _REFUSED.search(message)
+    return next(g for g in match.groups() if g) if match else None
+
+
+def unsafe_error(what: str, name: str) -> UnsafeCheckpointError:
     return UnsafeCheckpointError(
         f"{what}: refused to load: it references {name}, which is not a type NeMo checkpoints contain; "
         "loading this file the usual way (torch.load with weights_only=False, or pickle) would run code"
@@ -85,9 +91,9 @@ def safe_torch_load(source: str | Path | IO[bytes], *, what: str) -> Any:
         try:
             return torch.load(source, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
-            match = _REFUSED.search(str(exc))
-            if match:
-                raise _unsafe(what, next(g for g in match.groups() if g)) from None
+            name = refused_global(str(exc))
+            if name is not None:
+                raise unsafe_error(what, name) from None
             raise CheckpointFormatError(f"{what}: not a readable torch file: {_last_line(exc)}") from None
         except (RuntimeError, EOFError, ValueError, OSError) as exc:
             raise CheckpointFormatError(f"{what}: not a readable torch file: {_last_line(exc)}") from None
@@ -158,7 +164,7 @@ class _MetadataUnpickler(pickle.Unpickler):
             return getattr(torch, name)
         if (module == _MEGATRON_PACKAGE or module.startswith(_MEGATRON_PACKAGE + ".")) and (name in _MEGATRON_STANDINS):
             return _MEGATRON_STANDINS[name]
-        raise _unsafe(self.what, f"{module}.{name}")
+        raise unsafe_error(self.what, f"{module}.{name}")
 
     def persistent_load(self, pid: Any) -> Any:
         # .metadata has no persistent ids; one here means this is not a .metadata file.

@@ -1,6 +1,9 @@
 """The safetensors adapter: one file, or shards with ``model.safetensors.index.json``.
 
-Everything needed to rebuild the .nemo travels in ``__metadata__`` (strings only): the model config,
+Files are read and written here directly (an 8-byte length, a JSON header, then each tensor's
+bytes): entries are read one at a time, and bytes already stored as the output needs them are
+copied without decoding. Everything needed to rebuild the .nemo travels in ``__metadata__``
+(strings only): the model config,
 the layout, the tokenizer artifacts (base64) and which entries are opaque byte blobs or None, so
 safetensors to .nemo needs nothing else. Tensors sharing storage are stored once.
 """
@@ -9,15 +12,18 @@ from __future__ import annotations
 
 import base64
 import json
+import math
+import struct
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ..checkpoint import Checkpoint, Value
 from ..errors import CheckpointFormatError
+from .region import Entries, FileRegion, OutFile, Stored, held, read_tensor, tensor_bytes
 
 INDEX = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -43,63 +49,153 @@ def _encode_metadata(ckpt: Checkpoint, blobs: list[str], nones: list[str], alias
     }
 
 
-def _to_storable(tensors: dict[str, Value]) -> tuple[dict[str, torch.Tensor], list[str], list[str], dict[str, str]]:
-    out: dict[str, torch.Tensor] = {}
+_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+_HEADER_ALIGN = 8  # the header is padded with spaces so that tensor data starts 8-byte aligned
+_MAX_HEADER = 100_000_000  # safetensors' own limit on the header's size
+
+
+@dataclass(frozen=True, eq=False)
+class SafetensorsEntry(Stored):
+    """A tensor in a safetensors file; a byte blob (stored as uint8) when ``shape`` is None."""
+
+    region: FileRegion
+    dtype: torch.dtype | None
+    shape: tuple[int, ...] | None
+
+    def load(self) -> torch.Tensor | bytes:
+        if self.shape is None:
+            return self.region.read()
+        assert self.dtype is not None
+        return read_tensor(self.region, self.dtype, self.shape)
+
+    def raw(self) -> list[FileRegion]:
+        return [self.region]
+
+    @property
+    def nbytes(self) -> int:
+        return self.region.length
+
+    def identity(self) -> Hashable:
+        return self.region
+
+
+@dataclass
+class _Planned:
+    """One stored tensor of the output: where its bytes come from."""
+
+    key: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    nbytes: int
+    source: str  # the entry key to read it from
+
+
+def _plan(tensors: Mapping[str, Value]) -> tuple[list[_Planned], list[str], list[str], dict[str, str]]:
+    """What to store, from shapes alone: byte blobs as uint8, None entries and tied aliases in metadata."""
+    planned: list[_Planned] = []
     blobs: list[str] = []
     nones: list[str] = []
     aliases: dict[str, str] = {}
-    seen: dict[tuple[int, int, tuple[int, ...], torch.dtype], str] = {}
-    for key, value in tensors.items():
+    seen: dict[Hashable, str] = {}
+    for key in tensors:
+        value = held(tensors, key)
         if value is None:
             nones.append(key)
-        elif isinstance(value, bytes):
-            out[key] = (
-                torch.frombuffer(bytearray(value), dtype=torch.uint8) if value else torch.empty(0, dtype=torch.uint8)
-            )
-            blobs.append(key)
+            continue
+        if isinstance(value, Stored):
+            ident: Hashable = ("stored", value.identity())
+            meta = (value.shape, value.dtype) if value.shape is not None and value.dtype is not None else None
+            nbytes = value.nbytes
         elif isinstance(value, torch.Tensor):
-            ident = (value.untyped_storage().data_ptr(), int(value.storage_offset()), tuple(value.shape), value.dtype)
-            if value.numel() and ident in seen:  # tied weights: store once, remember the alias
-                aliases[key] = seen[ident]
-                continue
-            seen[ident] = key
-            out[key] = value.detach().contiguous()
+            ident = ("memory", value.untyped_storage().data_ptr(), value.storage_offset(), value.shape, value.dtype)
+            meta = (tuple(value.shape), value.dtype)
+            nbytes = value.numel() * value.element_size()
+        elif isinstance(value, bytes):
+            ident, meta, nbytes = ("bytes", key), None, len(value)
         else:
             raise CheckpointFormatError(
                 f"entry '{key}' is a {type(value).__name__}; only tensors, bytes and None can be stored"
             )
-    return out, blobs, nones, aliases
+        if meta is None:
+            blobs.append(key)
+            planned.append(_Planned(key, torch.uint8, (nbytes,), nbytes, key))
+            continue
+        if nbytes and ident in seen:  # tied weights: store once, remember the alias
+            aliases[key] = seen[ident]
+            continue
+        seen[ident] = key
+        planned.append(_Planned(key, meta[1], tuple(meta[0]), nbytes, key))
+    return planned, blobs, nones, aliases
+
+
+def _write_file(path: Path, planned: list[_Planned], tensors: Mapping[str, Value], metadata: dict[str, str]) -> None:
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for p in planned:
+        header[p.key] = {"dtype": _NAMES[p.dtype], "shape": list(p.shape), "data_offsets": [offset, offset + p.nbytes]}
+        offset += p.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-(len(text) + 8) % _HEADER_ALIGN)
+    with open(path, "wb") as f:
+        out = OutFile(f)
+        out.write(struct.pack("<Q", len(text)))
+        out.write(text)
+        for p in planned:
+            value = held(tensors, p.source)
+            raw = value.raw() if isinstance(value, Stored) else None
+            if raw is not None and sum(r.length for r in raw) == p.nbytes:
+                for region in raw:  # the stored bytes are already what we write
+                    out.copy_from(region)
+                continue
+            loaded = tensors[p.source]
+            data = memoryview(loaded) if isinstance(loaded, bytes) else tensor_bytes(loaded)  # type: ignore[arg-type]
+            if len(data) != p.nbytes:
+                raise CheckpointFormatError(f"entry '{p.key}' changed size while it was written")
+            out.write(data)
 
 
 def write_safetensors(ckpt: Checkpoint, dst: Path, *, max_shard_bytes: int | None = None) -> None:
-    """A single file when ``dst`` ends in .safetensors, else a folder of shards plus the index."""
+    """A single file when ``dst`` ends in .safetensors, else a folder of shards plus the index; one entry at a time."""
     if ckpt.rank_tensors is not None and len(ckpt.rank_tensors) > 1:
         raise CheckpointFormatError(
             f"{ckpt.layout} checkpoints with several ranks cannot be stored as one safetensors model; "
             "merge the partitions first with NeMo's megatron_change_num_partitions.py"
         )
-    tensors, blobs, nones, aliases = _to_storable(dict(ckpt.tensors))
+    planned, blobs, nones, aliases = _plan(ckpt.tensors)
     metadata = _encode_metadata(ckpt, blobs, nones, aliases)
     if dst.suffix == ".safetensors":
-        save_file(tensors, str(dst), metadata=metadata)
+        _write_file(dst, planned, ckpt.tensors, metadata)
         return
     limit = max_shard_bytes or DEFAULT_MAX_SHARD_BYTES
-    shards: list[dict[str, torch.Tensor]] = [{}]
+    shards: list[list[_Planned]] = [[]]
     size = 0
-    for key, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > limit:
-            shards.append({})
+    for p in planned:
+        if shards[-1] and size + p.nbytes > limit:
+            shards.append([])
             size = 0
-        shards[-1][key] = t
-        size += nbytes
+        shards[-1].append(p)
+        size += p.nbytes
     dst.mkdir(parents=True)
     weight_map: dict[str, str] = {}
     for i, shard in enumerate(shards, 1):
         name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(dst / name), metadata=metadata)
-        weight_map.update(dict.fromkeys(shard, name))
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
+        _write_file(dst / name, shard, ckpt.tensors, metadata)
+        weight_map.update(dict.fromkeys((p.key for p in shard), name))
+    total = sum(p.nbytes for p in planned)
     index = {"metadata": {"total_size": total, **metadata}, "weight_map": weight_map}
     (dst / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True))
 
@@ -141,30 +237,62 @@ def _decode_metadata(
         raise CheckpointFormatError(f"{source}: corrupt nemo_vocab_ext metadata ({e})") from e
 
 
+def _read_header(path: Path) -> tuple[dict[str, Any], int]:
+    """The header and where tensor data starts."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise CheckpointFormatError(f"{path}: not a safetensors file (too short)")
+        (length,) = struct.unpack("<Q", head)
+        if length > min(_MAX_HEADER, size - 8):
+            raise CheckpointFormatError(f"{path}: not a safetensors file (header length {length})")
+        try:
+            header = json.loads(f.read(length))
+        except ValueError as e:
+            raise CheckpointFormatError(f"{path}: not a safetensors file (header: {e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointFormatError(f"{path}: not a safetensors file (header is not an object)")
+    return header, 8 + length
+
+
+def _file_entries(path: Path) -> tuple[dict[str, SafetensorsEntry], dict[str, str]]:
+    header, data_start = _read_header(path)
+    container = FileRegion(path, data_start, path.stat().st_size - data_start)
+    meta = header.pop("__metadata__", None) or {}
+    entries: dict[str, SafetensorsEntry] = {}
+    for key, info in header.items():
+        try:
+            dtype = _DTYPES[info["dtype"]]
+            shape = tuple(int(s) for s in info["shape"])
+            begin, end = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointFormatError(f"{path}: entry '{key}' has a malformed header ({e})") from None
+        if end - begin != math.prod(shape) * dtype.itemsize:
+            raise CheckpointFormatError(f"{path}: entry '{key}' has {end - begin} bytes for shape {list(shape)}")
+        region = container.sub(begin, end - begin)
+        entries[key] = SafetensorsEntry(region, dtype, shape)
+    return entries, meta
+
+
 def read_safetensors(src: str | Path) -> Checkpoint:
+    """Entries are read when used; byte blobs, None entries and aliases are restored from the metadata."""
     src = Path(src)
-    files = _shard_files(src)
-    tensors: dict[str, Value] = {}
+    entries: dict[str, Stored | None] = {}
     meta: dict[str, str] | None = None
-    for f in files:
+    for f in _shard_files(src):
         if not f.is_file():
             raise CheckpointFormatError(f"{f}: shard listed in the index is missing")
-        try:
-            with safe_open(str(f), framework="pt") as handle:
-                meta = meta or handle.metadata() or {}
-                for key in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
-                    tensors[key] = handle.get_tensor(key)
-        except Exception as e:  # safetensors raises its own error types for corrupt headers
-            if isinstance(e, CheckpointFormatError):
-                raise
-            raise CheckpointFormatError(f"{f}: not a readable safetensors file ({e})") from e
+        found, file_meta = _file_entries(f)
+        entries.update(found)
+        meta = meta or file_meta
     config, layout, artifacts, blobs, nones, aliases = _decode_metadata(meta or {}, src)
     for key in blobs:
-        t = tensors[key]
-        assert isinstance(t, torch.Tensor)
-        tensors[key] = t.numpy().tobytes()
+        entry = entries[key]
+        assert isinstance(entry, SafetensorsEntry)
+        entries[key] = SafetensorsEntry(entry.region, None, None)
     for key in nones:
-        tensors[key] = None
+        entries[key] = None
     for key, target in aliases.items():
-        tensors[key] = tensors[target]
-    return Checkpoint(tensors, config, layout, artifacts)
+        entries[key] = entries[target]
+    return Checkpoint(Entries(entries), config, layout, artifacts)

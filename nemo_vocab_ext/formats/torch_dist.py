@@ -4,41 +4,45 @@ A folder holds ``.metadata`` (a pickled ``torch.distributed.checkpoint`` Metadat
 global shape, dtype and where each chunk lives), ``__<rank>_<i>.distcp`` data files, ``common.pt``
 (megatron's non-sharded state) and ``metadata.json`` (the backend names).
 
-Everything runs in one process without a process group (``no_dist=True``): tensors come back
-global, their shards joined. Byte entries (``_extra_state`` blobs, megatron's ShardedObjects) are
-passed through as the exact bytes stored, never unpickled.
+Each tensor item in a ``.distcp`` file is a ``torch.save`` file of one chunk; byte entries
+(``_extra_state`` blobs, megatron's ShardedObjects) are raw bytes. Entries are read lazily, one at a
+time (tensors come back global, their chunks joined), never unpickled beyond torch's weights-only
+set. Output is streamed into one ``.distcp`` file: a tensor that comes from another torch_dist
+checkpoint is copied chunk by chunk as stored, without decoding.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import math
-import warnings
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+import pickle
+import uuid
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
+from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
+    ChunkStorageMetadata,
     Metadata,
+    MetadataIndex,
     StorageMeta,
+    TensorProperties,
     TensorStorageMetadata,
 )
-from torch.distributed.checkpoint.planner import ReadItem, SavePlan, WriteItem, WriteItemType
 
-from ..errors import CheckpointFormatError, OutputExistsError, VocabExtError
+from ..errors import CheckpointFormatError, OutputExistsError
+from .folder import DirOut, OutFolder
+from .region import FileRegion, Stored, held, tensor_bytes, tensor_meta
 from .safe_pickle import restricted_unpickle
+from .torch_zip import StoredTensor, read_torch_file, write_torch_file
 
 METADATA_FILE = ".metadata"
 COMMON_FILE = "common.pt"
 METADATA_JSON = "metadata.json"
+DATA_FILE = "__0_0.distcp"  # one writer, one file, as megatron names rank 0's first file
 DEFAULT_METADATA_JSON = json.dumps(
     {
         "sharded_backend": "torch_dist",
@@ -49,6 +53,7 @@ DEFAULT_METADATA_JSON = json.dumps(
 ).encode()
 
 Entry = torch.Tensor | bytes
+Resolve = Callable[[str], FileRegion]  # a data file's name in the folder -> where its bytes lie
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,13 @@ class TensorInfo:
     dtype: torch.dtype
 
 
+def parse_metadata(data: bytes, what: str) -> Metadata:
+    metadata = restricted_unpickle(data, what=what)
+    if not isinstance(metadata, Metadata) or not isinstance(metadata.state_dict_metadata, dict):
+        raise CheckpointFormatError(f"{what}: not a torch.distributed.checkpoint metadata file")
+    return metadata
+
+
 def read_metadata(ckpt_dir: str | Path) -> Metadata:
     """The folder's ``.metadata``, unpickled with the restricted unpickler."""
     path = Path(ckpt_dir) / METADATA_FILE
@@ -66,169 +78,250 @@ def read_metadata(ckpt_dir: str | Path) -> Metadata:
         data = path.read_bytes()
     except OSError as exc:
         raise CheckpointFormatError(f"{path}: cannot read the torch_dist metadata ({exc.strerror})") from None
-    metadata = restricted_unpickle(data, what=str(path))
-    if not isinstance(metadata, Metadata) or not isinstance(metadata.state_dict_metadata, dict):
-        raise CheckpointFormatError(f"{path}: not a torch.distributed.checkpoint metadata file")
-    return metadata
+    return parse_metadata(data, str(path))
 
 
-def read_tensor_infos(ckpt_dir: str | Path) -> dict[str, TensorInfo]:
-    """Global shape and dtype of every tensor, from ``.metadata`` alone (no tensor data is read)."""
+def tensor_infos(metadata: Metadata) -> dict[str, TensorInfo]:
     return {
         key: TensorInfo(tuple(md.size), md.properties.dtype)
-        for key, md in read_metadata(ckpt_dir).state_dict_metadata.items()
+        for key, md in metadata.state_dict_metadata.items()
         if isinstance(md, TensorStorageMetadata)
     }
 
 
+def read_tensor_infos(ckpt_dir: str | Path) -> dict[str, TensorInfo]:
+    """Global shape and dtype of every tensor, from ``.metadata`` alone (no tensor data is read)."""
+    return tensor_infos(read_metadata(ckpt_dir))
+
+
 def list_keys(ckpt_dir: str | Path) -> list[str]:
-    """Every stored key, tensors and byte entries, in stored order (to read in bounded groups)."""
+    """Every stored key, tensors and byte entries, in stored order."""
     return list(read_metadata(ckpt_dir).state_dict_metadata)
 
 
-class _RestrictedReader(dcp.FileSystemReader):
-    """FileSystemReader handed the ``.metadata`` we unpickled with the restricted unpickler, so it
-    never ``pickle.load``s the file itself. Tensor data it reads with ``torch.load(weights_only=True)``."""
-
-    def __init__(self, path: Path, metadata: Metadata) -> None:
-        super().__init__(path)
-        self._metadata = metadata
-
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        # As FileSystemReader does: the load id marks this load in torch's own bookkeeping.
-        if getattr(self._metadata, "storage_meta", None) is None:
-            self._metadata.storage_meta = StorageMeta()
-        self._metadata.storage_meta.load_id = self.load_id  # type: ignore[union-attr]
-        return self._metadata
+@dataclass(frozen=True)
+class DistChunk:
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    item: FileRegion  # a torch.save file holding exactly this chunk
 
 
-class _RawBytesLoadPlanner(DefaultLoadPlanner):
-    """Keeps byte entries as stored; the default planner would ``torch.load(weights_only=False)`` them."""
+@dataclass(frozen=True, eq=False)
+class DistTensor(Stored):
+    """A global tensor stored as chunks; loading joins them."""
 
-    def __init__(self) -> None:
-        # Flat keys as stored: no nesting by '.', which would split keys like 'model.embedding...'.
-        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+    key: str
+    shape: tuple[int, ...]  # type: ignore[assignment]
+    dtype: torch.dtype  # type: ignore[assignment]
+    properties: TensorProperties
+    chunks: tuple[DistChunk, ...]
 
-    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
-        self.state_dict[read_item.dest_index.fqn] = value.getvalue()
+    def _chunk_tensor(self, chunk: DistChunk) -> StoredTensor:
+        value = read_torch_file(chunk.item, what=f"{chunk.item.path}: chunk {chunk.offsets} of {self.key!r}")
+        if not isinstance(value, StoredTensor) or value.shape != chunk.sizes or value.dtype != self.dtype:
+            raise CheckpointFormatError(
+                f"{chunk.item.path}: chunk {chunk.offsets} of {self.key!r} does not hold a {self.dtype} tensor of "
+                f"shape {chunk.sizes}"
+            )
+        return value
+
+    def load(self) -> torch.Tensor:
+        out = torch.empty(self.shape, dtype=self.dtype)
+        for chunk in self.chunks:
+            target = out[tuple(slice(o, o + s) for o, s in zip(chunk.offsets, chunk.sizes, strict=False))]
+            stored = self._chunk_tensor(chunk)
+            raw = stored.raw()
+            if raw is not None and target.is_contiguous():
+                raw[0].read_into(tensor_bytes(target))  # straight into place: no intermediate copy
+            else:
+                target.copy_(stored.load())
+        return out
+
+    def raw(self) -> list[FileRegion] | None:
+        # Chunks that split only the first dimension, in order, are the tensor's bytes back to back.
+        ordered = sorted(self.chunks, key=lambda c: c.offsets)
+        row = 0
+        for chunk in ordered:
+            if chunk.offsets[0] != row or tuple(chunk.offsets[1:]) != (0,) * (len(self.shape) - 1):
+                return None
+            if tuple(chunk.sizes[1:]) != self.shape[1:]:
+                return None
+            row += chunk.sizes[0] if chunk.sizes else 1
+        regions: list[FileRegion] = []
+        for chunk in ordered:
+            raw = self._chunk_tensor(chunk).raw()
+            if raw is None:
+                return None
+            regions.extend(raw)
+        return regions
+
+    def identity(self) -> Hashable:
+        return tuple(c.item for c in self.chunks)
 
 
-@contextmanager
-def _dcp_call() -> Iterator[None]:
-    """Quiet dcp's single-process warning (single process is the intent) and unwrap its errors:
-    dcp reports every failure as a CheckpointException (a BaseException) holding each rank's error."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        try:
-            yield
-        except CheckpointException as exc:
-            causes = [cause for cause, _trace in exc.failures.values()]
-            raise (causes[0] if causes else RuntimeError(str(exc))) from None
+@dataclass(frozen=True, eq=False)
+class DistBytes(Stored):
+    """A byte entry, kept exactly as stored."""
+
+    region: FileRegion
+    shape = None
+    dtype = None
+
+    def load(self) -> bytes:
+        return self.region.read()
+
+    def raw(self) -> list[FileRegion]:
+        return [self.region]
+
+    @property
+    def nbytes(self) -> int:
+        return self.region.length
+
+    def identity(self) -> Hashable:
+        return self.region
+
+
+def dist_entries(metadata: Metadata, resolve: Resolve, where: str) -> dict[str, Stored]:
+    """Every entry of a torch_dist checkpoint, lazily; ``resolve`` finds the data files."""
+    files: dict[str, FileRegion] = {}
+
+    def item(index: MetadataIndex) -> FileRegion:
+        info = metadata.storage_data.get(index) if isinstance(metadata.storage_data, dict) else None
+        if not isinstance(info, _StorageInfo):
+            raise CheckpointFormatError(f"{where}/{METADATA_FILE}: no storage record for {index.fqn!r} {index.offset}")
+        if info.transform_descriptors:
+            raise CheckpointFormatError(
+                f"{where}: {index.fqn!r} is stored with transforms {list(info.transform_descriptors)}; not supported"
+            )
+        if info.relative_path not in files:
+            files[info.relative_path] = resolve(info.relative_path)
+        return files[info.relative_path].sub(info.offset, info.length)
+
+    entries: dict[str, Stored] = {}
+    for key, md in metadata.state_dict_metadata.items():
+        if isinstance(md, TensorStorageMetadata):
+            # Chunks are disjoint (megatron validates its sharding; dcp drops replicas), so they must
+            # add up to the whole tensor, or uninitialised memory would come back.
+            if sum(math.prod(chunk.sizes) for chunk in md.chunks) != math.prod(md.size):
+                raise CheckpointFormatError(
+                    f"{where}/{METADATA_FILE}: the stored chunks of {key!r} do not cover its shape {tuple(md.size)}"
+                )
+            chunks = tuple(
+                DistChunk(tuple(c.offsets), tuple(c.sizes), item(MetadataIndex(key, c.offsets))) for c in md.chunks
+            )
+            entries[key] = DistTensor(key, tuple(md.size), md.properties.dtype, md.properties, chunks)
+        elif isinstance(md, BytesStorageMetadata):
+            entries[key] = DistBytes(item(MetadataIndex(key)))
+        else:
+            raise CheckpointFormatError(f"{where}/{METADATA_FILE}: entry {key!r} has unknown type {type(md).__name__}")
+    return entries
+
+
+def _file_region(ckpt_dir: Path) -> Resolve:
+    def resolve(name: str) -> FileRegion:
+        path = ckpt_dir / name
+        if "/" in name or name.startswith(".") or not path.is_file():
+            raise CheckpointFormatError(f"{ckpt_dir}: data file {name!r} is missing; the checkpoint is incomplete")
+        return FileRegion(path, 0, path.stat().st_size)
+
+    return resolve
+
+
+def open_torch_dist(ckpt_dir: str | Path) -> dict[str, Stored]:
+    """A torch_dist folder's entries, read only when loaded."""
+    ckpt_dir = Path(ckpt_dir)
+    return dist_entries(read_metadata(ckpt_dir), _file_region(ckpt_dir), str(ckpt_dir))
 
 
 def read_torch_dist(ckpt_dir: str | Path, keys: Iterable[str] | None = None) -> dict[str, Entry]:
-    """Global tensors (shards joined) and raw byte entries; only ``keys`` if given."""
-    ckpt_dir = Path(ckpt_dir)
-    metadata = read_metadata(ckpt_dir)
-    stored = metadata.state_dict_metadata
-    wanted = list(stored) if keys is None else list(dict.fromkeys(keys))
-    missing = [k for k in wanted if k not in stored]
+    """Global tensors (chunks joined) and raw byte entries, read now; only ``keys`` if given."""
+    entries = open_torch_dist(ckpt_dir)
+    wanted = list(entries) if keys is None else list(dict.fromkeys(keys))
+    missing = [k for k in wanted if k not in entries]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise CheckpointFormatError(f"{ckpt_dir}: no such entries in the checkpoint: {shown}")
-
-    # Empty global tensors of the stored shape and dtype: the reader copies every chunk into place.
-    state: dict[str, Any] = {}
-    for key in wanted:
-        md = stored[key]
-        if isinstance(md, TensorStorageMetadata):
-            # Chunks are disjoint (megatron validates its sharding; dcp drops replicas), so they must
-            # add up to the whole tensor, or torch.empty's uninitialised memory would come back.
-            if sum(math.prod(chunk.sizes) for chunk in md.chunks) != math.prod(md.size):
-                raise CheckpointFormatError(
-                    f"{ckpt_dir}/{METADATA_FILE}: the stored chunks of {key!r} do not cover its shape {tuple(md.size)}"
-                )
-            state[key] = torch.empty(md.size, dtype=md.properties.dtype)
-        elif isinstance(md, BytesStorageMetadata):
-            state[key] = b""
-        else:
-            raise CheckpointFormatError(
-                f"{ckpt_dir}/{METADATA_FILE}: entry {key!r} has unknown type {type(md).__name__}"
-            )
-    if not state:
-        return {}
-    try:
-        with _dcp_call():
-            dcp.load(
-                state,
-                storage_reader=_RestrictedReader(ckpt_dir, metadata),
-                planner=_RawBytesLoadPlanner(),
-                no_dist=True,
-            )
-    except VocabExtError:
-        raise
-    except Exception as exc:  # a missing, truncated or garbled .distcp surfaces as many types
-        cause = " ".join(str(exc).split())
-        raise CheckpointFormatError(
-            f"{ckpt_dir}: cannot read tensor data ({type(exc).__name__}: {cause}); a .distcp file is missing or damaged"
-        ) from None
-    return state
-
-
-class _RawBytesSavePlanner(DefaultSavePlanner):
-    """Writes byte entries unchanged (the default planner would ``torch.save`` them again) and
-    records megatron's per-tensor ``mcore_data`` as megatron's own planner does."""
-
-    def __init__(self) -> None:
-        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
-
-    def transform_object(self, write_item: WriteItem, object: Any) -> Any:
-        if write_item.type == WriteItemType.BYTE_IO:
-            return io.BytesIO(object)
-        return object
-
-    def create_global_plan(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Metadata]:
-        plans, metadata = super().create_global_plan(all_plans)
-        # megatron reads mcore_data with getattr(..., {}); empty dicts = no N-D reformulation, as
-        # megatron writes for plain model tensors. A plain attribute keeps the pickle torch-only.
-        metadata.mcore_data = {  # type: ignore[attr-defined]
-            k: {} for k, md in metadata.state_dict_metadata.items() if isinstance(md, TensorStorageMetadata)
-        }
-        return plans, metadata
+    return {k: entries[k].load() for k in wanted}
 
 
 def write_torch_dist(
-    ckpt_dir: str | Path,
-    tensors: Mapping[str, Entry],
+    ckpt_dir: str | Path | OutFolder,
+    tensors: Mapping[str, object],
     *,
     common: bytes,
     metadata_json: bytes | None = None,
 ) -> None:
-    """Write a torch_dist folder that megatron-core's ``dist_checkpointing.load`` reads.
+    """Write a torch_dist folder that megatron-core's ``dist_checkpointing.load`` reads, one entry at a time.
 
-    ``tensors`` are written whole (one chunk each); ``bytes`` values are written as given. For
-    megatron to load a byte entry it must be what megatron writes for a ShardedObject:
-    ``torch.save([data])``, a list of one. ``common`` is the exact content of ``common.pt``.
-    The folder must be new or empty.
+    Tensors are written whole (one chunk each) unless they come from another torch_dist checkpoint,
+    whose chunks are copied as stored. ``bytes`` values are written as given: for megatron to load
+    one it must be what megatron writes for a ShardedObject, ``torch.save([data])``. ``common`` is
+    the exact content of ``common.pt``. A folder path must be new or empty.
     """
-    ckpt_dir = Path(ckpt_dir)
-    if ckpt_dir.exists() and (not ckpt_dir.is_dir() or any(ckpt_dir.iterdir())):
-        # Stale .distcp files from another checkpoint would sit beside ours unnoticed.
-        raise OutputExistsError(f"{ckpt_dir}: exists and is not an empty folder; refusing to write a checkpoint there")
-    state: dict[str, Any] = {}
-    for key, value in tensors.items():
-        if isinstance(value, torch.Tensor):
-            state[key] = value.detach().cpu()
-        elif isinstance(value, bytes | bytearray):
-            state[key] = bytes(value)
-        else:
-            raise TypeError(f"{key}: expected a tensor or bytes, got {type(value).__name__}")
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    # A str path, as megatron passes: it is pickled into .metadata (StorageMeta.checkpoint_id).
-    writer = dcp.FileSystemWriter(str(ckpt_dir), single_file_per_rank=True, thread_count=1)
-    with _dcp_call():
-        dcp.save(state, storage_writer=writer, planner=_RawBytesSavePlanner(), no_dist=True)
-    (ckpt_dir / COMMON_FILE).write_bytes(common)
+    if not isinstance(ckpt_dir, OutFolder):
+        path = Path(ckpt_dir)
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            # Stale .distcp files from another checkpoint would sit beside ours unnoticed.
+            raise OutputExistsError(f"{path}: exists and is not an empty folder; refusing to write a checkpoint there")
+        path.mkdir(parents=True, exist_ok=True)
+        folder: OutFolder = DirOut(path)
+    else:
+        folder = ckpt_dir
+    state: dict[str, TensorStorageMetadata | BytesStorageMetadata] = {}
+    storage: dict[MetadataIndex, _StorageInfo] = {}
+    with folder.file(DATA_FILE) as out:
+        for key in tensors:
+            value = held(tensors, key)
+            if isinstance(value, DistTensor):
+                chunks = []
+                for chunk in value.chunks:
+                    start = out.tell()
+                    out.copy_from(chunk.item)
+                    storage[MetadataIndex(key, torch.Size(chunk.offsets))] = _StorageInfo(
+                        DATA_FILE, start, chunk.item.length
+                    )
+                    chunks.append(ChunkStorageMetadata(torch.Size(chunk.offsets), torch.Size(chunk.sizes)))
+                state[key] = TensorStorageMetadata(value.properties, torch.Size(value.shape), chunks)
+                continue
+            if isinstance(value, Stored) and value.shape is None:
+                start = out.tell()
+                for region in value.raw() or []:
+                    out.copy_from(region)
+                storage[MetadataIndex(key)] = _StorageInfo(DATA_FILE, start, out.tell() - start)
+                state[key] = BytesStorageMetadata()
+                continue
+            meta = tensor_meta(tensors, key)
+            start = out.tell()
+            if meta is not None:  # in memory, or stored elsewhere (copied without decoding when it can be)
+                write_torch_file(value, out)
+                shape = torch.Size(meta[0])
+                offsets = torch.Size([0] * len(shape))
+                storage[MetadataIndex(key, offsets)] = _StorageInfo(DATA_FILE, start, out.tell() - start)
+                state[key] = TensorStorageMetadata(
+                    TensorProperties(dtype=meta[1]), shape, [ChunkStorageMetadata(offsets, shape)]
+                )
+                continue
+            loaded = tensors[key]
+            if isinstance(loaded, bytes | bytearray):
+                out.write(loaded)
+                storage[MetadataIndex(key)] = _StorageInfo(DATA_FILE, start, len(loaded))
+                state[key] = BytesStorageMetadata()
+            elif loaded is None:
+                raise CheckpointFormatError(
+                    f"'{key}' is None: only single-file layouts store empty _extra_state entries"
+                )
+            else:
+                raise TypeError(f"{key}: expected a tensor or bytes, got {type(loaded).__name__}")
+    metadata = Metadata(
+        state_dict_metadata=state,  # type: ignore[arg-type]
+        storage_data=storage,
+        storage_meta=StorageMeta(checkpoint_id=str(folder), save_id=str(uuid.uuid4())),
+    )
+    # megatron reads mcore_data with getattr(..., {}); empty dicts = no N-D reformulation, as
+    # megatron writes for plain model tensors. A plain attribute keeps the pickle torch-only.
+    metadata.mcore_data = {k: {} for k, md in state.items() if isinstance(md, TensorStorageMetadata)}  # type: ignore[attr-defined]
+    folder.write_bytes(METADATA_FILE, pickle.dumps(metadata))
+    folder.write_bytes(COMMON_FILE, common)
     # Last: megatron recognises a checkpoint folder by metadata.json, so a crash before this point
     # leaves a folder that is not mistaken for a complete checkpoint.
-    (ckpt_dir / METADATA_JSON).write_bytes(DEFAULT_METADATA_JSON if metadata_json is None else metadata_json)
+    folder.write_bytes(METADATA_JSON, DEFAULT_METADATA_JSON if metadata_json is None else metadata_json)

@@ -1,0 +1,226 @@
+"""Entries that stay on disk until asked for, and the byte moves that serve them.
+
+Every reader describes each stored entry by where its bytes lie (a :class:`FileRegion`) instead of
+loading it. A writer then either loads one entry at a time, or, when the bytes it needs are exactly
+the stored ones, copies them file to file without decoding (``copy_file_range``: in the kernel, as
+``cp`` does). Either way at most one entry is in memory.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+from collections.abc import Hashable, Iterator, Mapping, MutableMapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+
+from ..errors import CheckpointFormatError
+
+_CHUNK = 64 << 20  # bounded user-space buffer where the kernel cannot copy for us
+
+
+@dataclass(frozen=True)
+class FileRegion:
+    """``length`` bytes of ``path`` starting at ``offset``."""
+
+    path: Path
+    offset: int
+    length: int
+
+    def sub(self, offset: int, length: int) -> FileRegion:
+        if offset < 0 or length < 0 or offset + length > self.length:
+            raise CheckpointFormatError(
+                f"{self.path}: a record at [{offset}, {offset + length}) lies outside its {self.length}-byte "
+                "container; the file is truncated or damaged"
+            )
+        return FileRegion(self.path, self.offset + offset, length)
+
+    def read(self) -> bytes:
+        out = bytearray(self.length)
+        self.read_into(memoryview(out))
+        return bytes(out)
+
+    def read_into(self, buffer: memoryview) -> None:
+        """Fill ``buffer`` (exactly ``length`` bytes) from the file."""
+        if len(buffer) != self.length:
+            raise ValueError(f"buffer of {len(buffer)} bytes for a {self.length}-byte region")
+        with open(self.path, "rb", buffering=0) as f:
+            done = 0
+            while done < self.length:
+                n = os.preadv(f.fileno(), [buffer[done : done + _CHUNK]], self.offset + done)
+                if n == 0:
+                    raise CheckpointFormatError(
+                        f"{self.path}: ends at byte {self.offset + done}, inside data that should run to "
+                        f"{self.offset + self.length}; the file is truncated"
+                    )
+                done += n
+
+    def open(self) -> RegionReader:
+        return RegionReader(self)
+
+
+class RegionReader:
+    """A read-only, seekable file over one region (what ``zipfile`` needs to read a nested archive)."""
+
+    def __init__(self, region: FileRegion):
+        self.region = region
+        self._f: BinaryIO = open(region.path, "rb")  # noqa: SIM115 - closed by close()
+        self._pos = 0
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self._pos, 2: self.region.length}[whence]
+        self._pos = max(0, base + pos)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def read(self, n: int = -1) -> bytes:
+        end = self.region.length if n is None or n < 0 else min(self.region.length, self._pos + n)
+        if end <= self._pos:
+            return b""
+        self._f.seek(self.region.offset + self._pos)
+        data = self._f.read(end - self._pos)
+        self._pos += len(data)
+        return data
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> RegionReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """A contiguous tensor's bytes, without a copy."""
+    flat = t.reshape(-1) if t.is_contiguous() else t.contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")  # type: ignore[arg-type]
+
+
+def read_tensor(region: FileRegion, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """A new tensor filled straight from the file (no intermediate buffer)."""
+    t = torch.empty(shape, dtype=dtype)
+    region.read_into(tensor_bytes(t))
+    return t
+
+
+class OutFile:
+    """A file being written that can also take bytes straight from another file."""
+
+    def __init__(self, f: BinaryIO, base: int = 0):
+        self._f = f
+        self._base = base  # where this output starts in the file (a tar member's data)
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        return self._f.write(data)
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def tell(self) -> int:
+        return self._f.tell() - self._base
+
+    def copy_from(self, region: FileRegion) -> None:
+        """Append ``region``'s bytes: in the kernel when it can, else through a bounded buffer."""
+        self._f.flush()
+        with open(region.path, "rb", buffering=0) as src:
+            done = 0
+            try:
+                while done < region.length:
+                    n = os.copy_file_range(
+                        src.fileno(), self._f.fileno(), region.length - done, region.offset + done
+                    )
+                    if n == 0:
+                        break
+                    done += n
+                    self._f.seek(0, os.SEEK_END)
+            except OSError:  # another file system, or no kernel support: fall back to reading
+                self._f.seek(0, os.SEEK_END)
+            if done < region.length:
+                rest = region.sub(done, region.length - done) if done else region
+                buf = bytearray(min(_CHUNK, rest.length))
+                for start in range(0, rest.length, _CHUNK):
+                    n = min(_CHUNK, rest.length - start)
+                    part = memoryview(buf)[:n]
+                    rest.sub(start, n).read_into(part)
+                    self._f.write(part)
+
+
+class Stored(abc.ABC):
+    """One checkpoint entry still on disk: a tensor (``shape``/``dtype`` set) or a byte blob."""
+
+    shape: tuple[int, ...] | None  # None: an opaque byte entry
+    dtype: torch.dtype | None
+
+    @abc.abstractmethod
+    def load(self) -> torch.Tensor | bytes:
+        """Read the entry into memory."""
+
+    def raw(self) -> list[FileRegion] | None:
+        """Regions that, concatenated, are the entry's bytes (a tensor's in C order); None if it must be decoded."""
+        return None
+
+    @property
+    def nbytes(self) -> int:
+        assert self.shape is not None and self.dtype is not None
+        numel = 1
+        for s in self.shape:
+            numel *= s
+        return numel * self.dtype.itemsize
+
+    def identity(self) -> Hashable:
+        """Equal for two entries that are the same stored bytes (tied weights saved once)."""
+        return id(self)
+
+
+class Entries(MutableMapping[str, Any]):
+    """Checkpoint entries by key; :class:`Stored` ones are read on each access, never cached.
+
+    Iterating keys reads nothing; ``stored(key)`` gives the entry as held (for shapes, raw copies).
+    """
+
+    def __init__(self, items: Mapping[str, Any]):
+        self._items = dict(items)
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._items[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        del self._items[key]
+
+    def __getitem__(self, key: str) -> torch.Tensor | bytes | None:
+        value = self._items[key]
+        return value.load() if isinstance(value, Stored) else value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def stored(self, key: str) -> Stored | torch.Tensor | bytes | None:
+        return self._items[key]
+
+
+def held(entries: Mapping[str, object], key: str) -> Any:
+    """The entry as the mapping holds it: a :class:`Stored` for lazy entries, else the value."""
+    return entries.stored(key) if isinstance(entries, Entries) else entries[key]
+
+
+def tensor_meta(entries: Mapping[str, object], key: str) -> tuple[tuple[int, ...], torch.dtype] | None:
+    """Shape and dtype of a tensor entry without reading it; None for byte blobs and empty entries."""
+    value = held(entries, key)
+    if isinstance(value, Stored):
+        return (value.shape, value.dtype) if value.shape is not None and value.dtype is not None else None
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape), value.dtype
+    return None

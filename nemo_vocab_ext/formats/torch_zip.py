@@ -1,0 +1,355 @@
+"""``torch.save`` files read lazily: the pickle now, each tensor's bytes only when asked.
+
+A ``torch.save`` file is a zip whose records are stored uncompressed: ``<name>/data.pkl`` (the
+object, with tensors as references to storages) and ``<name>/data/<key>`` (each storage's raw
+bytes). The pickle is unpickled with torch's weights-only unpickler (plus the allow-list of
+:mod:`.safe_pickle`), with every storage on the ``meta`` device, so nothing is read but the pickle;
+each tensor becomes a :class:`StoredTensor` that knows where its bytes lie.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import pickle
+import struct
+import zipfile
+import zlib
+from collections.abc import Hashable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointFormatError, UnsafeCheckpointError
+from .region import FileRegion, OutFile, Stored, read_tensor, tensor_bytes
+from .safe_pickle import TORCH_LOAD_ALLOWED, refused_global, unsafe_error
+
+_LOCAL_HEADER = struct.Struct("<4s5H3I2H")  # a zip local file header, before its name and extra field
+
+
+@dataclass(frozen=True, eq=False)
+class StoredTensor(Stored):
+    """A tensor of a ``torch.save`` file: a view (offset, shape, stride) of one storage record."""
+
+    record: FileRegion
+    dtype: torch.dtype  # type: ignore[assignment]
+    shape: tuple[int, ...]  # type: ignore[assignment]
+    stride: tuple[int, ...]
+    storage_offset: int
+
+    def _dense(self) -> FileRegion | None:
+        expected, contiguous = 1, True
+        for size, stride in zip(reversed(self.shape), reversed(self.stride), strict=False):
+            if size != 1 and stride != expected:
+                contiguous = False
+            expected *= size
+        if not contiguous:
+            return None
+        return self.record.sub(self.storage_offset * self.dtype.itemsize, self.nbytes)
+
+    def raw(self) -> list[FileRegion] | None:
+        dense = self._dense()
+        return None if dense is None else [dense]
+
+    def load(self) -> torch.Tensor:
+        dense = self._dense()
+        if dense is not None:
+            return read_tensor(dense, self.dtype, self.shape)
+        storage = torch.empty(self.record.length // self.dtype.itemsize, dtype=self.dtype)
+        self.record.sub(0, storage.numel() * self.dtype.itemsize).read_into(tensor_bytes(storage))
+        # A strided view: keep only its own elements, not the whole storage.
+        return storage.as_strided(self.shape, self.stride, self.storage_offset).clone()
+
+    def identity(self) -> Hashable:
+        return (self.record, self.dtype, self.shape, self.stride, self.storage_offset)
+
+
+def _record_regions(container: FileRegion, what: str) -> tuple[str, dict[str, FileRegion]]:
+    """The archive's record prefix and where each record's bytes lie."""
+    regions: dict[str, FileRegion] = {}
+    with container.open() as f:
+        try:
+            infos = zipfile.ZipFile(f).infolist()  # type: ignore[arg-type]
+        except (zipfile.BadZipFile, OSError, ValueError) as exc:
+            raise CheckpointFormatError(f"{what}: not a torch.save file ({exc})") from None
+        for info in infos:
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise CheckpointFormatError(f"{what}: record {info.filename} is compressed; torch.save never does that")
+            f.seek(info.header_offset)
+            header = f.read(_LOCAL_HEADER.size)
+            if len(header) != _LOCAL_HEADER.size or header[:4] != b"PK\x03\x04":
+                raise CheckpointFormatError(f"{what}: damaged zip header for {info.filename}")
+            name_len, extra_len = _LOCAL_HEADER.unpack(header)[-2:]
+            start = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
+            regions[info.filename] = container.sub(start, info.file_size)
+    pickles = [name for name in regions if name.endswith("/data.pkl") and name.count("/") == 1]
+    if len(pickles) != 1:
+        raise CheckpointFormatError(f"{what}: not a torch.save file (no data.pkl)")
+    prefix = pickles[0][: -len("data.pkl")]
+    byteorder = regions.get(prefix + "byteorder")
+    if byteorder is not None and byteorder.read() != b"little":
+        raise CheckpointFormatError(f"{what}: saved on a big-endian machine; not supported")
+    return prefix, regions
+
+
+@contextlib.contextmanager
+def _errors_as_ours(what: str) -> Iterator[None]:
+    try:
+        yield
+    except (CheckpointFormatError, UnsafeCheckpointError):
+        raise
+    except pickle.UnpicklingError as exc:
+        name = refused_global(str(exc))
+        if name is not None:
+            raise unsafe_error(what, name) from None
+        raise CheckpointFormatError(f"{what}: not a readable torch file ({exc})") from None
+    except Exception as exc:  # garbled pickles raise many types
+        raise CheckpointFormatError(f"{what}: not a readable torch file ({type(exc).__name__}: {exc})") from None
+
+
+def read_torch_file(container: FileRegion, *, what: str) -> Any:
+    """The saved object, each tensor replaced by a :class:`StoredTensor` (nothing but the pickle is read)."""
+    from torch._weights_only_unpickler import Unpickler
+
+    prefix, regions = _record_regions(container, what)
+    records: dict[int, tuple[FileRegion, torch.dtype]] = {}
+
+    def persistent_load(saved_id: Any) -> Any:
+        if not isinstance(saved_id, tuple) or len(saved_id) != 5 or saved_id[0] != "storage":
+            raise CheckpointFormatError(f"{what}: unknown persistent id in data.pkl")
+        _, storage_type, key, _location, numel = saved_id
+        dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
+        region = regions.get(f"{prefix}data/{key}")
+        if region is None:
+            raise CheckpointFormatError(f"{what}: storage record data/{key} is missing")
+        if region.length < numel * dtype.itemsize:
+            raise CheckpointFormatError(f"{what}: storage record data/{key} is shorter than its tensor")
+        # On the meta device: the tensor gets its shape and strides, and no bytes are read.
+        untyped = torch.UntypedStorage(numel * dtype.itemsize, device="meta")
+        records[untyped._cdata] = (region, dtype)
+        return torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
+
+    with _errors_as_ours(what), torch.serialization.safe_globals(list(TORCH_LOAD_ALLOWED)):
+        unpickler = Unpickler(io.BytesIO(regions[prefix + "data.pkl"].read()), encoding="utf-8")
+        unpickler.persistent_load = persistent_load  # type: ignore[method-assign]
+        obj = unpickler.load()
+
+    def stored(value: torch.Tensor) -> StoredTensor:
+        record, dtype = records[value.untyped_storage()._cdata]
+        return StoredTensor(record, dtype, tuple(value.shape), tuple(value.stride()), int(value.storage_offset()))
+
+    return map_tensors(obj, stored, torch.Tensor)
+
+
+def map_tensors(value: Any, fn: Any, kind: type) -> Any:
+    """``value`` with every ``kind`` leaf of its dicts, lists and tuples replaced by ``fn(leaf)`` (dicts in place)."""
+    if isinstance(value, kind):
+        return fn(value)
+    if isinstance(value, dict):
+        for k in list(value):
+            value[k] = map_tensors(value[k], fn, kind)
+    elif isinstance(value, list):
+        value[:] = [map_tensors(v, fn, kind) for v in value]
+    elif isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return tuple(map_tensors(v, fn, kind) for v in value)
+    return value
+
+
+def load_all(value: Any) -> Any:
+    """``value`` with every :class:`StoredTensor` read into memory (for small objects only)."""
+    return map_tensors(value, lambda t: t.load(), StoredTensor)
+
+
+# --- writing, one tensor at a time -----------------------------------------------------------------
+
+_ALIGN = 64  # torch aligns record data to 64 bytes (what mmap loading needs)
+_ZIP64_LIMIT = 0xFFFFFFFF  # sizes and offsets from here on need zip64 records
+_SENTINEL = 0xFFFFFFFF  # what a 32-bit field reads when the value is in the zip64 extra field
+_DOS_DATE = 0x21  # 1980-01-01: reproducible archives
+
+
+@dataclass(frozen=True)
+class _StorageRef:
+    key: str
+    dtype: torch.dtype
+    numel: int
+
+
+class _TensorRef:
+    """Pickles exactly as torch.save pickles a contiguous tensor that owns its storage."""
+
+    def __init__(self, storage: _StorageRef, shape: tuple[int, ...]):
+        self.storage = storage
+        self.shape = shape
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        from collections import OrderedDict
+
+        stride, step = [], 1
+        for size in reversed(self.shape):
+            stride.append(step)
+            step *= size
+        return (
+            torch._utils._rebuild_tensor_v2,
+            (self.storage, 0, self.shape, tuple(reversed(stride)), False, OrderedDict()),
+        )
+
+
+class _Pickler(pickle.Pickler):
+    def persistent_id(self, obj: Any) -> Any:
+        if isinstance(obj, _StorageRef):
+            name = torch.storage._dtype_to_storage_type_map()[obj.dtype]  # e.g. BFloat16Storage
+            return ("storage", getattr(torch, name), obj.key, "cpu", obj.numel)
+        return None
+
+
+class _ZipOut:
+    """A zip of stored (uncompressed) records written front to back, zip64 where sizes need it."""
+
+    def __init__(self, out: OutFile, prefix: str):
+        self.out = out
+        self.prefix = prefix
+        self.start = out.tell()
+        self.central: list[bytes] = []
+
+    def record(self, name: str, size: int, crc: int, write: Any) -> None:
+        full = (self.prefix + name).encode()
+        offset = self.out.tell() - self.start
+        zip64 = size >= _ZIP64_LIMIT or offset >= _ZIP64_LIMIT
+        extra = struct.pack("<HHQQ", 1, 16, size, size) if zip64 else b""
+        header_len = _LOCAL_HEADER.size + len(full) + len(extra)
+        pad = -(offset + header_len + 4) % _ALIGN
+        extra += struct.pack("<HH", 0x4246, pad) + b"\0" * pad  # alignment padding, as torch writes it
+        # In zip64 records every size and offset field reads 0xFFFFFFFF and the real values follow in the extra field.
+        small = _SENTINEL if zip64 else size
+        version = 45 if zip64 else 20
+        self.out.write(
+            _LOCAL_HEADER.pack(b"PK\x03\x04", version, 0, 0, 0, _DOS_DATE, crc, small, small, len(full), len(extra))
+        )
+        self.out.write(full + extra)
+        written = self.out.tell()
+        write(self.out)
+        if self.out.tell() - written != size:
+            raise CheckpointFormatError(f"record {name}: wrote {self.out.tell() - written} bytes, expected {size}")
+        central_extra = struct.pack("<HHQQQ", 1, 24, size, size, offset) if zip64 else b""
+        self.central.append(
+            struct.pack(
+                "<4s6H3I5H2I",
+                b"PK\x01\x02",
+                version,
+                version,
+                0,
+                0,
+                0,
+                _DOS_DATE,
+                crc,
+                small,
+                small,
+                len(full),
+                len(central_extra),
+                0,
+                0,
+                0,
+                0,
+                _SENTINEL if zip64 else offset,
+            )
+            + full
+            + central_extra
+        )
+
+    def data(self, name: str, data: bytes) -> None:
+        self.record(name, len(data), zlib.crc32(data), lambda out: out.write(data))
+
+    def close(self) -> None:
+        cd_offset = self.out.tell() - self.start
+        for entry in self.central:
+            self.out.write(entry)
+        cd_size = self.out.tell() - self.start - cd_offset
+        count = len(self.central)
+        zip64 = cd_offset >= _ZIP64_LIMIT or count >= 0xFFFF
+        if zip64:
+            eocd64_offset = self.out.tell() - self.start
+            self.out.write(struct.pack("<4sQ2H2I4Q", b"PK\x06\x06", 44, 45, 45, 0, 0, count, count, cd_size, cd_offset))
+            self.out.write(struct.pack("<4sIQI", b"PK\x06\x07", 0, eocd64_offset, 1))
+        self.out.write(
+            struct.pack(
+                "<4s4H2IH",
+                b"PK\x05\x06",
+                0,
+                0,
+                min(count, 0xFFFF),
+                min(count, 0xFFFF),
+                cd_size,
+                _SENTINEL if zip64 else cd_offset,
+                0,
+            )
+        )
+
+
+def write_torch_file(obj: Any, out: OutFile, *, name: str = "archive") -> None:
+    """What ``torch.save(obj)`` writes, with tensors written one at a time as they are read.
+
+    Tensors may be in memory or :class:`Stored` entries of another file (copied without decoding when
+    their bytes are stored as needed). Tensors that are the same stored bytes are written once.
+    """
+    tensors: list[tuple[_StorageRef, Any]] = []
+    by_identity: dict[Hashable, _TensorRef] = {}
+
+    def ref(value: Any) -> Any:
+        if isinstance(value, Stored) and value.shape is None:
+            return value.load()  # a byte blob: small, pickled in place
+        if isinstance(value, Stored):
+            assert value.dtype is not None and value.shape is not None
+            ident: Hashable = ("stored", value.identity())
+            dtype, shape = value.dtype, value.shape
+        else:
+            ident = ("memory", value.untyped_storage().data_ptr(), value.storage_offset(), value.shape, value.dtype)
+            dtype, shape = value.dtype, tuple(value.shape)
+        if ident not in by_identity:
+            storage = _StorageRef(str(len(tensors)), dtype, math.prod(shape))
+            tensors.append((storage, value))
+            by_identity[ident] = _TensorRef(storage, shape)
+        return by_identity[ident]
+
+    pickled = io.BytesIO()
+    _Pickler(pickled, protocol=2).dump(_map_leaves(obj, ref))
+    zf = _ZipOut(out, f"{name}/")
+    zf.data("data.pkl", pickled.getvalue())
+    zf.data(".format_version", b"1")
+    zf.data(".storage_alignment", str(_ALIGN).encode())
+    zf.data("byteorder", b"little")
+    for storage, value in tensors:
+        nbytes = storage.numel * storage.dtype.itemsize
+        zf.record(f"data/{storage.key}", nbytes, 0, lambda o, v=value: _write_tensor(v, o))
+    zf.data("version", b"3\n")
+    zf.data(".data/serialization_id", b"0" * 40)
+    zf.close()
+
+
+def _write_tensor(value: Any, out: OutFile) -> None:
+    raw = value.raw() if isinstance(value, Stored) else None
+    if raw is not None:
+        for region in raw:
+            out.copy_from(region)
+        return
+    tensor = value.load() if isinstance(value, Stored) else value
+    assert isinstance(tensor, torch.Tensor)
+    out.write(tensor_bytes(tensor.detach().cpu()))
+
+
+def _map_leaves(value: Any, fn: Any) -> Any:
+    """A copy of ``value``'s dicts, lists and tuples with tensor leaves (in memory or stored) mapped by ``fn``."""
+    if isinstance(value, torch.Tensor | Stored):
+        return fn(value)
+    if isinstance(value, dict):
+        copy = value.copy()
+        for k in copy:
+            copy[k] = _map_leaves(copy[k], fn)
+        return copy
+    if isinstance(value, list):
+        return [_map_leaves(v, fn) for v in value]
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return tuple(_map_leaves(v, fn) for v in value)
+    return value

@@ -1,0 +1,162 @@
+"""Entries read lazily and written one at a time: torch.save files, safetensors, tar streams, bounded memory."""
+
+from __future__ import annotations
+
+import collections
+import io
+import os
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from nemo_vocab_ext.checkpoint import DISTRIBUTED, Checkpoint
+from nemo_vocab_ext.formats import torch_zip
+from nemo_vocab_ext.formats.folder import tar_out
+from nemo_vocab_ext.formats.region import FileRegion, OutFile
+from nemo_vocab_ext.formats.safetensors_io import read_safetensors
+from nemo_vocab_ext.formats.torch_zip import StoredTensor, load_all, read_torch_file, write_torch_file
+from nemo_vocab_ext.io import Format, load_checkpoint, save_checkpoint
+
+
+def whole(path: Path) -> FileRegion:
+    return FileRegion(path, 0, path.stat().st_size)
+
+
+def tricky_state() -> collections.OrderedDict:
+    """Every kind of leaf a NeMo state dict holds, plus views whose storage is larger than they are."""
+    state = collections.OrderedDict(
+        bf16=torch.arange(6, dtype=torch.bfloat16).reshape(2, 3),
+        empty=None,
+        extra=io.BytesIO(b"\x80\x04N."),
+        transposed=torch.arange(12.0).reshape(3, 4).t(),
+        narrowed=torch.arange(10)[3:7],
+        scalar=torch.tensor(3.0),
+    )
+    state["tied"] = state["bf16"]
+    return state
+
+
+def test_lazy_reader_reads_torch_save_files(tmp_path: Path) -> None:
+    state = tricky_state()
+    torch.save({"state_dict": state, "step": 7}, tmp_path / "t.pt")
+    lazy = read_torch_file(whole(tmp_path / "t.pt"), what="t.pt")
+    assert lazy["step"] == 7
+    stored = lazy["state_dict"]
+    assert isinstance(stored["bf16"], StoredTensor) and stored["bf16"].shape == (2, 3)
+    assert stored["bf16"].identity() == stored["tied"].identity()  # one storage, two names
+    assert stored["transposed"].raw() is None  # not C-ordered: must be decoded
+    assert stored["narrowed"].raw() is not None  # contiguous at an offset: bytes usable as they lie
+    loaded = load_all(lazy)["state_dict"]
+    for key in ("bf16", "transposed", "narrowed", "scalar", "tied"):
+        assert torch.equal(loaded[key], state[key]) and loaded[key].dtype == state[key].dtype
+    assert loaded["empty"] is None and loaded["extra"].getvalue() == b"\x80\x04N."
+
+
+@pytest.mark.parametrize("zip64_limit", [None, 100])
+def test_written_torch_files_load_with_torch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, zip64_limit: int) -> None:
+    if zip64_limit:  # exercise the zip64 records real >4 GB files need, on small ones
+        monkeypatch.setattr(torch_zip, "_ZIP64_LIMIT", zip64_limit)
+    torch.save(tricky_state(), tmp_path / "src.pt")
+    lazy = read_torch_file(whole(tmp_path / "src.pt"), what="src.pt")
+    lazy["in_memory"] = torch.ones(2, 2, dtype=torch.float16)
+    with open(tmp_path / "out.pt", "wb") as f:
+        f.write(b"x" * 7)  # not at the start of the file, as inside a tar or a .distcp file
+        write_torch_file(lazy, OutFile(f, base=7))
+    data = (tmp_path / "out.pt").read_bytes()[7:]
+    back = torch.load(io.BytesIO(data), weights_only=False)
+    expected = tricky_state()
+    for key in ("bf16", "transposed", "narrowed", "scalar", "tied"):
+        assert torch.equal(back[key], expected[key]) and back[key].dtype == expected[key].dtype
+    assert back["bf16"].data_ptr() == back["tied"].data_ptr()  # tied weights written once, as torch does
+    assert torch.equal(back["in_memory"], torch.ones(2, 2, dtype=torch.float16))
+    assert back["empty"] is None and back["extra"].getvalue() == b"\x80\x04N."
+    names = zipfile.ZipFile(io.BytesIO(data)).namelist()
+    assert names[0] == "archive/data.pkl" and "archive/version" in names
+    # Record data 64-byte aligned, as torch writes it (what torch.load(mmap=True) needs).
+    (tmp_path / "aligned.pt").write_bytes(data)
+    mapped = torch.load(tmp_path / "aligned.pt", mmap=True, weights_only=False)
+    assert torch.equal(mapped["bf16"], expected["bf16"])
+
+
+def test_safetensors_files_agree_with_the_reference_library(tmp_path: Path) -> None:
+    tensors = {"a": torch.arange(12, dtype=torch.bfloat16).reshape(3, 4), "b": torch.tensor([1, 2], dtype=torch.int32)}
+    save_file(tensors, tmp_path / "ref.safetensors", metadata={"nemo_vocab_ext.config": "{}"})
+    ours = read_safetensors(tmp_path / "ref.safetensors")
+    assert all(torch.equal(ours.tensors[k], tensors[k]) for k in tensors)
+
+    ckpt = Checkpoint(dict(tensors), {"hidden_size": 4}, DISTRIBUTED)
+    save_checkpoint(ckpt, tmp_path / "ours.safetensors", Format.SAFETENSORS)
+    with safe_open(str(tmp_path / "ours.safetensors"), framework="pt") as f:
+        assert sorted(f.keys()) == ["a", "b"]
+        assert all(torch.equal(f.get_tensor(k), tensors[k]) for k in tensors)
+
+
+def test_tar_stream_is_a_plain_tar(tmp_path: Path) -> None:
+    big = os.urandom(3000)
+    with tar_out(tmp_path / "a.tar") as out:
+        out.write_bytes("model_config.yaml", b"a: 1\n")
+        with out.folder("model_weights").file("data.bin") as f:
+            f.write(big[:1000])
+            f.write(big[1000:])
+    with tarfile.open(tmp_path / "a.tar") as tar:
+        names = tar.getnames()
+        assert names == [".", "./model_config.yaml", "./model_weights", "./model_weights/data.bin"]
+        member = tar.extractfile("./model_weights/data.bin")
+        assert member is not None and member.read() == big
+    listed = subprocess.run(["tar", "-tvf", str(tmp_path / "a.tar")], capture_output=True, text=True, check=True)
+    assert "./model_weights/data.bin" in listed.stdout
+
+
+@pytest.mark.nemo
+def test_dist_tensor_raw_bytes_are_its_c_order_bytes(nemo_models: dict[str, Path]) -> None:
+    """NeMo stores stacked decoder layers one chunk per layer: copied back to back, they are the global tensor."""
+    from nemo_vocab_ext.formats.torch_dist import DistTensor
+
+    ckpt, _ = load_checkpoint(nemo_models["untied_dist"])
+    chunked = [held for key in ckpt.tensors if isinstance(held := ckpt.tensors.stored(key), DistTensor)]
+    assert any(len(t.chunks) > 1 for t in chunked)
+    for entry in chunked:
+        raw = entry.raw()
+        assert raw is not None
+        assert b"".join(r.read() for r in raw) == entry.load().contiguous().view(torch.uint8).numpy().tobytes()
+
+
+LARGEST_MB = 32
+CONVERT_SCRIPT = """
+import resource, sys
+from nemo_vocab_ext.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit as e:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"PEAK_MB {peak:.0f}", file=sys.stderr)
+    raise
+"""
+
+
+def peak_mb(args: list[str]) -> float:
+    proc = subprocess.run([sys.executable, "-c", CONVERT_SCRIPT, *args], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return float(proc.stderr.split("PEAK_MB ")[-1].split()[0])
+
+
+def test_convert_holds_one_tensor_at_a_time(tmp_path: Path) -> None:
+    """Eight 32 MB tensors convert .nemo -> safetensors -> .nemo -> .ckpt with well under two of them in memory."""
+    rows = LARGEST_MB * 2**20 // (1024 * 4)
+    tensors = {f"model.decoder.layers.{i}.mlp.linear_fc1.weight": torch.full((rows, 1024), float(i)) for i in range(8)}
+    tensors["model.embedding.word_embeddings.weight"] = torch.zeros(256, 1024)
+    save_checkpoint(Checkpoint(tensors, {"hidden_size": 1024}, DISTRIBUTED), tmp_path / "a.nemo", Format.NEMO)
+    del tensors
+    baseline = peak_mb(["--help"])
+    for src, dst in [("a.nemo", "b.safetensors"), ("b.safetensors", "c.nemo"), ("c.nemo", "d.ckpt")]:
+        growth = peak_mb(["convert", "--verify", str(tmp_path / src), str(tmp_path / dst)]) - baseline
+        assert growth < 2 * LARGEST_MB + 64, f"{src} -> {dst}: peak grew by {growth:.0f} MB"
+    back, _ = load_checkpoint(tmp_path / "d.ckpt")
+    assert float(back.tensors["model.decoder.layers.7.mlp.linear_fc1.weight"][0, 0]) == 7.0

@@ -201,6 +201,9 @@ class Entries(MutableMapping[str, Any]):
         value = self._items[key]
         return value.load() if isinstance(value, Stored) else value
 
+    def __contains__(self, key: object) -> bool:
+        return key in self._items  # Mapping's default would read the entry
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._items)
 

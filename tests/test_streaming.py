@@ -160,3 +160,24 @@ def test_convert_holds_one_tensor_at_a_time(tmp_path: Path) -> None:
         assert growth < 2 * LARGEST_MB + 64, f"{src} -> {dst}: peak grew by {growth:.0f} MB"
     back, _ = load_checkpoint(tmp_path / "d.ckpt")
     assert float(back.tensors["model.decoder.layers.7.mlp.linear_fc1.weight"][0, 0]) == 7.0
+
+
+def test_linked_folder_writes_only_what_changed(tmp_path: Path) -> None:
+    """The plugin's resized folder: unchanged tensors are read from the source archive where they lie."""
+    from nemo_vocab_ext.formats.nemo import read_nemo, write_nemo_dir
+
+    tensors = {f"model.decoder.layers.{i}.weight": torch.full((256, 256), float(i)) for i in range(4)}
+    tensors["model.embedding.word_embeddings.weight"] = torch.zeros(8, 256)
+    save_checkpoint(Checkpoint(tensors, {"hidden_size": 256}, DISTRIBUTED), tmp_path / "a.nemo", Format.NEMO)
+    source = read_nemo(tmp_path / "a.nemo")
+    source.tensors["model.embedding.word_embeddings.weight"] = torch.ones(16, 256)
+    write_nemo_dir(source, tmp_path / "out", link_unchanged=True)
+
+    weights = tmp_path / "out" / "model_weights"
+    links = [p for p in weights.iterdir() if p.is_symlink()]
+    assert [p.resolve() for p in links] == [(tmp_path / "a.nemo").resolve()]
+    assert (weights / "__0_0.distcp").stat().st_size < 16 * 256 * 4 + 4096  # the changed table only
+    back = read_nemo(tmp_path / "out")
+    assert torch.equal(back.tensors["model.embedding.word_embeddings.weight"], torch.ones(16, 256))
+    for i in range(4):
+        assert torch.equal(back.tensors[f"model.decoder.layers.{i}.weight"], torch.full((256, 256), float(i)))

@@ -180,7 +180,7 @@ def read_nemo(path: str | Path) -> Checkpoint:
             return ckpt
 
 
-def _write_nemo_to(ckpt: Checkpoint, out: OutFolder) -> None:
+def _write_nemo_to(ckpt: Checkpoint, out: OutFolder, *, link_unchanged: bool = False) -> None:
     out.write_bytes(CONFIG, dump_config(ckpt.config))
     for name, data in ckpt.artifacts.items():
         out.write_bytes(name, data)
@@ -195,6 +195,7 @@ def _write_nemo_to(ckpt: Checkpoint, out: OutFolder) -> None:
             ckpt.tensors,
             common=common,
             metadata_json=ckpt.training_state.get("dist_metadata") or DEFAULT_DIST_METADATA,
+            link_unchanged=link_unchanged,
         )
     elif ckpt.layout == SINGLE:
         with out.file(WEIGHTS_FILE) as f:
@@ -208,10 +209,14 @@ def _write_nemo_to(ckpt: Checkpoint, out: OutFolder) -> None:
         raise CheckpointFormatError(f"layout {ckpt.layout} needs per-rank tensors")
 
 
-def write_nemo_dir(ckpt: Checkpoint, out_dir: Path) -> None:
-    """Lay out an extracted .nemo (what NeMo's ``model_extracted_dir`` reads) in ``out_dir``."""
+def write_nemo_dir(ckpt: Checkpoint, out_dir: Path, *, link_unchanged: bool = False) -> None:
+    """Lay out an extracted .nemo (what NeMo's ``model_extracted_dir`` reads) in ``out_dir``.
+
+    ``link_unchanged``: distributed weights that come unchanged from another checkpoint are linked,
+    not copied (see :func:`.torch_dist.write_torch_dist`); that checkpoint must outlive the folder.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_nemo_to(ckpt, DirOut(out_dir))
+    _write_nemo_to(ckpt, DirOut(out_dir), link_unchanged=link_unchanged)
 
 
 def write_nemo(ckpt: Checkpoint, dst: Path) -> None:

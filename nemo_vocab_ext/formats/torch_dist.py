@@ -250,6 +250,7 @@ def write_torch_dist(
     *,
     common: bytes,
     metadata_json: bytes | None = None,
+    link_unchanged: bool = False,
 ) -> None:
     """Write a torch_dist folder that megatron-core's ``dist_checkpointing.load`` reads, one entry at a time.
 
@@ -257,6 +258,11 @@ def write_torch_dist(
     whose chunks are copied as stored. ``bytes`` values are written as given: for megatron to load
     one it must be what megatron writes for a ShardedObject, ``torch.save([data])``. ``common`` is
     the exact content of ``common.pt``. A folder path must be new or empty.
+
+    ``link_unchanged`` (folders on disk only): entries of another torch_dist checkpoint are not
+    copied; the folder gets a symlink to each file that holds them (a .distcp file, or a whole
+    .nemo archive) and the metadata points at their bytes where they lie. Only changed entries are
+    written. The folder then reads correctly only while those files exist.
     """
     if not isinstance(ckpt_dir, OutFolder):
         path = Path(ckpt_dir)
@@ -269,19 +275,32 @@ def write_torch_dist(
         folder = ckpt_dir
     state: dict[str, TensorStorageMetadata | BytesStorageMetadata] = {}
     storage: dict[MetadataIndex, _StorageInfo] = {}
+    links: dict[Path, str] = {}  # a file holding unchanged bytes -> its link's name in the folder
+    linking = link_unchanged and isinstance(folder, DirOut)
+
     with folder.file(DATA_FILE) as out:
+
+        def place(region: FileRegion) -> _StorageInfo:
+            """Copy ``region`` into the data file, or (linking) point at it where it lies."""
+            if linking:
+                name = links.setdefault(region.path, f"linked_{len(links)}_{region.path.name}")
+                return _StorageInfo(name, region.offset, region.length)
+            start = out.tell()
+            out.copy_from(region)
+            return _StorageInfo(DATA_FILE, start, region.length)
+
         for key in tensors:
             value = held(tensors, key)
             if isinstance(value, DistTensor):
                 chunks = []
                 for chunk in value.chunks:
-                    start = out.tell()
-                    out.copy_from(chunk.item)
-                    storage[MetadataIndex(key, torch.Size(chunk.offsets))] = _StorageInfo(
-                        DATA_FILE, start, chunk.item.length
-                    )
+                    storage[MetadataIndex(key, torch.Size(chunk.offsets))] = place(chunk.item)
                     chunks.append(ChunkStorageMetadata(torch.Size(chunk.offsets), torch.Size(chunk.sizes)))
                 state[key] = TensorStorageMetadata(value.properties, torch.Size(value.shape), chunks)
+                continue
+            if isinstance(value, DistBytes):
+                storage[MetadataIndex(key)] = place(value.region)
+                state[key] = BytesStorageMetadata()
                 continue
             if isinstance(value, Stored) and value.shape is None:
                 start = out.tell()
@@ -312,6 +331,10 @@ def write_torch_dist(
                 )
             else:
                 raise TypeError(f"{key}: expected a tensor or bytes, got {type(loaded).__name__}")
+    if links:
+        assert isinstance(folder, DirOut)
+        for target, name in links.items():
+            (folder.path / name).symlink_to(target.resolve())
     metadata = Metadata(
         state_dict_metadata=state,  # type: ignore[arg-type]
         storage_data=storage,

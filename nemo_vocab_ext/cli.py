@@ -138,7 +138,12 @@ def convert(src: Path, dst: Path, to: str | None, layout: str | None, force: boo
 )
 @click.option("--vocab-size", type=click.IntRange(min=1), help="New tokenizer size, when no tokenizer is given.")
 @click.option(
-    "--init", "init", type=INIT_CHOICES, default=Init.ZEROS.value, show_default=True, help="How new tokens' rows start."
+    "--init",
+    "init",
+    type=INIT_CHOICES,
+    default=Init.FVT.value,
+    show_default=True,
+    help="How new tokens' rows start (fvt needs both tokenizers; zeros, mean and normal need none).",
 )
 @click.option(
     "--padding-init",

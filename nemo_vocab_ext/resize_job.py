@@ -47,7 +47,10 @@ def run_resize(
         assert new_vocab is not None
         old_vocab = own.vocab_size if own is not None else None
         if init.needs_pieces and (own is None or new is None):
-            raise TokenizerError(f"--init {init} needs the checkpoint's own tokenizer and --tokenizer (the new one)")
+            raise TokenizerError(
+                f"--init {init} needs the checkpoint's own tokenizer and --tokenizer (the new one); "
+                "pass --init mean (or zeros) to resize without them"
+            )
         plan = plan_resize(
             ckpt,
             old_vocab,

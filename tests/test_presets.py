@@ -28,7 +28,7 @@ def test_cpu_platform_preset_sets_what_nemo_needs_without_a_gpu() -> None:
 def test_settings_defaults_and_errors() -> None:
     assert settings_of(OmegaConf.create({"num_layers": 2})) is None  # no key: the plugin stays inert
     assert settings_of(OmegaConf.create({"vocab_extension": {}})) == ExtensionSettings()
-    assert ExtensionSettings().init == "zeros" and ExtensionSettings().padding_init == "mean"
+    assert ExtensionSettings().init == "fvt" and ExtensionSettings().padding_init == "mean"
     assert settings_of(OmegaConf.create({"vocab_extension": "fvt"})) == ExtensionSettings(init="fvt")
     with pytest.raises(ConfigError, match="unknown key"):
         settings_of(OmegaConf.create({"vocab_extension": {"inti": "mean"}}))

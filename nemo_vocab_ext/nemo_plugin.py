@@ -235,7 +235,9 @@ def prepare_restore(restore_path: str | Path, model_cfg: Any, settings: Extensio
     resized, done = apply_resize(ckpt, plan, pieces=pieces, seed=settings.seed)
     resized = embed_tokenizer(resized, {k: Path(v) for k, v in files.items()})
     out = work / "resized"
-    write_nemo_dir(resized, out)
+    # Only the resized tables are written: every other tensor is read where it lies in the source
+    # (no copy of the model per rank), which stays in place for the whole restore.
+    write_nemo_dir(resized, out, link_unchanged=True)
     if settings.report:
         for line in ["resized the vocabulary before loading:", *plan.lines(done)]:
             _log(line)

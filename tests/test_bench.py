@@ -1,0 +1,36 @@
+"""tools/bench.py on the tiny shape: one command beside its floor, the memory budget from the files' metadata."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
+import bench  # noqa: E402
+import make_checkpoint as mc  # noqa: E402
+
+
+def test_bench_measures_a_resize_against_its_floor(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    # The inputs written here, in this process, where the benchmark looks for them: it must reuse them.
+    inp = bench.plan_inputs(work.resolve(), "tiny", True, 1.0)
+    mc.make_base_tokenizer(inp.shape.vocab, inp.base_tokenizer)
+    mc.make_merged_tokenizer(inp.base_tokenizer, inp.shape.new_tokens, inp.merged_tokenizer)
+    mc.write_checkpoint(
+        inp.dist_nemo, "nemo", inp.shape, layout="distributed", tied=True, tokenizer_dir=inp.base_tokenizer
+    )
+    out = tmp_path / "bench.json"
+    argv = ["--workdir", str(work), "--size", "tiny", "--repeat", "1", "--skip-nemo", "--json", str(out)]
+    bench.main([*argv, "--only", "resize .nemo (distributed)"])
+    result = json.loads(out.read_text())
+    assert result["generate_s"] == {}
+    (row,) = result["rows"]
+    assert row["name"] == "resize .nemo (distributed) fvt 512 -> 768 rows" and not row["errors"]
+    assert row["wall_s"] > 0 and row["floor_s"] > 0 and row["peak_rss_mb"] > 0
+    # The largest stored tensor is the resized embedding, read from the output's own metadata: 768 x 64 bf16.
+    assert row["largest_stored_tensor_mb"] * bench.MIB == 768 * 64 * 2
+    assert row["rss_budget_mb"] == 512 + 2 * 768 * 64 * 2 / bench.MIB
+    names = [t["target"] for t in result["targets"]]
+    assert names == [f"{row['name']}: time", f"{row['name']}: peak RSS"]
+    assert result["library"]["commit"]

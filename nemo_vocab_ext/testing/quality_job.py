@@ -39,7 +39,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--base-logits", type=Path, required=True, help="written (base run) or compared (extended)")
     p.add_argument("--init", help="extend with model.vocab_extension.init=INIT; without it, measure the base")
     p.add_argument("--vocab-dir", type=Path, help="the merged tokenizer (vocab.json, merges.txt)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the continual run and of the 'normal' init")
+    p.add_argument("--seed", type=int, default=1, help="seed (positive) of the continual run and of the 'normal' init")
     p.add_argument("--eval-every", type=int, default=25, help="measure held-out loss every N steps")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     return p.parse_args(argv)
@@ -165,6 +165,10 @@ def run_extended(args: argparse.Namespace, heldout: dict[str, torch.Tensor]) -> 
 
     probe = HeldOut()
     trainer.callbacks.append(probe)
+    if cfg.model.data.get("data_impl") == "mock":  # tests: megatron's mock ids must fit the tiny vocabulary
+        from nemo_vocab_ext.testing.tiny import fit_mock_data_to_vocab
+
+        fit_mock_data_to_vocab(new_vocab)
     trainer.fit(model)
     if points[-1]["step"] != max_steps or not all(math.isfinite(x) for x in probe.losses):
         raise RuntimeError(f"the run stopped at step {points[-1]['step']} of {max_steps} or its loss is not finite")

@@ -1,6 +1,6 @@
 """Which init to use when extending a vocabulary: measured on a real NeMo GPT, on a CPU, in minutes.
 
-    python tools/quality.py [--workdir quality_run] [--inits zeros,mean,...] [--seeds 1,2] [--steps 150]
+    python tools/quality.py [--workdir quality_run] [--inits zeros,mean,...] [--seeds 1,2] [--steps 120]
 
 1. the demo's pipeline (``tools/demo.py`` steps 1-4): an English BPE on Python's docs, a tiny GPT
    pretrained on it with the stock call sequence (``base.nemo``), a Thai BPE from pythainlp's

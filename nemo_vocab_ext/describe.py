@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .checkpoint import Checkpoint
 from .errors import VocabExtError
+from .formats.region import tensor_meta
 from .vocab import divisible_by_of, expected_rows, load_checkpoint_tokenizer, tensor_parallel_of, vocab_tables
 
 
@@ -25,8 +25,9 @@ def describe(ckpt: Checkpoint, fmt: str) -> dict[str, Any]:
     vocab = tok.vocab_size if tok is not None else None
     states = list(ckpt.rank_tensors.values()) if ckpt.rank_tensors else [ckpt.tensors]
     # Parameters only: a training checkpoint also stores optimizer moments under "optimizer.".
-    weights = [
-        t for s in states for k, t in s.items() if isinstance(t, torch.Tensor) and not k.startswith("optimizer.")
+    # Shapes come from the stored metadata: nothing is read.
+    shapes = [
+        meta[0] for s in states for k in s if not k.startswith("optimizer.") and (meta := tensor_meta(s, k)) is not None
     ]
     return {
         "format": fmt,
@@ -42,6 +43,6 @@ def describe(ckpt: Checkpoint, fmt: str) -> dict[str, Any]:
         "make_vocab_size_divisible_by": divisible_by_of(ckpt.config),
         "tensor_model_parallel_size": tensor_parallel_of(ckpt.config),
         "pipeline_model_parallel_size": int(ckpt.config.get("pipeline_model_parallel_size") or 1),
-        "num_tensors": len(weights),
-        "num_parameters": int(sum(t.numel() for t in weights)),
+        "num_tensors": len(shapes),
+        "num_parameters": sum(math.prod(shape) for shape in shapes),
     }

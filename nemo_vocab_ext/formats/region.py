@@ -182,6 +182,27 @@ class Stored(abc.ABC):
         return id(self)
 
 
+class InRegion(Stored):
+    """An entry whose bytes are exactly one region (a safetensors tensor, a raw byte entry)."""
+
+    region: FileRegion
+
+    def load(self) -> torch.Tensor | bytes:
+        if self.shape is None or self.dtype is None:
+            return self.region.read()
+        return read_tensor(self.region, self.dtype, self.shape)
+
+    def raw(self) -> list[FileRegion]:
+        return [self.region]
+
+    @property
+    def nbytes(self) -> int:
+        return self.region.length
+
+    def identity(self) -> Hashable:
+        return self.region
+
+
 class Entries(MutableMapping[str, Any]):
     """Checkpoint entries by key; :class:`Stored` ones are read on each access, never cached.
 

@@ -23,7 +23,7 @@ import torch
 
 from ..checkpoint import Checkpoint, Value
 from ..errors import CheckpointFormatError
-from .region import Entries, FileRegion, OutFile, Stored, held, read_tensor, tensor_bytes
+from .region import Entries, FileRegion, InRegion, OutFile, Stored, held, tensor_bytes
 
 INDEX = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -69,28 +69,12 @@ _MAX_HEADER = 100_000_000  # safetensors' own limit on the header's size
 
 
 @dataclass(frozen=True, eq=False)
-class SafetensorsEntry(Stored):
+class SafetensorsEntry(InRegion):
     """A tensor in a safetensors file; a byte blob (stored as uint8) when ``shape`` is None."""
 
     region: FileRegion
     dtype: torch.dtype | None
     shape: tuple[int, ...] | None
-
-    def load(self) -> torch.Tensor | bytes:
-        if self.shape is None:
-            return self.region.read()
-        assert self.dtype is not None
-        return read_tensor(self.region, self.dtype, self.shape)
-
-    def raw(self) -> list[FileRegion]:
-        return [self.region]
-
-    @property
-    def nbytes(self) -> int:
-        return self.region.length
-
-    def identity(self) -> Hashable:
-        return self.region
 
 
 @dataclass

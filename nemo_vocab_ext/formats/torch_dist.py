@@ -35,7 +35,7 @@ from torch.distributed.checkpoint.metadata import (
 
 from ..errors import CheckpointFormatError, OutputExistsError
 from .folder import DirOut, OutFolder
-from .region import FileRegion, Stored, held, tensor_bytes, tensor_meta
+from .region import FileRegion, InRegion, Stored, held, tensor_bytes, tensor_meta
 from .safe_pickle import restricted_unpickle
 from .torch_zip import StoredTensor, read_torch_file, write_torch_file
 
@@ -160,25 +160,12 @@ class DistTensor(Stored):
 
 
 @dataclass(frozen=True, eq=False)
-class DistBytes(Stored):
+class DistBytes(InRegion):
     """A byte entry, kept exactly as stored."""
 
     region: FileRegion
     shape = None
     dtype = None
-
-    def load(self) -> bytes:
-        return self.region.read()
-
-    def raw(self) -> list[FileRegion]:
-        return [self.region]
-
-    @property
-    def nbytes(self) -> int:
-        return self.region.length
-
-    def identity(self) -> Hashable:
-        return self.region
 
 
 def dist_entries(metadata: Metadata, resolve: Resolve, where: str) -> dict[str, Stored]:

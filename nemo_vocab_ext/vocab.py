@@ -28,7 +28,7 @@ from .core.resize import (
 )
 from .core.sizes import padded_vocab_size
 from .errors import ConfigError, ResizeError, TokenizerError
-from .formats.region import Entries, Stored, held
+from .formats.region import Entries, Stored, held, tensor_bytes
 from .tokenizer import TokenizerInfo, check_ids_preserved, load_tokenizer
 
 DEFAULT_DIVISIBLE_BY = 128
@@ -85,8 +85,10 @@ def vocab_tables(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
 
 def rows_hash(table: torch.Tensor, rows: int) -> str:
     """Short digest of the first ``rows`` rows, to show old rows survive bit-exact."""
-    data = table[:rows].contiguous().view(torch.uint8) if table.numel() else torch.empty(0, dtype=torch.uint8)
-    return hashlib.sha256(data.numpy().tobytes()).hexdigest()[:16]
+    digest = hashlib.sha256()
+    if table.numel():
+        digest.update(tensor_bytes(table[:rows]))  # the rows' bytes as they lie: no copy of the table
+    return digest.hexdigest()[:16]
 
 
 @dataclass

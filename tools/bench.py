@@ -243,19 +243,15 @@ def make_ops(inp: Inputs, out: Path) -> list[Op]:
         convert("convert safetensors -> .nemo", inp.dist_safetensors, out / "converted.nemo"),
         convert("convert .ckpt (distributed folder) -> .nemo", inp.dist_ckpt, out / "converted.nemo"),
         convert("convert .ckpt (Lightning file) -> .nemo", inp.single_ckpt, out / "converted.nemo", extra=True),
-        Op(
-            f"resize .nemo (distributed) fvt {rows}",
-            [*cli, "resize", str(inp.dist_nemo), str(out / "resized.nemo"), *resize],
-            [inp.dist_nemo, inp.merged_tokenizer],
-            out / "resized.nemo",
-            [inp.dist_nemo],
-        ),
-        Op(
-            f"resize .nemo (single file) fvt {rows}",
-            [*cli, "resize", str(inp.single_nemo), str(out / "resized.nemo"), *resize],
-            [inp.single_nemo, inp.merged_tokenizer],
-            out / "resized.nemo",
-            [inp.single_nemo],
+        *(
+            Op(
+                f"resize .nemo ({layout}) fvt {rows}",
+                [*cli, "resize", str(src), str(out / "resized.nemo"), *resize],
+                [src, inp.merged_tokenizer],
+                out / "resized.nemo",
+                [src],
+            )
+            for layout, src in (("distributed", inp.dist_nemo), ("single file", inp.single_nemo))
         ),
         Op(
             f"seed: tar x, torch.load, torch.cat zeros, torch.save, tar c ({rows})",

@@ -153,7 +153,7 @@ class DataScan:
             return (
                 f"{head} in {self.index.num_documents:,} documents, "
                 f"max id {self.max_id} < vocab size {self.vocab_size}, ok "
-                f"({self.index.bin_bytes / 1e9:.2f} GB scanned at {self.bytes_per_second / 1e9:.1f} GB/s)"
+                f"({_size(self.index.bin_bytes)} scanned at {self.bytes_per_second / 1e9:.1f} GB/s)"
             )
         parts = []
         if self.num_out_of_range:
@@ -166,6 +166,10 @@ class DataScan:
         first = self.examples[0] if self.examples else None
         where = f" (first: token {first.token_index} in document {first.document})" if first else ""
         return f"{head}, {what}{where}"
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 100_000_000 else f"{nbytes / 1e6:.1f} MB"
 
 
 def _plural(n: int, noun: str) -> str:

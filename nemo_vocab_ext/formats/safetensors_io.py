@@ -85,7 +85,6 @@ class _Planned:
     dtype: torch.dtype
     shape: tuple[int, ...]
     nbytes: int
-    source: str  # the entry key to read it from
 
 
 def _plan(tensors: Mapping[str, Value]) -> tuple[list[_Planned], list[str], list[str], dict[str, str]]:
@@ -116,13 +115,13 @@ def _plan(tensors: Mapping[str, Value]) -> tuple[list[_Planned], list[str], list
             )
         if meta is None:
             blobs.append(key)
-            planned.append(_Planned(key, torch.uint8, (nbytes,), nbytes, key))
+            planned.append(_Planned(key, torch.uint8, (nbytes,), nbytes))
             continue
         if nbytes and ident in seen:  # tied weights: store once, remember the alias
             aliases[key] = seen[ident]
             continue
         seen[ident] = key
-        planned.append(_Planned(key, meta[1], tuple(meta[0]), nbytes, key))
+        planned.append(_Planned(key, meta[1], tuple(meta[0]), nbytes))
     return planned, blobs, nones, aliases
 
 
@@ -139,13 +138,13 @@ def _write_file(path: Path, planned: list[_Planned], tensors: Mapping[str, Value
         out.write(struct.pack("<Q", len(text)))
         out.write(text)
         for p in planned:
-            value = held(tensors, p.source)
+            value = held(tensors, p.key)
             raw = value.raw() if isinstance(value, Stored) else None
             if raw is not None and sum(r.length for r in raw) == p.nbytes:
                 for region in raw:  # the stored bytes are already what we write
                     out.copy_from(region)
                 continue
-            loaded = tensors[p.source]
+            loaded = tensors[p.key]
             data = memoryview(loaded) if isinstance(loaded, bytes) else tensor_bytes(loaded)  # type: ignore[arg-type]
             if len(data) != p.nbytes:
                 raise CheckpointFormatError(f"entry '{p.key}' changed size while it was written")

@@ -20,6 +20,7 @@ import resource
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,35 +39,20 @@ def main(argv: list[str] | None = None) -> int:
     from nemo_vocab_ext.testing.tiny import job_args
 
     args = parse_args(job_args(main, argv))
-    from nemo_vocab_ext.testing.cpu_nemo import apply_cpu_patches, init_cpu_process_group
+    extension: dict[str, Any] | None = None
+    if args.mode == "plugin":
+        extension = {"init": args.init}
+        if args.work_dir is not None:
+            args.work_dir.mkdir(parents=True, exist_ok=True)
+            extension["work_dir"] = str(args.work_dir)
+    from nemo_vocab_ext.testing.restore import prepare
 
-    apply_cpu_patches()
-    from nemo.collections.nlp.models.language_modeling.megatron_gpt_model import MegatronGPTModel
+    conf, model_class = prepare(args.nemo, vocab_dir=args.vocab_dir, extension=extension)
     from nemo.collections.nlp.parts.nlp_overrides import NLPSaveRestoreConnector
-    from omegaconf import open_dict
 
     from nemo_vocab_ext.testing.tiny import cpu_trainer
 
-    conf = MegatronGPTModel.restore_from(
-        str(args.nemo), return_config=True, save_restore_connector=NLPSaveRestoreConnector()
-    )
-    with open_dict(conf):
-        if args.vocab_dir is not None:
-            conf.tokenizer.vocab_file = str((args.vocab_dir / "vocab.json").resolve())
-            conf.tokenizer.merge_file = str((args.vocab_dir / "merges.txt").resolve())
-        if args.mode == "plugin":
-            extension = {"init": args.init}
-            if args.work_dir is not None:
-                args.work_dir.mkdir(parents=True, exist_ok=True)
-                extension["work_dir"] = str(args.work_dir)
-            conf.vocab_extension = extension
-    init_cpu_process_group(1)
     trainer = cpu_trainer(conf)
-    model_class = MegatronGPTModel
-    if args.mode == "plugin":
-        from nemo_vocab_ext.model import VocabExtensionGPTModel
-
-        model_class = VocabExtensionGPTModel
     start = time.perf_counter()
     model = model_class.restore_from(
         str(args.nemo), override_config_path=conf, trainer=trainer, save_restore_connector=NLPSaveRestoreConnector()

@@ -48,10 +48,9 @@ def dump_model(model: Any, path: Path) -> None:
     torch.save(dump, path)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from nemo_vocab_ext.testing.tiny import job_args
-
-    args = parse_args(job_args(main, argv))
+def prepare(nemo: Path, *, vocab_dir: Path | None, extension: dict[str, Any] | None, tp: int = 1) -> tuple[Any, Any]:
+    """CPU patches applied, process group up; NeMo's config of ``nemo`` pointed at ``vocab_dir`` and given
+    ``model.vocab_extension`` (when set), and the model class that restores it: (config, class)."""
     from nemo_vocab_ext.testing.cpu_nemo import apply_cpu_patches, init_cpu_process_group
 
     apply_cpu_patches()
@@ -59,24 +58,34 @@ def main(argv: list[str] | None = None) -> int:
     from nemo.collections.nlp.parts.nlp_overrides import NLPSaveRestoreConnector
     from omegaconf import open_dict
 
-    from nemo_vocab_ext.testing.tiny import cpu_trainer
-
     conf = MegatronGPTModel.restore_from(
-        str(args.nemo), return_config=True, save_restore_connector=NLPSaveRestoreConnector()
+        str(nemo), return_config=True, save_restore_connector=NLPSaveRestoreConnector()
     )
     with open_dict(conf):
-        conf.tensor_model_parallel_size = args.tp
-        if args.vocab_dir is not None:
-            conf.tokenizer.vocab_file = str((args.vocab_dir / "vocab.json").resolve())
-            conf.tokenizer.merge_file = str((args.vocab_dir / "merges.txt").resolve())
-        if args.vocab_extension is not None:
-            conf.vocab_extension = {"init": args.vocab_extension}
-    init_cpu_process_group(args.tp)
-    model_class = MegatronGPTModel
-    if args.vocab_extension is not None:
-        from nemo_vocab_ext.model import VocabExtensionGPTModel
+        conf.tensor_model_parallel_size = tp
+        if vocab_dir is not None:
+            conf.tokenizer.vocab_file = str((vocab_dir / "vocab.json").resolve())
+            conf.tokenizer.merge_file = str((vocab_dir / "merges.txt").resolve())
+        if extension is not None:
+            conf.vocab_extension = extension
+    init_cpu_process_group(tp)
+    if extension is None:
+        return conf, MegatronGPTModel
+    from nemo_vocab_ext.model import VocabExtensionGPTModel
 
-        model_class = VocabExtensionGPTModel
+    return conf, VocabExtensionGPTModel
+
+
+def main(argv: list[str] | None = None) -> int:
+    from nemo_vocab_ext.testing.tiny import job_args
+
+    args = parse_args(job_args(main, argv))
+    extension = None if args.vocab_extension is None else {"init": args.vocab_extension}
+    conf, model_class = prepare(args.nemo, vocab_dir=args.vocab_dir, extension=extension, tp=args.tp)
+    from nemo.collections.nlp.parts.nlp_overrides import NLPSaveRestoreConnector
+
+    from nemo_vocab_ext.testing.tiny import cpu_trainer
+
     model = model_class.restore_from(
         str(args.nemo),
         override_config_path=conf,

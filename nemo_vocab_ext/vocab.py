@@ -28,7 +28,7 @@ from .core.resize import (
 )
 from .core.sizes import padded_vocab_size
 from .errors import ConfigError, ResizeError, TokenizerError
-from .formats.region import Entries, Stored, held, tensor_bytes
+from .formats.region import Entries, Stored, held, same_bytes_key, tensor_bytes
 from .tokenizer import TokenizerInfo, check_ids_preserved, load_tokenizer
 
 DEFAULT_DIVISIBLE_BY = 128
@@ -207,7 +207,7 @@ def apply_resize(
     resized_once: dict[Hashable, torch.Tensor] = {}
     for key, table in tables.items():
         stored = held(ckpt.tensors, key)
-        identity = stored.identity() if isinstance(stored, Stored) else id(table)
+        identity = same_bytes_key(stored if isinstance(stored, Stored) else table)
         if identity in resized_once:  # one storage under two names (tied copies): resize once
             new_tables[key] = resized_once[identity]
             continue

@@ -240,6 +240,13 @@ def held(entries: Mapping[str, object], key: str) -> Any:
     return entries.stored(key) if isinstance(entries, Entries) else entries[key]
 
 
+def same_bytes_key(value: Stored | torch.Tensor) -> Hashable:
+    """Equal for two tensor entries that are the same bytes (tied weights), so they are written once."""
+    if isinstance(value, Stored):
+        return ("stored", value.identity())
+    return ("memory", value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), value.dtype)
+
+
 def tensor_meta(entries: Mapping[str, object], key: str) -> tuple[tuple[int, ...], torch.dtype] | None:
     """Shape and dtype of a tensor entry without reading it; None for byte blobs and empty entries."""
     value = held(entries, key)

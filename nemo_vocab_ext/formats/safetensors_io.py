@@ -23,7 +23,7 @@ import torch
 
 from ..checkpoint import Checkpoint, Value
 from ..errors import CheckpointFormatError
-from .region import Entries, FileRegion, InRegion, OutFile, Stored, held, tensor_bytes
+from .region import Entries, FileRegion, InRegion, OutFile, Stored, held, same_bytes_key, tensor_bytes
 
 INDEX = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -100,11 +100,11 @@ def _plan(tensors: Mapping[str, Value]) -> tuple[list[_Planned], list[str], list
             nones.append(key)
             continue
         if isinstance(value, Stored):
-            ident: Hashable = ("stored", value.identity())
+            ident: Hashable = same_bytes_key(value)
             meta = (value.shape, value.dtype) if value.shape is not None and value.dtype is not None else None
             nbytes = value.nbytes
         elif isinstance(value, torch.Tensor):
-            ident = ("memory", value.untyped_storage().data_ptr(), value.storage_offset(), value.shape, value.dtype)
+            ident = same_bytes_key(value)
             meta = (tuple(value.shape), value.dtype)
             nbytes = value.numel() * value.element_size()
         elif isinstance(value, bytes):

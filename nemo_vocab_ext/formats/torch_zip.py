@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointFormatError, UnsafeCheckpointError
-from .region import FileRegion, OutFile, Stored, read_tensor, tensor_bytes
+from .region import FileRegion, OutFile, Stored, read_tensor, same_bytes_key, tensor_bytes
 from .safe_pickle import TORCH_LOAD_ALLOWED, refused_global, unsafe_error
 
 _LOCAL_HEADER = struct.Struct("<4s5H3I2H")  # a zip local file header, before its name and extra field
@@ -302,11 +302,10 @@ def write_torch_file(obj: Any, out: OutFile, *, name: str = "archive") -> None:
             return value.load()  # a byte blob: small, pickled in place
         if isinstance(value, Stored):
             assert value.dtype is not None and value.shape is not None
-            ident: Hashable = ("stored", value.identity())
             dtype, shape = value.dtype, value.shape
         else:
-            ident = ("memory", value.untyped_storage().data_ptr(), value.storage_offset(), value.shape, value.dtype)
             dtype, shape = value.dtype, tuple(value.shape)
+        ident = same_bytes_key(value)
         if ident not in by_identity:
             storage = _StorageRef(str(len(tensors)), dtype, math.prod(shape))
             tensors.append((storage, value))

@@ -24,14 +24,32 @@ OUTPUT_LAYER = "model.output_layer.weight"
 HIDDEN = 64
 
 
-def test_cpu_patches_do_nothing_on_a_gpu_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cpu_patches_do_nothing_on_a_gpu_machine_with_apex(monkeypatch: pytest.MonkeyPatch) -> None:
     from nemo_vocab_ext.testing import cpu_nemo
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cpu_nemo, "_have_apex", lambda: True)
     monkeypatch.setattr(cpu_nemo, "_applied", False)
     synchronize = torch.cuda.synchronize
     cpu_nemo.apply_cpu_patches()
     assert cpu_nemo._applied is False and torch.cuda.synchronize is synchronize
+
+
+@pytest.mark.parametrize("gpu", [True, False])
+def test_cpu_patches_on_a_machine_without_apex(monkeypatch: pytest.MonkeyPatch, gpu: bool) -> None:
+    from nemo_vocab_ext.testing import cpu_nemo
+
+    called: list[str] = []
+    patches = [name for name in dir(cpu_nemo) if name.startswith("_patch_") and name != "_patch_optimizer_step_sharding"]
+    for name in patches:
+        monkeypatch.setattr(cpu_nemo, name, lambda name=name: called.append(name))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    monkeypatch.setattr(cpu_nemo, "_have_apex", lambda: False)
+    monkeypatch.setattr(cpu_nemo, "_applied", False)
+    cpu_nemo.apply_cpu_patches()
+    cpu_nemo.apply_cpu_patches()  # idempotent
+    apex_and_te = ["_patch_build_model", "_patch_gpt_specs", "_patch_megatron_utils", "_patch_nlp_overrides"]
+    assert sorted(called) == (apex_and_te if gpu else sorted(patches))
 
 
 def test_run_concurrently_reports_each_job(tmp_path: Path) -> None:

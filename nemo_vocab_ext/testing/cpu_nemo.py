@@ -1,9 +1,10 @@
-"""Patches that let NeMo 2.4.1 + megatron-core 0.13.1 run on a CPU-only machine without apex or TE.
+"""Patches that let NeMo 2.4.1 + megatron-core 0.13.1 run outside NVIDIA's container: no apex, no TE, maybe no GPU.
 
-Used by the tests and the CPU demo only; the plugin never imports this module. Each patch was
-found from a real failure of building, saving, restoring, training, checkpointing or resuming a
-tiny Megatron GPT on such a machine (at TP=1 and under torchrun at TP=2), and nothing is patched
-when CUDA is available. Call :func:`apply_cpu_patches`, then :func:`init_cpu_process_group`,
+Used by the tests and the demo only; the plugin never imports this module. Each patch was found
+from a real failure of building, saving, restoring, training, checkpointing or resuming a tiny
+Megatron GPT on a CPU-only machine (at TP=1 and under torchrun at TP=2). On a GPU machine only the
+stand-ins for a missing apex and Transformer Engine are applied, and nothing at all when apex is
+installed (NeMo's container). Call :func:`apply_cpu_patches`, then :func:`init_cpu_process_group`,
 before the first model is built.
 """
 
@@ -21,25 +22,34 @@ _applied = False
 
 
 def apply_cpu_patches() -> None:
-    """Patch NeMo and megatron-core in place for CPU. Idempotent; a no-op when CUDA is available."""
+    """Patch NeMo and megatron-core in place. Idempotent; a no-op on a GPU machine with apex."""
     global _applied
-    if _applied or torch.cuda.is_available():
+    gpu = torch.cuda.is_available()
+    if _applied or (gpu and _have_apex()):
         return
     _applied = True  # set first: a second call must never wrap the wrappers
     # NeMo runs re.fullmatch on it when enabling NVIDIA optimisations; it is unset outside NVIDIA containers.
     os.environ.setdefault("NVIDIA_PYTORCH_VERSION", "24.12")
-    _patch_cuda_calls()
+    # Missing apex and Transformer Engine, GPU or not.
     _patch_nlp_overrides()
     _patch_gpt_specs()
     _patch_build_model()
-    _patch_base_model()
     _patch_megatron_utils()
-    _patch_schedules()
-    _patch_rng_tracker()
+    if not gpu:
+        _patch_cuda_calls()
+        _patch_base_model()
+        _patch_schedules()
+        _patch_rng_tracker()
+
+
+def _have_apex() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("apex") is not None
 
 
 def init_cpu_process_group(tensor_parallel: int = 1) -> None:
-    """Set up torch.distributed (gloo) and megatron's parallel state before a model is built.
+    """Set up torch.distributed (gloo; NCCL on a GPU) and megatron's parallel state before a model is built.
 
     megatron-core reads process groups while it builds the model, but NeMo only sets them up in
     ``fit()``; with a group already there, Lightning and NeMo skip their own initialisation.
@@ -50,16 +60,19 @@ def init_cpu_process_group(tensor_parallel: int = 1) -> None:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     if not dist.is_initialized():
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-            dist.init_process_group("gloo", init_method="env://")
+            dist.init_process_group(backend, init_method="env://")
         elif tensor_parallel != 1:
             raise ValueError(f"tensor_parallel={tensor_parallel} needs torchrun with that many processes")
         else:
             # gloo deletes the store file once every rank has let go of it.
             fd, store = tempfile.mkstemp(prefix="gloo_store_")
             os.close(fd)
-            dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+            dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1)
     if dist.get_world_size() % tensor_parallel:
         raise ValueError(f"world size {dist.get_world_size()} is not a multiple of tensor_parallel={tensor_parallel}")
     if not parallel_state.model_parallel_is_initialized():

@@ -33,10 +33,6 @@ WEIGHTS_DIR = "model_weights"
 _MP_RANK = re.compile(r"^mp_rank_(\d{2})/model_weights\.ckpt$")
 _TP_PP_RANK = re.compile(r"^tp_rank_(\d{2})_pp_rank_(\d{3})/model_weights\.ckpt$")
 _ARTIFACT = re.compile(r"^[0-9a-f]{32}_[^/]+$")
-DEFAULT_DIST_METADATA = (
-    b'{"sharded_backend": "torch_dist", "sharded_backend_version": 1, '
-    b'"common_backend": "torch", "common_backend_version": 1}'
-)
 
 
 def detect_layout(names: list[str] | set[str], source: Path) -> str:
@@ -194,7 +190,7 @@ def _write_nemo_to(ckpt: Checkpoint, out: OutFolder, *, link_unchanged: bool = F
             out.folder(WEIGHTS_DIR),
             ckpt.tensors,
             common=common,
-            metadata_json=ckpt.training_state.get("dist_metadata") or DEFAULT_DIST_METADATA,
+            metadata_json=ckpt.training_state.get("dist_metadata") or None,  # None: the writer's default
             link_unchanged=link_unchanged,
         )
     elif ckpt.layout == SINGLE:

@@ -17,7 +17,6 @@ import pickle
 import re
 import typing
 from collections import defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -25,11 +24,9 @@ import torch
 from omegaconf import AnyNode, DictConfig, ListConfig
 from omegaconf.base import ContainerMetadata, Metadata
 from omegaconf.nodes import BooleanNode, BytesNode, FloatNode, IntegerNode, PathNode, StringNode
-from torch.distributed.checkpoint import metadata as dcp_metadata
-from torch.distributed.checkpoint import planner as dcp_planner
-from torch.distributed.checkpoint.filesystem import _StorageInfo
 
 from ..errors import CheckpointFormatError, UnsafeCheckpointError
+from . import dcp_records
 
 # Added to torch's own weights_only set (tensors, storages, dtypes, torch.Size, OrderedDict, set,
 # bytes via _codecs.encode). Each entry was seen in a NeMo or Lightning file, or is the typed twin
@@ -107,38 +104,7 @@ def _last_line(exc: BaseException) -> str:
 # --- torch_dist ``.metadata`` -------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class MCoreSavePlan(dcp_planner.SavePlan):
-    """Stand-in for megatron-core's ``MCoreSavePlan``, stored in ``Metadata.all_local_plans``."""
-
-    mcore_data: dict[str, dict[str, Any]] | None = None
-
-
-@dataclass
-class MCoreMetadata(dcp_metadata.Metadata):
-    """Stand-in for newer megatron-core's ``MCoreMetadata`` (torch Metadata plus ``mcore_data``)."""
-
-    mcore_data: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-
-_DCP_CLASSES: dict[tuple[str, str], Any] = {
-    (cls.__module__, cls.__name__): cls
-    for cls in (
-        dcp_metadata.Metadata,
-        dcp_metadata.MetadataIndex,
-        dcp_metadata.StorageMeta,
-        dcp_metadata.TensorProperties,
-        dcp_metadata.TensorStorageMetadata,
-        dcp_metadata.BytesStorageMetadata,
-        dcp_metadata.ChunkStorageMetadata,
-        dcp_metadata._MEM_FORMAT_ENCODING,  # how TensorProperties pickles its memory format
-        dcp_planner.SavePlan,
-        dcp_planner.WriteItem,
-        dcp_planner.WriteItemType,
-        dcp_planner.TensorWriteData,
-        _StorageInfo,  # FileSystemWriter's per-item file, offset and length
-    )
-}
+_DCP_CLASSES: dict[tuple[str, str], Any] = dict(dcp_records.STAND_INS)
 _DCP_CLASSES[("torch", "Size")] = torch.Size
 # torch.layout pickles as a call to this lookup-by-name function (copyreg in torch.serialization).
 _DCP_CLASSES[("torch.serialization", "_get_layout")] = torch.serialization._get_layout
@@ -146,10 +112,13 @@ _DCP_CLASSES[("torch.serialization", "_get_layout")] = torch.serialization._get_
 _DCP_CLASSES[("pathlib", "PosixPath")] = pathlib.PosixPath
 _DCP_CLASSES[("pathlib", "Path")] = pathlib.Path
 
-# megatron-core's classes, matched by name under its dist_checkpointing package: the module that
-# defines them has moved between releases.
+# megatron-core's subclasses, matched by name under its dist_checkpointing package: the module
+# that defines them has moved between releases. MCoreMetadata adds ``mcore_data`` to Metadata.
 _MEGATRON_PACKAGE = "megatron.core.dist_checkpointing"
-_MEGATRON_STANDINS: dict[str, type] = {"MCoreSavePlan": MCoreSavePlan, "MCoreMetadata": MCoreMetadata}
+_MEGATRON_STANDINS: dict[str, type] = {
+    "MCoreSavePlan": dcp_records.STAND_INS[dcp_records.PLANNER_MODULE, "SavePlan"],  # a SavePlan subclass
+    "MCoreMetadata": dcp_records.Metadata,
+}
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -172,8 +141,8 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 def restricted_unpickle(data: bytes, *, what: str) -> Any:
-    """Unpickle a torch_dist ``.metadata``: torch.distributed.checkpoint metadata classes only,
-    megatron's classes replaced by the local stand-ins above; anything else is refused."""
+    """Unpickle a torch_dist ``.metadata`` into :mod:`.dcp_records` stand-ins (torch's and megatron's
+    metadata classes, by name); anything else is refused."""
     try:
         return _MetadataUnpickler(data, what).load()
     except UnsafeCheckpointError:

@@ -15,25 +15,25 @@ from __future__ import annotations
 
 import json
 import math
-import pickle
 import uuid
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.distributed.checkpoint.filesystem import _StorageInfo
-from torch.distributed.checkpoint.metadata import (
+
+from ..errors import CheckpointFormatError, OutputExistsError
+from .dcp_records import (
     BytesStorageMetadata,
     ChunkStorageMetadata,
     Metadata,
     MetadataIndex,
+    StorageInfo,
     StorageMeta,
     TensorProperties,
     TensorStorageMetadata,
+    dumps,
 )
-
-from ..errors import CheckpointFormatError, OutputExistsError
 from .folder import DirOut, OutFolder
 from .region import FileRegion, InRegion, Stored, held, tensor_bytes, tensor_meta
 from .safe_pickle import restricted_unpickle
@@ -174,7 +174,7 @@ def dist_entries(metadata: Metadata, resolve: Resolve, where: str) -> dict[str, 
 
     def item(index: MetadataIndex) -> FileRegion:
         info = metadata.storage_data.get(index) if isinstance(metadata.storage_data, dict) else None
-        if not isinstance(info, _StorageInfo):
+        if not isinstance(info, StorageInfo):
             raise CheckpointFormatError(f"{where}/{METADATA_FILE}: no storage record for {index.fqn!r} {index.offset}")
         if info.transform_descriptors:
             raise CheckpointFormatError(
@@ -261,20 +261,20 @@ def write_torch_dist(
     else:
         folder = ckpt_dir
     state: dict[str, TensorStorageMetadata | BytesStorageMetadata] = {}
-    storage: dict[MetadataIndex, _StorageInfo] = {}
+    storage: dict[MetadataIndex, StorageInfo] = {}
     links: dict[Path, str] = {}  # a file holding unchanged bytes -> its link's name in the folder
     linking = link_unchanged and isinstance(folder, DirOut)
 
     with folder.file(DATA_FILE) as out:
 
-        def place(region: FileRegion) -> _StorageInfo:
+        def place(region: FileRegion) -> StorageInfo:
             """Copy ``region`` into the data file, or (linking) point at it where it lies."""
             if linking:
                 name = links.setdefault(region.path, f"linked_{len(links)}_{region.path.name}")
-                return _StorageInfo(name, region.offset, region.length)
+                return StorageInfo(name, region.offset, region.length)
             start = out.tell()
             out.copy_from(region)
-            return _StorageInfo(DATA_FILE, start, region.length)
+            return StorageInfo(DATA_FILE, start, region.length)
 
         for key in tensors:
             value = held(tensors, key)
@@ -293,7 +293,7 @@ def write_torch_dist(
                 start = out.tell()
                 for region in value.raw() or []:
                     out.copy_from(region)
-                storage[MetadataIndex(key)] = _StorageInfo(DATA_FILE, start, out.tell() - start)
+                storage[MetadataIndex(key)] = StorageInfo(DATA_FILE, start, out.tell() - start)
                 state[key] = BytesStorageMetadata()
                 continue
             meta = tensor_meta(tensors, key)
@@ -302,7 +302,7 @@ def write_torch_dist(
                 write_torch_file(value, out)
                 shape = torch.Size(meta[0])
                 offsets = torch.Size([0] * len(shape))
-                storage[MetadataIndex(key, offsets)] = _StorageInfo(DATA_FILE, start, out.tell() - start)
+                storage[MetadataIndex(key, offsets)] = StorageInfo(DATA_FILE, start, out.tell() - start)
                 state[key] = TensorStorageMetadata(
                     TensorProperties(dtype=meta[1]), shape, [ChunkStorageMetadata(offsets, shape)]
                 )
@@ -310,7 +310,7 @@ def write_torch_dist(
             loaded = tensors[key]
             if isinstance(loaded, bytes | bytearray):
                 out.write(loaded)
-                storage[MetadataIndex(key)] = _StorageInfo(DATA_FILE, start, len(loaded))
+                storage[MetadataIndex(key)] = StorageInfo(DATA_FILE, start, len(loaded))
                 state[key] = BytesStorageMetadata()
             elif loaded is None:
                 raise CheckpointFormatError(
@@ -330,7 +330,7 @@ def write_torch_dist(
     # megatron reads mcore_data with getattr(..., {}); empty dicts = no N-D reformulation, as
     # megatron writes for plain model tensors. A plain attribute keeps the pickle torch-only.
     metadata.mcore_data = {k: {} for k, md in state.items() if isinstance(md, TensorStorageMetadata)}  # type: ignore[attr-defined]
-    folder.write_bytes(METADATA_FILE, pickle.dumps(metadata))
+    folder.write_bytes(METADATA_FILE, dumps(metadata))
     folder.write_bytes(COMMON_FILE, common)
     # Last: megatron recognises a checkpoint folder by metadata.json, so a crash before this point
     # leaves a folder that is not mistaken for a complete checkpoint.

@@ -1,0 +1,158 @@
+"""The records of a torch_dist ``.metadata`` file, read and written without ``torch.distributed.checkpoint``.
+
+Importing that package costs about 1.3 s (it pulls in DTensor and sympy) on every command that
+touches a distributed checkpoint, while all we need from it are a dozen plain records. These are
+their stand-ins: the restricted unpickler maps torch's class names to them, and :func:`dumps`
+writes them back under torch's names, in the state each real class unpickles from (torch 2.13,
+the pinned version; NeMo's own restore of files we write is tested). Megatron-core's subclasses
+map to the same stand-ins.
+"""
+
+from __future__ import annotations
+
+import enum
+import io
+import pickle
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+METADATA_MODULE = "torch.distributed.checkpoint.metadata"
+PLANNER_MODULE = "torch.distributed.checkpoint.planner"
+FILESYSTEM_MODULE = "torch.distributed.checkpoint.filesystem"
+PLANNER_RECORDS = ("SavePlan", "WriteItem", "WriteItemType", "TensorWriteData")  # in megatron's all_local_plans
+
+
+class Record:
+    """A stand-in. It pickles and unpickles as the plain dataclass it replaces (``cls.__new__``,
+    then its state into ``__dict__``), so both sides of a file agree."""
+
+
+@dataclass
+class ChunkStorageMetadata(Record):
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+
+
+class MemoryFormat(enum.Enum):
+    """torch's ``_MEM_FORMAT_ENCODING``: how TensorProperties pickles its memory format."""
+
+    TORCH_CONTIGUOUS_FORMAT = 0
+    TORCH_CHANNELS_LAST = 1
+    TORCH_PRESERVE_FORMAT = 2
+
+
+@dataclass
+class TensorProperties(Record):
+    dtype: torch.dtype
+    layout: torch.layout = torch.strided
+    requires_grad: bool = False
+    memory_format: MemoryFormat = MemoryFormat.TORCH_CONTIGUOUS_FORMAT
+    pin_memory: bool = False
+
+    # torch pickles these five as a tuple (memory formats cannot be pickled; their encoding can).
+    def __getstate__(self) -> Any:
+        return (self.dtype, self.layout, self.requires_grad, self.memory_format, self.pin_memory)
+
+    def __setstate__(self, state: Any) -> None:
+        self.dtype, self.layout, self.requires_grad, self.memory_format, self.pin_memory = state
+
+
+@dataclass
+class TensorStorageMetadata(Record):
+    properties: TensorProperties
+    size: tuple[int, ...]
+    chunks: list[ChunkStorageMetadata]
+
+
+@dataclass
+class BytesStorageMetadata(Record):
+    pass
+
+
+@dataclass
+class StorageMeta(Record):
+    checkpoint_id: Any = None
+    save_id: str | None = None
+    load_id: str | None = None
+    modules: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Metadata(Record):
+    state_dict_metadata: dict[str, TensorStorageMetadata | BytesStorageMetadata]
+    planner_data: Any = None
+    storage_data: Any = None
+    storage_meta: StorageMeta | None = None
+    version: str | None = None
+
+
+@dataclass(frozen=True)
+class MetadataIndex(Record):
+    fqn: str
+    offset: tuple[int, ...] | None = None
+    index: int | None = field(default=None, hash=False, compare=False)
+
+
+@dataclass
+class StorageInfo(Record):
+    """torch's ``_StorageInfo``: where one item's bytes lie."""
+
+    relative_path: str
+    offset: int
+    length: int
+    transform_descriptors: list[str] | None = None
+
+    def __getstate__(self) -> Any:
+        return {k: v for k, v in self.__dict__.items() if v is not None}  # as torch writes it
+
+
+class Opaque(Record):
+    """Megatron's and the planner's records that ``.metadata`` may hold and nothing here reads."""
+
+    def __init__(self, *args: Any) -> None:  # enums unpickle as a call with their value
+        self.args = args
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+
+# (module, class name) as torch pickles them -> stand-in. Matched exactly.
+STAND_INS: dict[tuple[str, str], type] = {
+    (METADATA_MODULE, "ChunkStorageMetadata"): ChunkStorageMetadata,
+    (METADATA_MODULE, "_MEM_FORMAT_ENCODING"): MemoryFormat,
+    (METADATA_MODULE, "TensorProperties"): TensorProperties,
+    (METADATA_MODULE, "TensorStorageMetadata"): TensorStorageMetadata,
+    (METADATA_MODULE, "BytesStorageMetadata"): BytesStorageMetadata,
+    (METADATA_MODULE, "StorageMeta"): StorageMeta,
+    (METADATA_MODULE, "Metadata"): Metadata,
+    (METADATA_MODULE, "MetadataIndex"): MetadataIndex,
+    (FILESYSTEM_MODULE, "_StorageInfo"): StorageInfo,
+    **{(PLANNER_MODULE, name): type(name, (Opaque,), {}) for name in PLANNER_RECORDS},
+}
+_WRITE_NAME = {cls: key for key, cls in STAND_INS.items()}
+_PurePickler: Any = pickle._Pickler  # type: ignore[attr-defined]
+
+
+class _RecordPickler(_PurePickler):
+    """The pure-Python pickler, writing each stand-in class under torch's module and name.
+
+    The C pickler cannot be told to: it imports the named module to check the class, the very
+    import this module avoids. Metadata files are small (one record per chunk), so speed is moot.
+    """
+
+    def save_global(self, obj: Any, name: str | None = None) -> None:
+        if obj in _WRITE_NAME:
+            module, qualname = _WRITE_NAME[obj]
+            self.write(pickle.GLOBAL + f"{module}\n{qualname}\n".encode())
+            self.memoize(obj)
+        else:
+            super().save_global(obj, name)
+
+
+def dumps(metadata: Metadata) -> bytes:
+    """``metadata`` pickled as torch.distributed.checkpoint writes it: loadable by ``pickle.load`` there."""
+    buffer = io.BytesIO()
+    _RecordPickler(buffer, protocol=2).dump(metadata)
+    return buffer.getvalue()

@@ -124,8 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     size = p.add_mutually_exclusive_group()
     size.add_argument("--gb", type=float, default=1.0, help="size of the .bin in GB of 10**9 bytes (default 1)")
     size.add_argument("--tokens", type=int, help="exact token count instead of --gb")
-    p.add_argument("--dtype", default="auto", choices=["auto", *sorted(_CODE_BY_NAME)],
-                   help="token dtype; auto = uint16 below 65500 ids else int32, as megatron picks")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", *sorted(_CODE_BY_NAME)],
+        help="token dtype; auto = uint16 below 65500 ids else int32, as megatron picks",
+    )
     p.add_argument("--mean-doc-tokens", type=int, default=2048, help="mean document length (default 2048)")
     p.add_argument("--bad", type=int, default=0, help="plant this many ids >= VOCAB at random positions")
     p.add_argument("--seed", type=int, default=0)
@@ -135,8 +139,15 @@ def main(argv: list[str] | None = None) -> int:
     num_tokens = args.tokens if args.tokens is not None else int(args.gb * 1e9) // dt.itemsize
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     try:
-        w = write_dataset(args.out, num_tokens, args.vocab, dtype=dt, mean_doc_tokens=args.mean_doc_tokens,
-                          bad=args.bad, seed=args.seed)
+        w = write_dataset(
+            args.out,
+            num_tokens,
+            args.vocab,
+            dtype=dt,
+            mean_doc_tokens=args.mean_doc_tokens,
+            bad=args.bad,
+            seed=args.seed,
+        )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -115,7 +115,6 @@ def read_nemo_header(path: str | Path) -> tuple[dict[str, Any], dict[str, bytes]
         return _header(source, Path(path))
 
 
-
 def read_dist_tensor_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
     """Global shapes of a distributed .nemo's tensors, from its ``.metadata`` alone."""
     with open_nemo(path) as source:

@@ -136,9 +136,7 @@ class OutFile:
             done = 0
             try:
                 while done < region.length:
-                    n = os.copy_file_range(
-                        src.fileno(), self._f.fileno(), region.length - done, region.offset + done
-                    )
+                    n = os.copy_file_range(src.fileno(), self._f.fileno(), region.length - done, region.offset + done)
                     if n == 0:
                         break
                     done += n

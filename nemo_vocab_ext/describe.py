@@ -10,13 +10,12 @@ from typing import Any
 from .checkpoint import Checkpoint
 from .errors import VocabExtError
 from .formats.region import tensor_meta
-from .vocab import divisible_by_of, expected_rows, load_checkpoint_tokenizer, tensor_parallel_of, vocab_tables
+from .vocab import divisible_by_of, expected_rows, load_checkpoint_tokenizer, tensor_parallel_of, vocab_table_shapes
 
 
 def describe(ckpt: Checkpoint, fmt: str) -> dict[str, Any]:
-    tables = vocab_tables(ckpt)
     keys = ckpt.vocab_keys()
-    embedding = tables[keys.embedding]
+    embedding_shape, embedding_dtype = vocab_table_shapes(ckpt)[keys.embedding]
     with tempfile.TemporaryDirectory() as tmp:
         try:
             tok = load_checkpoint_tokenizer(ckpt, Path(tmp))
@@ -33,9 +32,9 @@ def describe(ckpt: Checkpoint, fmt: str) -> dict[str, Any]:
         "format": fmt,
         "layout": ckpt.layout,
         "embedding_key": keys.embedding,
-        "embedding_rows": int(embedding.shape[0]),
-        "hidden_size": int(embedding.shape[1]),
-        "dtype": str(embedding.dtype).replace("torch.", ""),
+        "embedding_rows": int(embedding_shape[0]),
+        "hidden_size": int(embedding_shape[1]),
+        "dtype": str(embedding_dtype).replace("torch.", ""),
         "tied": keys.tied,
         "has_output_layer": keys.output_layer is not None,
         "tokenizer_vocab_size": vocab,

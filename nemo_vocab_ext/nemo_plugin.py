@@ -34,7 +34,7 @@ from .vocab import (
     embed_tokenizer,
     expected_rows,
     plan_resize,
-    vocab_tables,
+    vocab_table_shapes,
 )
 
 CONFIG_KEY = "vocab_extension"
@@ -200,7 +200,7 @@ def prepare_restore(restore_path: str | Path, model_cfg: Any, settings: Extensio
     old_vocab = own.vocab_size if own is not None else None
     # The distributed layout tells the stored rows from its metadata; the others need the tensors.
     ckpt = None if layout == DISTRIBUTED else read_nemo(source)
-    stored = _stored_rows(source) if ckpt is None else vocab_tables(ckpt)[ckpt.vocab_keys().embedding].shape[0]
+    stored = _stored_rows(source) if ckpt is None else vocab_table_shapes(ckpt)[ckpt.vocab_keys().embedding][0][0]
     if stored == new_rows and old_vocab in (None, new_vocab):
         _log(f"checkpoint rows ({stored}) already match the tokenizer ({new_vocab} tokens): nothing to do")
         return None

@@ -12,7 +12,7 @@ import torch
 
 from .checkpoint import Checkpoint
 from .errors import VocabExtError
-from .vocab import divisible_by_of, expected_rows, load_checkpoint_tokenizer, tensor_parallel_of, vocab_tables
+from .vocab import divisible_by_of, expected_rows, load_checkpoint_tokenizer, tensor_parallel_of, vocab_table_shapes
 
 
 @dataclass
@@ -104,9 +104,9 @@ def validate_checkpoint(
     from .tokenizer import check_ids_preserved, load_tokenizer
 
     report = Report()
-    tables = vocab_tables(ckpt)
+    shapes = vocab_table_shapes(ckpt)
     keys = ckpt.vocab_keys()
-    rows = tables[keys.embedding].shape[0]
+    rows = shapes[keys.embedding][0][0]
     tp = tensor_parallel or tensor_parallel_of(ckpt.config)
     multiple = divisible_by or divisible_by_of(ckpt.config)
     with tempfile.TemporaryDirectory() as tmp:
@@ -137,9 +137,9 @@ def validate_checkpoint(
                     else "pass --allow-shrink to resize, or check the tokenizer"
                 )
                 report.add("embedding rows", False, f"{msg}; {hint}")
-        for key, t in tables.items():
-            if t.shape[0] != rows:
-                report.add("rows agree", False, f"'{key}' has {t.shape[0]} rows, the embedding {rows}")
+        for key, (shape, _) in shapes.items():
+            if shape[0] != rows:
+                report.add("rows agree", False, f"'{key}' has {shape[0]} rows, the embedding {rows}")
         if new is not None and own is not None:
             check = check_ids_preserved(own, new)
             report.add("ids preserved", check.ok, check.summary())

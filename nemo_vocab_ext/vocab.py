@@ -27,8 +27,8 @@ from .core.resize import (
     split_vocab_rows,
 )
 from .core.sizes import padded_vocab_size
-from .errors import ConfigError, ResizeError, TokenizerError
-from .formats.region import Entries, Stored, held, same_bytes_key, tensor_bytes
+from .errors import CheckpointFormatError, ConfigError, ResizeError, TokenizerError
+from .formats.region import Entries, Stored, held, same_bytes_key, tensor_bytes, tensor_meta
 from .tokenizer import TokenizerInfo, check_ids_preserved, load_tokenizer
 
 DEFAULT_DIVISIBLE_BY = 128
@@ -81,6 +81,20 @@ def vocab_tables(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
         # Legacy rank files list TP ranks of one pipeline stage; a key lives on one stage.
         tables[key] = join_vocab_shards(shards)  # type: ignore[arg-type]
     return tables
+
+
+def vocab_table_shapes(ckpt: Checkpoint) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Global shape and dtype of each vocab table, as :func:`vocab_tables` would return it, from the
+    stored metadata: nothing is read."""
+    out: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    states = [ckpt.tensors] if ckpt.rank_tensors is None else [s for _, s in sorted(ckpt.rank_tensors.items())]
+    for key in ckpt.vocab_keys().all():
+        metas = [meta for state in states if key in state and (meta := tensor_meta(state, key)) is not None]
+        if not metas:
+            raise CheckpointFormatError(f"'{key}' is not a stored tensor")
+        (shape, dtype) = metas[0]
+        out[key] = ((sum(m[0][0] for m in metas), *shape[1:]), dtype)  # row blocks of TP ranks, joined
+    return out
 
 
 def rows_hash(table: torch.Tensor, rows: int) -> str:
@@ -166,15 +180,15 @@ def plan_resize(
     shrink_hint: str = "pass --allow-shrink to drop them",
 ) -> ResizePlan:
     keys = ckpt.vocab_keys()
-    tables = vocab_tables(ckpt)
-    old_rows = tables[keys.embedding].shape[0]
+    shapes = vocab_table_shapes(ckpt)
+    old_rows = shapes[keys.embedding][0][0]
     tp = tensor_parallel or tensor_parallel_of(ckpt.config)
     multiple = divisible_by or divisible_by_of(ckpt.config)
     new_rows = padded_vocab_size(new_vocab, multiple, tp)
-    for key, t in tables.items():
-        if t.shape[0] != old_rows:
+    for key, (shape, _) in shapes.items():
+        if shape[0] != old_rows:
             raise ResizeError(
-                f"'{key}' has {t.shape[0]} rows but the embedding has {old_rows}; the checkpoint is inconsistent"
+                f"'{key}' has {shape[0]} rows but the embedding has {old_rows}; the checkpoint is inconsistent"
             )
     try:
         rows = plan_rows(old_vocab, old_rows, new_vocab, new_rows, allow_shrink=allow_shrink)

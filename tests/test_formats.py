@@ -174,7 +174,7 @@ def _legacy_ranks(tp: int, pp: int) -> dict[tuple[int, int], dict]:
 @pytest.mark.parametrize(("tp", "pp", "layout"), [(2, 1, "mp_rank"), (2, 2, "tp_pp_rank")])
 def test_legacy_rank_layouts_read_resize_and_write(tmp_path: Path, tp: int, pp: int, layout: str) -> None:
     from nemo_vocab_ext.core.resize import Init
-    from nemo_vocab_ext.vocab import apply_resize, plan_resize, vocab_tables
+    from nemo_vocab_ext.vocab import apply_resize, plan_resize, vocab_table_shapes, vocab_tables
 
     ranks = _legacy_ranks(tp, pp)
     ckpt = Checkpoint(ranks[(0, 0)], {"tensor_model_parallel_size": tp}, layout, rank_tensors=ranks)
@@ -190,6 +190,8 @@ def test_legacy_rank_layouts_read_resize_and_write(tmp_path: Path, tp: int, pp: 
     assert back.layout == layout and back.rank_tensors is not None and set(back.rank_tensors) == set(ranks)
     table = vocab_tables(back)["model.language_model.embedding.word_embeddings.weight"]
     assert torch.equal(table, torch.arange(32, dtype=torch.float32).reshape(16, 2))  # rank blocks joined
+    # The shapes the plan uses, without joining (or reading) the blocks.
+    assert vocab_table_shapes(back) == {k: (tuple(t.shape), t.dtype) for k, t in vocab_tables(back).items()}
     plan = plan_resize(back, 10, 20, tensor_parallel=tp, divisible_by=4, init=Init.ZEROS)
     grown, _ = apply_resize(back, plan)
     assert grown.rank_tensors is not None

@@ -135,9 +135,8 @@ def _row_mean(rows: torch.Tensor) -> torch.Tensor:
     return total / rows.shape[0]
 
 
-def _normal_rows(rows: torch.Tensor, count: int, generator: torch.Generator | None) -> torch.Tensor:
+def _normal_rows(rows: torch.Tensor, count: int, generator: torch.Generator | None, mean: torch.Tensor) -> torch.Tensor:
     """``count`` samples from N(mean, cov) of ``rows``; the mean alone when the covariance is degenerate."""
-    mean = _row_mean(rows)
     if count == 0:
         return mean.new_empty((0, rows.shape[1]))
     cov = torch.zeros((rows.shape[1], rows.shape[1]), dtype=torch.float64, device=rows.device)
@@ -200,9 +199,10 @@ def init_rows(
     pieces: Sequence[Sequence[int]] | None = None,
     generator: torch.Generator | None = None,
     dtype: torch.dtype = torch.float64,
+    mean: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int]:
     """``count`` new rows made from the old real rows by ``init``, computed in float64 and returned as
-    ``dtype``; also the FVT fallback count."""
+    ``dtype``; also the FVT fallback count. ``mean``: the old rows' float64 mean, if already taken."""
     width = old_real.shape[1]
     if count == 0:
         return torch.zeros((0, width), dtype=dtype, device=old_real.device), 0
@@ -210,11 +210,12 @@ def init_rows(
         return torch.zeros((count, width), dtype=dtype, device=old_real.device), 0
     if old_real.shape[0] == 0:
         raise ValueError(f"init '{init}' needs old rows to take statistics from; the table has none")
-    mean = _row_mean(old_real)
+    if mean is None:
+        mean = _row_mean(old_real)
     if init is Init.MEAN:
         return mean.to(dtype).expand(count, -1).clone(), 0
     if init is Init.NORMAL:
-        return _normal_rows(old_real, count, generator).to(dtype), 0
+        return _normal_rows(old_real, count, generator, mean).to(dtype), 0
     if init.needs_pieces:
         if pieces is None or len(pieces) != count:
             have = "none" if pieces is None else str(len(pieces))
@@ -247,10 +248,15 @@ def resize_table(
     # Filled in place (no torch.cat of converted copies): the table and its copy are the only large tensors.
     out = torch.empty((plan.new_rows, *table.shape[1:]), dtype=table.dtype, device=table.device)
     out[: plan.kept] = table[: plan.kept]
-    new_rows, fallbacks = init_rows(old_real, new_count, init, pieces=pieces, generator=generator, dtype=table.dtype)
+    # One pass over the old rows for their mean, which both row classes may use.
+    wants_mean = any(i is not Init.ZEROS and n for i, n in ((init, new_count), (padding_init, pad_count)))
+    mean = _row_mean(old_real) if wants_mean and old_real.shape[0] else None
+    new_rows, fallbacks = init_rows(
+        old_real, new_count, init, pieces=pieces, generator=generator, dtype=table.dtype, mean=mean
+    )
     out[plan.kept : plan.kept + new_count] = new_rows
     del new_rows
-    pad_rows, _ = init_rows(old_real, pad_count, padding_init, generator=generator, dtype=table.dtype)
+    pad_rows, _ = init_rows(old_real, pad_count, padding_init, generator=generator, dtype=table.dtype, mean=mean)
     out[plan.kept + new_count :] = pad_rows
     return out, ResizeStats(plan.kept, new_count, pad_count, fallbacks)
 

@@ -1,7 +1,8 @@
 """The ``nemo-vocab-ext`` command line: a thin layer over the library.
 
 Known errors end here as one line and an exit code (1 for bad input, 2 for usage); ``--debug``
-shows the traceback.
+shows the traceback. The checkpoint library (and torch, 2.7 s to import) is imported by the
+commands that read checkpoints, not at start-up: ``--help`` and the tokenizer commands start at once.
 """
 
 from __future__ import annotations
@@ -14,9 +15,8 @@ import click
 
 from .cli_common import report_errors, say, stages
 from .cli_tokenizer import tokenizer
-from .core.resize import Init
-from .io import Format, format_for_destination, load_checkpoint, save_checkpoint, select
-from .layout import change_layout
+from .core.rows import Init
+from .formats.detect import Format, format_for_destination
 
 INIT_CHOICES = click.Choice([i.value for i in Init])
 VERIFY_OPTION = click.option(
@@ -49,6 +49,7 @@ def main(debug: bool, quiet: bool) -> None:
 def inspect(ckpt: Path, as_json: bool) -> None:
     """Show a checkpoint's layout, vocabulary and sizes."""
     from .describe import describe
+    from .io import load_checkpoint
 
     loaded, fmt = load_checkpoint(ckpt)
     info = describe(loaded, str(fmt))
@@ -84,6 +85,7 @@ def validate(
     ckpt: Path, tokenizer: Path | None, tp: int | None, divisible_by: int | None, data: tuple[str, ...], as_json: bool
 ) -> None:
     """Check padded vocab size, token ids, artifacts, tied weights, NaN/Inf and data. Exit 1 on any failure."""
+    from .io import load_checkpoint
     from .validate import validate_checkpoint
 
     loaded, _ = load_checkpoint(ckpt)
@@ -114,6 +116,9 @@ def validate(
 @report_errors
 def convert(src: Path, dst: Path, to: str | None, layout: str | None, force: bool, verify: bool) -> None:
     """Convert between .nemo, .ckpt and safetensors, one tensor at a time; the output is read back and checked."""
+    from .io import load_checkpoint, save_checkpoint, select
+    from .layout import change_layout
+
     fmt = format_for_destination(dst, Format(to) if to else None)
     with stages(4) as stage:
         stage("reading")

@@ -15,10 +15,10 @@ from typing import Any, TypeVar
 
 import click
 
+from nemo_vocab_ext.atomic import atomic_output
 from nemo_vocab_ext.cli_common import report_errors
 from nemo_vocab_ext.core.sizes import padded_vocab_size
 from nemo_vocab_ext.errors import TokenizerError
-from nemo_vocab_ext.formats.archive import atomic_output
 from nemo_vocab_ext.tokenizer import (
     KIND_SENTENCEPIECE,
     TokenizerInfo,

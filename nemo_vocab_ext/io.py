@@ -3,62 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
-import enum
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
 
+from .atomic import atomic_output
 from .checkpoint import Checkpoint, Value
 from .errors import CheckpointFormatError
-from .formats.archive import atomic_output
+from .formats.detect import Format, detect_format
 from .formats.region import Entries, held, tensor_meta
-
-
-class Format(str, enum.Enum):
-    NEMO = "nemo"
-    CKPT = "ckpt"
-    SAFETENSORS = "safetensors"
-
-    def __str__(self) -> str:
-        return self.value
-
-
-def detect_format(path: str | Path) -> Format:
-    p = Path(path)
-    if not p.exists():
-        raise CheckpointFormatError(f"{p}: no such file or folder")
-    if p.is_dir():
-        if (p / "model.safetensors.index.json").is_file() or (p / "model.safetensors").is_file():
-            return Format.SAFETENSORS
-        if (p / ".metadata").is_file() and (p / "common.pt").is_file():
-            return Format.CKPT
-        if (p / "model_config.yaml").is_file():
-            return Format.NEMO  # an extracted .nemo
-        raise CheckpointFormatError(
-            f"{p}: a folder that is neither sharded safetensors nor a NeMo distributed checkpoint"
-        )
-    if p.suffix == ".safetensors":
-        return Format.SAFETENSORS
-    if p.suffix == ".ckpt":
-        return Format.CKPT
-    if p.suffix == ".nemo":
-        return Format.NEMO
-    with open(p, "rb") as f:
-        head = f.read(512)
-    if len(head) >= 262 and head[257:262] == b"ustar" or head[:2] == b"\x1f\x8b":
-        return Format.NEMO
-    raise CheckpointFormatError(f"{p}: unknown checkpoint type; expected .nemo, .ckpt or .safetensors")
-
-
-def format_for_destination(dst: str | Path, to: Format | None) -> Format:
-    if to is not None:
-        return to
-    suffix = Path(dst).suffix
-    for fmt in Format:
-        if suffix == f".{fmt.value}":
-            return fmt
-    raise CheckpointFormatError(f"{dst}: cannot tell the output format from the name; pass --to nemo|ckpt|safetensors")
 
 
 def load_checkpoint(path: str | Path, fmt: Format | None = None) -> tuple[Checkpoint, Format]:

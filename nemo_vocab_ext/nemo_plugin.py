@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .checkpoint import DISTRIBUTED, Checkpoint
 from .core.keys import find_vocab_keys
-from .core.resize import Init
+from .core.rows import Init
 from .errors import ConfigError, DataError, ResizeError, TokenizerError
 from .formats.nemo import read_dist_tensor_shapes, read_nemo, read_nemo_header, write_nemo_dir
 from .vocab import (

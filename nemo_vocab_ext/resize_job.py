@@ -5,7 +5,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from .core.resize import Init
+from .core.rows import Init
 from .errors import TokenizerError
 from .io import Format, Stage, load_checkpoint, no_stage, save_checkpoint
 from .vocab import (

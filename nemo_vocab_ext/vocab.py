@@ -15,17 +15,8 @@ import torch
 
 from .checkpoint import Checkpoint, Value
 from .core.keys import VocabKeys
-from .core.resize import (
-    INIT_COSTS,
-    INIT_DESCRIPTIONS,
-    Init,
-    RowPlan,
-    ShrinkRefusedError,
-    join_vocab_shards,
-    plan_rows,
-    resize_table,
-    split_vocab_rows,
-)
+from .core.resize import join_vocab_shards, resize_table, split_vocab_rows
+from .core.rows import INIT_COSTS, INIT_DESCRIPTIONS, Init, RowPlan, ShrinkRefusedError, plan_rows
 from .core.sizes import padded_vocab_size
 from .errors import CheckpointFormatError, ConfigError, ResizeError, TokenizerError
 from .formats.region import Entries, Stored, held, same_bytes_key, tensor_bytes, tensor_meta

@@ -6,14 +6,8 @@ import pytest
 import torch
 
 from nemo_vocab_ext.core.keys import UnknownKeysError, find_vocab_keys, normalize_key
-from nemo_vocab_ext.core.resize import (
-    Init,
-    ShrinkRefusedError,
-    join_vocab_shards,
-    plan_rows,
-    resize_table,
-    split_vocab_rows,
-)
+from nemo_vocab_ext.core.resize import join_vocab_shards, resize_table, split_vocab_rows
+from nemo_vocab_ext.core.rows import Init, ShrinkRefusedError, plan_rows
 from nemo_vocab_ext.core.sizes import padded_vocab_size, tp_row_range
 
 

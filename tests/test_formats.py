@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from nemo_vocab_ext.atomic import atomic_output
 from nemo_vocab_ext.checkpoint import DISTRIBUTED, SINGLE, Checkpoint
 from nemo_vocab_ext.errors import CheckpointFormatError, ConfigError, OutputExistsError, UnsafeCheckpointError
-from nemo_vocab_ext.formats.archive import NemoArchive, atomic_output
+from nemo_vocab_ext.formats.archive import NemoArchive
 from nemo_vocab_ext.io import Format, load_checkpoint, save_checkpoint, verify_written
 
 CONFIG = {
@@ -173,7 +174,7 @@ def _legacy_ranks(tp: int, pp: int) -> dict[tuple[int, int], dict]:
 
 @pytest.mark.parametrize(("tp", "pp", "layout"), [(2, 1, "mp_rank"), (2, 2, "tp_pp_rank")])
 def test_legacy_rank_layouts_read_resize_and_write(tmp_path: Path, tp: int, pp: int, layout: str) -> None:
-    from nemo_vocab_ext.core.resize import Init
+    from nemo_vocab_ext.core.rows import Init
     from nemo_vocab_ext.vocab import apply_resize, plan_resize, vocab_table_shapes, vocab_tables
 
     ranks = _legacy_ranks(tp, pp)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from nemo_vocab_ext.checkpoint import Checkpoint
-from nemo_vocab_ext.core.resize import INIT_COSTS, INIT_DESCRIPTIONS, Init, init_rows, plan_rows, resize_table
+from nemo_vocab_ext.core.resize import init_rows, resize_table
+from nemo_vocab_ext.core.rows import INIT_COSTS, INIT_DESCRIPTIONS, Init, plan_rows
 from nemo_vocab_ext.vocab import apply_resize, plan_resize
 
 EMB = "model.embedding.word_embeddings.weight"

@@ -43,7 +43,7 @@ from demo import (
     say,
 )
 
-from nemo_vocab_ext.core.resize import Init
+from nemo_vocab_ext.core.rows import Init
 from nemo_vocab_ext.testing.runs import PROBE_ENV
 from nemo_vocab_ext.testing.tiny import ForkServer, NemoRunError, cpu_env, offline_hf_home
 from nemo_vocab_ext.tokenizer import EOS_TOKEN, TokenizerInfo, load_tokenizer

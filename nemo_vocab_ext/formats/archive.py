@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import posixpath
-import shutil
 import tarfile
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-from ..errors import CheckpointFormatError, OutputExistsError, UnsafeCheckpointError
+from ..errors import CheckpointFormatError, UnsafeCheckpointError
 from .region import FileRegion
 
 
@@ -111,38 +106,3 @@ class NemoArchive:
                 dest = out_dir / name
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 dest.write_bytes(self.read(name))
-
-
-def _publish(tmp: Path, dst: Path, force: bool) -> None:
-    """Rename ``tmp`` onto ``dst``; an existing ``dst`` is moved aside first and removed only afterwards."""
-    if dst.exists() and not force:  # again: it may have appeared while we worked
-        raise OutputExistsError(f"{dst} exists; pass --force to overwrite it")
-    if not dst.exists():
-        os.replace(tmp, dst)
-        return
-    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-    os.replace(dst, old)
-    os.replace(tmp, dst)
-    if old.is_dir() and not old.is_symlink():
-        shutil.rmtree(old)
-    else:
-        old.unlink()
-
-
-@contextmanager
-def atomic_output(dst: str | Path, *, force: bool) -> Iterator[Path]:
-    """Yield a temporary path beside ``dst`` (same file system); it takes ``dst``'s name only if the block succeeds.
-
-    A failure or a kill leaves no partial ``dst`` (at most a hidden temporary, removed on errors).
-    """
-    dst = Path(dst)
-    if dst.exists() and not force:
-        raise OutputExistsError(f"{dst} exists; pass --force to overwrite it")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp_root = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
-    tmp = tmp_root / dst.name
-    try:
-        yield tmp
-        _publish(tmp, dst, force)
-    finally:
-        shutil.rmtree(tmp_root, ignore_errors=True)

@@ -1,0 +1,54 @@
+"""Which checkpoint format a path holds, or names: decided from names and a file's first bytes."""
+
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+
+from ..errors import CheckpointFormatError
+
+
+class Format(str, enum.Enum):
+    NEMO = "nemo"
+    CKPT = "ckpt"
+    SAFETENSORS = "safetensors"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def detect_format(path: str | Path) -> Format:
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointFormatError(f"{p}: no such file or folder")
+    if p.is_dir():
+        if (p / "model.safetensors.index.json").is_file() or (p / "model.safetensors").is_file():
+            return Format.SAFETENSORS
+        if (p / ".metadata").is_file() and (p / "common.pt").is_file():
+            return Format.CKPT
+        if (p / "model_config.yaml").is_file():
+            return Format.NEMO  # an extracted .nemo
+        raise CheckpointFormatError(
+            f"{p}: a folder that is neither sharded safetensors nor a NeMo distributed checkpoint"
+        )
+    if p.suffix == ".safetensors":
+        return Format.SAFETENSORS
+    if p.suffix == ".ckpt":
+        return Format.CKPT
+    if p.suffix == ".nemo":
+        return Format.NEMO
+    with open(p, "rb") as f:
+        head = f.read(512)
+    if len(head) >= 262 and head[257:262] == b"ustar" or head[:2] == b"\x1f\x8b":
+        return Format.NEMO
+    raise CheckpointFormatError(f"{p}: unknown checkpoint type; expected .nemo, .ckpt or .safetensors")
+
+
+def format_for_destination(dst: str | Path, to: Format | None) -> Format:
+    if to is not None:
+        return to
+    suffix = Path(dst).suffix
+    for fmt in Format:
+        if suffix == f".{fmt.value}":
+            return fmt
+    raise CheckpointFormatError(f"{dst}: cannot tell the output format from the name; pass --to nemo|ckpt|safetensors")

@@ -34,3 +34,11 @@ def test_bench_measures_a_resize_against_its_floor(tmp_path: Path) -> None:
     names = [t["target"] for t in result["targets"]]
     assert names == [f"{row['name']}: time", f"{row['name']}: peak RSS"]
     assert result["library"]["commit"]
+
+
+def test_data_rate_is_judged_on_the_scan_validate_times() -> None:
+    both = bench.DataRate(whole=0.5e9, net=0.3e9, reported=4e9)
+    assert both.judged == (4e9, "scan, as validate times and reports it")
+    assert "net of validate without --data 0.30 GB/s" in both.text()  # the cross-check stays in view
+    assert bench.DataRate(whole=0.5e9, net=2e9, reported=None).judged[0] == 2e9
+    assert bench.DataRate(whole=0.5e9, net=None, reported=None).judged == (0.5e9, "whole command")

@@ -147,3 +147,18 @@ def test_real_sizes_on_meta_device(vocab_old: int, vocab_new: int, hidden: int, 
     assert out.shape == (new_rows, hidden) and out.dtype == torch.bfloat16
     assert stats.initialised == vocab_new - vocab_old
     assert [b.shape[0] for b in split_vocab_rows(out, tp)] == [new_rows // tp] * tp
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_all_finite_agrees_with_isfinite_on_every_kind_of_value(dtype: torch.dtype) -> None:
+    from nemo_vocab_ext.validate import all_finite
+
+    info = torch.finfo(dtype)
+    finite = torch.tensor([0.0, -0.0, 1.0, -2.5, info.max, -info.max, info.tiny, info.tiny / 4], dtype=dtype)
+    assert all_finite(finite) and all_finite(finite.reshape(2, 4)) and all_finite(finite[:0])
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for at in (0, 5, 7):
+            t = finite.clone()
+            t[at] = bad
+            assert not all_finite(t) and not all_finite(t, block=3)  # found in any block
+    assert all_finite(finite, block=3)

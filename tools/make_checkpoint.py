@@ -42,6 +42,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from nemo_vocab_ext.core.keys import EMBEDDING_KEYS, MCORE, OUTPUT_LAYER_KEYS
+from nemo_vocab_ext.core.layers import LAYERS, NORM_NAMES, OUTPUT_EXTRA_STATE
+
 # ------------------------------------------------------------------------------------------ shapes
 
 
@@ -88,8 +91,6 @@ PRECISION = {"bf16": "bf16-mixed", "fp16": "16-mixed", "fp32": "32-true"}
 # As NeMo 2.4.1 stores an mcore GPT (local layer spec). Per decoder layer, single-file names, in
 # stored order; a shape is (rows, cols) in units of (hidden h, ffn f), None for an empty _extra_state.
 
-LAYERS = "model.decoder.layers."
-EXTRA_STATE = "_extra_state"
 _LAYER_KEYS: tuple[tuple[str, tuple[str, ...] | None], ...] = (
     ("input_layernorm.weight", ("h",)),
     ("input_layernorm.bias", ("h",)),
@@ -108,18 +109,9 @@ _LAYER_KEYS: tuple[tuple[str, tuple[str, ...] | None], ...] = (
     ("mlp.linear_fc2.bias", ("h",)),
     ("mlp.linear_fc2._extra_state", None),
 )
-# The distributed layout names the norms after the Transformer Engine module they are fused into,
-# even without Transformer Engine.
-_DIST_NORM_NAMES = {
-    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
-    "input_layernorm.bias": "self_attention.linear_qkv.layer_norm_bias",
-    "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
-    "pre_mlp_layernorm.bias": "mlp.linear_fc1.layer_norm_bias",
-}
-EMBEDDING = "model.embedding.word_embeddings.weight"
+EMBEDDING = EMBEDDING_KEYS[MCORE]
 POSITIONS = "model.embedding.position_embeddings.weight"
-OUTPUT_LAYER = "model.output_layer.weight"
-OUTPUT_EXTRA_STATE = "model.output_layer._extra_state"
+OUTPUT_LAYER = OUTPUT_LAYER_KEYS[MCORE]
 FINAL_NORM = ("model.decoder.final_layernorm.weight", "model.decoder.final_layernorm.bias")
 
 
@@ -172,7 +164,7 @@ def key_specs(shape: ModelShape, layout: str, tied: bool) -> list[Spec]:
             if units is None:  # megatron stores each layer's extra state as its own object
                 specs += [Spec(f"{LAYERS}{name}/shard_{i}_{n}", None, source, layer=i) for i in range(n)]
             else:
-                specs.append(Spec(LAYERS + _DIST_NORM_NAMES.get(name, name), (n, *_dims(shape, units)), source, n))
+                specs.append(Spec(LAYERS + NORM_NAMES.get(name, name), (n, *_dims(shape, units)), source, n))
     else:
         raise ValueError(f"layout must be 'distributed' or 'single', not {layout!r}")
     specs += [Spec(key, (shape.hidden,), key) for key in FINAL_NORM]

@@ -9,6 +9,7 @@ the stored ones, copies them file to file without decoding (``copy_file_range``:
 from __future__ import annotations
 
 import abc
+import math
 import os
 from collections.abc import Hashable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
@@ -170,10 +171,7 @@ class Stored(abc.ABC):
     @property
     def nbytes(self) -> int:
         assert self.shape is not None and self.dtype is not None
-        numel = 1
-        for s in self.shape:
-            numel *= s
-        return numel * self.dtype.itemsize
+        return math.prod(self.shape) * self.dtype.itemsize
 
     def identity(self) -> Hashable:
         """Equal for two entries that are the same stored bytes (tied weights saved once)."""

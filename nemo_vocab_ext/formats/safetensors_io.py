@@ -23,7 +23,7 @@ import torch
 
 from ..checkpoint import Checkpoint, Value
 from ..errors import CheckpointFormatError
-from .region import Entries, FileRegion, InRegion, OutFile, Stored, held, same_bytes_key, tensor_bytes
+from .region import Entries, FileRegion, InRegion, OutFile, Stored, held, same_bytes_key, tensor_bytes, tensor_meta
 
 INDEX = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -99,29 +99,24 @@ def _plan(tensors: Mapping[str, Value]) -> tuple[list[_Planned], list[str], list
         if value is None:
             nones.append(key)
             continue
-        if isinstance(value, Stored):
-            ident: Hashable = same_bytes_key(value)
-            meta = (value.shape, value.dtype) if value.shape is not None and value.dtype is not None else None
-            nbytes = value.nbytes
-        elif isinstance(value, torch.Tensor):
-            ident = same_bytes_key(value)
-            meta = (tuple(value.shape), value.dtype)
-            nbytes = value.numel() * value.element_size()
-        elif isinstance(value, bytes):
-            ident, meta, nbytes = ("bytes", key), None, len(value)
-        else:
+        if not isinstance(value, Stored | torch.Tensor | bytes):
             raise CheckpointFormatError(
                 f"entry '{key}' is a {type(value).__name__}; only tensors, bytes and None can be stored"
             )
-        if meta is None:
+        meta = tensor_meta(tensors, key)
+        if isinstance(value, bytes) or meta is None:  # a byte blob
+            nbytes = len(value) if isinstance(value, bytes) else value.nbytes
             blobs.append(key)
             planned.append(_Planned(key, torch.uint8, (nbytes,), nbytes))
             continue
+        shape, dtype = meta
+        nbytes = math.prod(shape) * dtype.itemsize
+        ident = same_bytes_key(value)
         if nbytes and ident in seen:  # tied weights: store once, remember the alias
             aliases[key] = seen[ident]
             continue
         seen[ident] = key
-        planned.append(_Planned(key, meta[1], tuple(meta[0]), nbytes))
+        planned.append(_Planned(key, dtype, tuple(shape), nbytes))
     return planned, blobs, nones, aliases
 
 

@@ -12,10 +12,15 @@ from pathlib import Path
 from .errors import OutputExistsError
 
 
+def refuse_existing(dst: Path, *, force: bool) -> None:
+    """Fail before any work when ``dst`` exists and may not be replaced."""
+    if dst.exists() and not force:
+        raise OutputExistsError(f"{dst} exists; pass --force to overwrite it")
+
+
 def _publish(tmp: Path, dst: Path, force: bool) -> None:
     """Rename ``tmp`` onto ``dst``; an existing ``dst`` is moved aside first and removed only afterwards."""
-    if dst.exists() and not force:  # again: it may have appeared while we worked
-        raise OutputExistsError(f"{dst} exists; pass --force to overwrite it")
+    refuse_existing(dst, force=force)  # again: it may have appeared while we worked
     if not dst.exists():
         os.replace(tmp, dst)
         return
@@ -35,8 +40,7 @@ def atomic_output(dst: str | Path, *, force: bool) -> Iterator[Path]:
     A failure or a kill leaves no partial ``dst`` (at most a hidden temporary, removed on errors).
     """
     dst = Path(dst)
-    if dst.exists() and not force:
-        raise OutputExistsError(f"{dst} exists; pass --force to overwrite it")
+    refuse_existing(dst, force=force)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp_root = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
     tmp = tmp_root / dst.name

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any, Union
 
 from .core.keys import VocabKeys, find_vocab_keys
-from .formats.region import tensor_meta
+from .formats.region import is_tensor, tensor_meta
+
+if TYPE_CHECKING:
+    import torch
 
 # bytes: opaque blobs (``_extra_state``) kept exactly as stored; None: an empty ``_extra_state``.
-Value = torch.Tensor | bytes | None
+# (Named as a string: reading and writing files never imports torch.)
+Value = Union["torch.Tensor", bytes, None]
 
 # Layout names, shared by every adapter.
 DISTRIBUTED = "distributed"  # torch_dist directory: stacked decoder layers, global tensors
@@ -53,5 +55,5 @@ class Checkpoint:
         """Every tensor entry, read one at a time."""
         for key in self.tensor_keys():
             value = self.tensors[key]
-            assert isinstance(value, torch.Tensor)
-            yield key, value
+            assert is_tensor(value)
+            yield key, value  # type: ignore[misc]

@@ -1,8 +1,9 @@
 """The ``nemo-vocab-ext`` command line: a thin layer over the library.
 
 Known errors end here as one line and an exit code (1 for bad input, 2 for usage); ``--debug``
-shows the traceback. The checkpoint library (and torch, 2.7 s to import) is imported by the
-commands that read checkpoints, not at start-up: ``--help`` and the tokenizer commands start at once.
+shows the traceback. The checkpoint library is imported by the commands that read checkpoints,
+not at start-up, and torch (about 3 s to import) only by those that compute on tensor values:
+``--help`` and the tokenizer commands start at once, and ``convert`` never imports torch.
 """
 
 from __future__ import annotations
@@ -117,7 +118,6 @@ def validate(
 def convert(src: Path, dst: Path, to: str | None, layout: str | None, force: bool, verify: bool) -> None:
     """Convert between .nemo, .ckpt and safetensors, one tensor at a time; the output is read back and checked."""
     from .io import load_checkpoint, save_checkpoint, select
-    from .layout import change_layout
 
     fmt = format_for_destination(dst, Format(to) if to else None)
     with stages(4) as stage:
@@ -127,6 +127,8 @@ def convert(src: Path, dst: Path, to: str | None, layout: str | None, force: boo
             # Weights only: optimizer state belongs to training checkpoints.
             loaded = select(loaded, lambda key: not key.startswith("optimizer."))
         if layout is not None:
+            from .layout import change_layout  # torch: layers are stacked or split
+
             loaded = change_layout(loaded, layout)
         save_checkpoint(loaded, dst, fmt, force=force, verify=verify, stage=stage)
     checked = "compared bit for bit" if verify else "checked (names, shapes, dtypes)"

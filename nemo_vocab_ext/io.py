@@ -6,13 +6,11 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-import torch
-
 from .atomic import atomic_output
 from .checkpoint import Checkpoint, Value
 from .errors import CheckpointFormatError
 from .formats.detect import Format, detect_format
-from .formats.region import Entries, held, tensor_meta
+from .formats.region import Entries, held, is_tensor, tensor_meta
 
 
 def load_checkpoint(path: str | Path, fmt: Format | None = None) -> tuple[Checkpoint, Format]:
@@ -47,7 +45,10 @@ def _write(ckpt: Checkpoint, path: Path, fmt: Format) -> None:
 
 
 def _same(a: Value, b: Value) -> bool:
-    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+    if is_tensor(a) and is_tensor(b):
+        import torch
+
+        assert isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
         # Bitwise, so NaNs compare equal to themselves and -0.0 differs from 0.0.
         bits = [t.detach().contiguous().reshape(-1).view(torch.uint8) for t in (a, b)]
         return a.dtype == b.dtype and a.shape == b.shape and torch.equal(*bits)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from .atomic import refuse_existing
 from .core.rows import Init
 from .errors import TokenizerError
 from .io import Format, Stage, load_checkpoint, no_stage, save_checkpoint
 from .vocab import (
-    apply_resize,
+    apply_resize_while_writing,
     check_tokenizer_fits,
     embed_tokenizer,
     load_checkpoint_tokenizer,
@@ -38,6 +39,8 @@ def run_resize(
     """Resize ``src`` into ``dst`` (a .nemo) and return the report lines; ``dry_run`` writes nothing."""
     from .tokenizer import load_tokenizer, pieces_under
 
+    if not dry_run:
+        refuse_existing(dst, force=force)
     stage("reading")
     ckpt, _ = load_checkpoint(src)
     with tempfile.TemporaryDirectory(prefix="nemo_vocab_ext.") as tmp:
@@ -69,7 +72,8 @@ def run_resize(
         if init.needs_pieces and own is not None and new is not None and plan.rows.new_vocab > plan.rows.old_vocab:
             pieces = pieces_under(own, new, range(plan.rows.old_vocab, plan.rows.new_vocab))
         stage("resizing")
-        resized, done = apply_resize(ckpt, plan, pieces=pieces, seed=seed)
+        # The new tables are computed while everything else is copied; writers take them last.
+        resized, finished = apply_resize_while_writing(ckpt, plan, pieces=pieces, seed=seed)
         if tokenizer is not None:
             resized = embed_tokenizer(resized, tokenizer_config_files(tokenizer))
         # Record what the rows were padded for, so NeMo builds the same table from this config.
@@ -77,4 +81,4 @@ def run_resize(
         if tensor_parallel is not None and resized.rank_tensors is None:
             resized.config["tensor_model_parallel_size"] = tensor_parallel
         save_checkpoint(resized, dst, Format.NEMO, force=force, verify=verify, stage=stage)
-    return [f"wrote {dst}", *plan.lines(done)]
+    return [f"wrote {dst}", *plan.lines(finished())]

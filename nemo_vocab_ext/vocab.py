@@ -5,22 +5,28 @@ Works on ``Checkpoint`` objects only, so the CLI and the NeMo plugin share one i
 
 from __future__ import annotations
 
+import functools
 import hashlib
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .checkpoint import Checkpoint, Value
+from .core.dtypes import DType
 from .core.keys import VocabKeys
-from .core.resize import join_vocab_shards, resize_table, split_vocab_rows
 from .core.rows import INIT_COSTS, INIT_DESCRIPTIONS, Init, RowPlan, ShrinkRefusedError, plan_rows
 from .core.sizes import padded_vocab_size
 from .errors import CheckpointFormatError, ConfigError, ResizeError, TokenizerError
-from .formats.region import Entries, Stored, held, same_bytes_key, tensor_bytes, tensor_meta
+from .formats.region import Deferred, Entries, Stored, held, is_tensor, same_bytes_key, tensor_bytes, tensor_meta
 from .tokenizer import TokenizerInfo, check_ids_preserved, load_tokenizer
+
+if TYPE_CHECKING:
+    import torch
+
+# torch (about 3 s to import) is imported where tables are read and computed, not with this module:
+# a resize plans, checks and starts copying without it.
 
 DEFAULT_DIVISIBLE_BY = 128
 REPORT_TP_SIZES = (1, 2, 4, 8)
@@ -54,30 +60,30 @@ def expected_rows(
 
 def vocab_tables(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
     """Global vocab-sized tables keyed as stored (tensor-parallel rank files joined)."""
+    from .core.resize import join_vocab_shards
+
     keys = ckpt.vocab_keys()
     if ckpt.rank_tensors is None:
         out = {}
         for k in keys.all():
             t = ckpt.tensors[k]
-            assert isinstance(t, torch.Tensor)
+            assert is_tensor(t)
             out[k] = t
-        return out
+        return out  # type: ignore[return-value]
     tables: dict[str, torch.Tensor] = {}
     for key in keys.all():
         shards = [
-            state[key]
-            for (_, _), state in sorted(ckpt.rank_tensors.items())
-            if key in state and isinstance(state[key], torch.Tensor)
+            state[key] for (_, _), state in sorted(ckpt.rank_tensors.items()) if key in state and is_tensor(state[key])
         ]
         # Legacy rank files list TP ranks of one pipeline stage; a key lives on one stage.
         tables[key] = join_vocab_shards(shards)  # type: ignore[arg-type]
     return tables
 
 
-def vocab_table_shapes(ckpt: Checkpoint) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+def vocab_table_shapes(ckpt: Checkpoint) -> dict[str, tuple[tuple[int, ...], DType]]:
     """Global shape and dtype of each vocab table, as :func:`vocab_tables` would return it, from the
     stored metadata: nothing is read."""
-    out: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    out: dict[str, tuple[tuple[int, ...], DType]] = {}
     states = [ckpt.tensors] if ckpt.rank_tensors is None else [s for _, s in sorted(ckpt.rank_tensors.items())]
     for key in ckpt.vocab_keys().all():
         metas = [meta for state in states if key in state and (meta := tensor_meta(state, key)) is not None]
@@ -197,22 +203,21 @@ def _resize_rows_only(t: torch.Tensor, rows: RowPlan) -> torch.Tensor:
     return out
 
 
-def apply_resize(
-    ckpt: Checkpoint,
-    plan: ResizePlan,
-    *,
-    pieces: Sequence[Sequence[int]] | None = None,
-    seed: int = 0,
-) -> tuple[Checkpoint, list[TensorResize]]:
-    """A new Checkpoint whose vocab tables (and their optimizer state) follow ``plan``, and what was done."""
+def resize_tables(
+    ckpt: Checkpoint, plan: ResizePlan, *, pieces: Sequence[Sequence[int]] | None = None, seed: int = 0
+) -> tuple[dict[str, torch.Tensor], list[TensorResize]]:
+    """The resized vocab tables (global, keyed as stored; tied copies resized once) and what was done."""
+    import torch
+
+    from .core.resize import resize_table
+
     tables = vocab_tables(ckpt)
     generator = torch.Generator().manual_seed(seed)
     new_tables: dict[str, torch.Tensor] = {}
     done: list[TensorResize] = []
     resized_once: dict[Hashable, torch.Tensor] = {}
     for key, table in tables.items():
-        stored = held(ckpt.tensors, key)
-        identity = same_bytes_key(stored if isinstance(stored, Stored) else table)
+        identity = _identity(ckpt, key, table)
         if identity in resized_once:  # one storage under two names (tied copies): resize once
             new_tables[key] = resized_once[identity]
             continue
@@ -226,16 +231,28 @@ def apply_resize(
                 key, tuple(table.shape), tuple(new.shape), rows_hash(table, plan.rows.kept), stats.fvt_fallbacks
             )
         )
+    return new_tables, done
+
+
+def _identity(ckpt: Checkpoint, key: str, value: object) -> Hashable:
+    stored = held(ckpt.tensors, key)
+    return same_bytes_key(stored if isinstance(stored, Stored) else value)  # type: ignore[arg-type]
+
+
+def with_tables(ckpt: Checkpoint, plan: ResizePlan, new_tables: dict[str, Any]) -> Checkpoint:
+    """``ckpt`` with its vocab tables replaced (and their optimizer state following ``plan``); the tables
+    may be tensors or :class:`~.formats.region.Deferred` entries. Nothing else is read."""
     # Untouched entries stay as held (on disk until written); only the resized ones are in memory.
     tensors: dict[str, object] = {k: held(ckpt.tensors, k) for k in ckpt.tensors}
     for key, new in new_tables.items():
         if ckpt.rank_tensors is None:
             tensors[key] = new
         for prefix in OPTIMIZER_MOMENTS:
-            moment = ckpt.tensors.get(prefix + key)
-            if isinstance(moment, torch.Tensor):
-                tensors[prefix + key] = _resize_rows_only(moment, plan.rows)
-        if isinstance(ckpt.tensors.get(OPTIMIZER_MASTER + key), torch.Tensor):
+            if prefix + key in ckpt.tensors:
+                moment = ckpt.tensors[prefix + key]
+                if is_tensor(moment):
+                    tensors[prefix + key] = _resize_rows_only(moment, plan.rows)  # type: ignore[arg-type]
+        if OPTIMIZER_MASTER + key in ckpt.tensors and is_tensor(ckpt.tensors[OPTIMIZER_MASTER + key]):
             tensors[OPTIMIZER_MASTER + key] = new.float()
     rank_tensors = None
     if ckpt.rank_tensors is not None:
@@ -245,13 +262,65 @@ def apply_resize(
     # Stale: it would win over the new tokenizer's size. Removed, not nulled: NeMo reads it with
     # cfg.get('override_vocab_size', padded) and a null would become the table size.
     config.pop("override_vocab_size", None)
-    entries = Entries(tensors)
-    return replace(ckpt, tensors=entries, config=config, rank_tensors=rank_tensors), done
+    return replace(ckpt, tensors=Entries(tensors), config=config, rank_tensors=rank_tensors)
+
+
+def apply_resize(
+    ckpt: Checkpoint,
+    plan: ResizePlan,
+    *,
+    pieces: Sequence[Sequence[int]] | None = None,
+    seed: int = 0,
+) -> tuple[Checkpoint, list[TensorResize]]:
+    """A new Checkpoint whose vocab tables (and their optimizer state) follow ``plan``, and what was done."""
+    new_tables, done = resize_tables(ckpt, plan, pieces=pieces, seed=seed)
+    return with_tables(ckpt, plan, new_tables), done
+
+
+def _table_of(future: Future[tuple[dict[str, torch.Tensor], list[TensorResize]]], key: str) -> torch.Tensor:
+    return future.result()[0][key]
+
+
+def apply_resize_while_writing(
+    ckpt: Checkpoint,
+    plan: ResizePlan,
+    *,
+    pieces: Sequence[Sequence[int]] | None = None,
+    seed: int = 0,
+) -> tuple[Checkpoint, Callable[[], list[TensorResize]]]:
+    """:func:`apply_resize` with the new tables computed on a thread (torch's import included) while the
+    caller writes the result: the tables are :class:`~.formats.region.Deferred` entries, which writers
+    take last, so the computation overlaps the copy of everything else. The second value waits for the
+    computation and returns what was done (or raises what it raised).
+
+    Checkpoints whose resize touches more than the tables (optimizer state, per-rank files) are resized
+    before returning, as by :func:`apply_resize`.
+    """
+    follows = any(
+        p + k in ckpt.tensors for k in ckpt.vocab_keys().all() for p in (*OPTIMIZER_MOMENTS, OPTIMIZER_MASTER)
+    )
+    if ckpt.rank_tensors is not None or follows:
+        resized, done = apply_resize(ckpt, plan, pieces=pieces, seed=seed)
+        return resized, lambda: done
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="resize")
+    future = pool.submit(resize_tables, ckpt, plan, pieces=pieces, seed=seed)
+    pool.shutdown(wait=False)  # the thread ends with its one task
+    deferred: dict[Hashable, Deferred] = {}
+    tables: dict[str, Any] = {}
+    for key, (shape, dtype) in vocab_table_shapes(ckpt).items():
+        identity = _identity(ckpt, key, held(ckpt.tensors, key))
+        if identity not in deferred:  # tied copies: one entry, written once
+            new_shape = (plan.rows.new_rows, *shape[1:])
+            deferred[identity] = Deferred(new_shape, dtype, functools.partial(_table_of, future, key))
+        tables[key] = deferred[identity]
+    return with_tables(ckpt, plan, tables), lambda: future.result()[1]
 
 
 def _split_into_ranks(
     ranks: dict[tuple[int, int], dict[str, Value]], new_tables: dict[str, torch.Tensor]
 ) -> dict[tuple[int, int], dict[str, Value]]:
+    from .core.resize import split_vocab_rows
+
     out = {rank: dict(state) for rank, state in ranks.items()}
     for key, table in new_tables.items():
         holders = sorted(rank for rank, state in ranks.items() if key in state)

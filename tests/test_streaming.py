@@ -16,10 +16,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from nemo_vocab_ext.checkpoint import DISTRIBUTED, Checkpoint
+from nemo_vocab_ext.checkpoint import DISTRIBUTED, SINGLE, Checkpoint
+from nemo_vocab_ext.core.dtypes import dtype_of
+from nemo_vocab_ext.errors import CheckpointFormatError, ResizeError
 from nemo_vocab_ext.formats import torch_zip
 from nemo_vocab_ext.formats.folder import tar_out
-from nemo_vocab_ext.formats.region import FileRegion, OutFile
+from nemo_vocab_ext.formats.region import Deferred, FileRegion, OutFile
 from nemo_vocab_ext.formats.safetensors_io import read_safetensors
 from nemo_vocab_ext.formats.torch_zip import StoredTensor, load_all, read_torch_file, write_torch_file
 from nemo_vocab_ext.io import Format, load_checkpoint, save_checkpoint
@@ -27,6 +29,14 @@ from nemo_vocab_ext.io import Format, load_checkpoint, save_checkpoint
 
 def whole(path: Path) -> FileRegion:
     return FileRegion(path, 0, path.stat().st_size)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+    )
 
 
 def tricky_state() -> collections.OrderedDict:
@@ -38,6 +48,7 @@ def tricky_state() -> collections.OrderedDict:
         transposed=torch.arange(12.0).reshape(3, 4).t(),
         narrowed=torch.arange(10)[3:7],
         scalar=torch.tensor(3.0),
+        float8=torch.tensor([0.5, -2.0, 448.0]).to(torch.float8_e4m3fn),  # saved untyped (no typed storage)
     )
     state["tied"] = state["bf16"]
     return state
@@ -54,8 +65,8 @@ def test_lazy_reader_reads_torch_save_files(tmp_path: Path) -> None:
     assert stored["transposed"].raw() is None  # not C-ordered: must be decoded
     assert stored["narrowed"].raw() is not None  # contiguous at an offset: bytes usable as they lie
     loaded = load_all(lazy)["state_dict"]
-    for key in ("bf16", "transposed", "narrowed", "scalar", "tied"):
-        assert torch.equal(loaded[key], state[key]) and loaded[key].dtype == state[key].dtype
+    for key in ("bf16", "transposed", "narrowed", "scalar", "tied", "float8"):
+        assert same_bits(loaded[key], state[key]), key
     assert loaded["empty"] is None and loaded["extra"].getvalue() == b"\x80\x04N."
 
 
@@ -70,10 +81,11 @@ def test_written_torch_files_load_with_torch(tmp_path: Path, monkeypatch: pytest
         f.write(b"x" * 7)  # not at the start of the file, as inside a tar or a .distcp file
         write_torch_file(lazy, OutFile(f, base=7))
     data = (tmp_path / "out.pt").read_bytes()[7:]
-    back = torch.load(io.BytesIO(data), weights_only=False)
+    with torch.serialization.safe_globals([io.BytesIO]):  # torch's own names: its safe loader takes them
+        back = torch.load(io.BytesIO(data), weights_only=True)
     expected = tricky_state()
-    for key in ("bf16", "transposed", "narrowed", "scalar", "tied"):
-        assert torch.equal(back[key], expected[key]) and back[key].dtype == expected[key].dtype
+    for key in ("bf16", "transposed", "narrowed", "scalar", "tied", "float8"):
+        assert same_bits(back[key], expected[key]), key
     assert back["bf16"].data_ptr() == back["tied"].data_ptr()  # tied weights written once, as torch does
     assert torch.equal(back["in_memory"], torch.ones(2, 2, dtype=torch.float16))
     assert back["empty"] is None and back["extra"].getvalue() == b"\x80\x04N."
@@ -96,6 +108,60 @@ def test_safetensors_files_agree_with_the_reference_library(tmp_path: Path) -> N
     with safe_open(str(tmp_path / "ours.safetensors"), framework="pt") as f:
         assert sorted(f.keys()) == ["a", "b"]
         assert all(torch.equal(f.get_tensor(k), tensors[k]) for k in tensors)
+
+
+MB = 2**20
+
+
+@pytest.mark.parametrize(
+    ("fmt", "layout", "name"),
+    [
+        (Format.NEMO, DISTRIBUTED, "out.nemo"),
+        (Format.NEMO, SINGLE, "out.nemo"),
+        (Format.SAFETENSORS, DISTRIBUTED, "out.safetensors"),
+        (Format.CKPT, SINGLE, "out.ckpt"),
+    ],
+)
+def test_deferred_entries_are_written_after_everything_else(
+    tmp_path: Path, fmt: Format, layout: str, name: str
+) -> None:
+    """A table still being computed (a resize's) is written last, so its computation overlaps the copy of the
+    rest; the entries keep their order."""
+    table = torch.arange(MB // 2, dtype=torch.bfloat16).reshape(-1, 256)
+    size_when_asked: list[int] = []
+
+    def compute() -> torch.Tensor:
+        tmp_outputs = [p for p in tmp_path.rglob("*") if p.is_file() and p.name != "src.safetensors"]
+        size_when_asked.append(sum(p.stat().st_size for p in tmp_outputs))
+        return table
+
+    tensors = {
+        "model.embedding.word_embeddings.weight": Deferred(tuple(table.shape), dtype_of(table.dtype), compute),
+        "model.decoder.final_layernorm.weight": torch.ones(MB // 4),
+        "model.decoder.layers.0.mlp.linear_fc1.weight": torch.full((MB // 4,), 2.0),
+    }
+    save_checkpoint(Checkpoint(tensors, {"hidden_size": 256}, layout), tmp_path / name, fmt)
+    assert size_when_asked and size_when_asked[0] >= 2 * MB  # both 1 MB entries were already on disk
+    back, _ = load_checkpoint(tmp_path / name)
+    assert list(back.tensors) == list(tensors)
+    assert torch.equal(back.tensors["model.embedding.word_embeddings.weight"], table)
+    assert torch.equal(back.tensors["model.decoder.layers.0.mlp.linear_fc1.weight"], torch.full((MB // 4,), 2.0))
+
+
+def test_a_failed_computation_leaves_no_output(tmp_path: Path) -> None:
+    def compute() -> torch.Tensor:
+        raise ResizeError("the computation failed")
+
+    tensors = {"a": torch.ones(4), "b": Deferred((4,), dtype_of(torch.float32), compute)}
+    with pytest.raises(ResizeError, match="the computation failed"):
+        save_checkpoint(Checkpoint(tensors, {}, DISTRIBUTED), tmp_path / "out.nemo", Format.NEMO)
+    assert list(tmp_path.iterdir()) == []  # neither the output nor its temporary
+
+
+def test_a_computed_tensor_must_match_its_plan(tmp_path: Path) -> None:
+    tensors = {"b": Deferred((4,), dtype_of(torch.float32), lambda: torch.ones(5))}
+    with pytest.raises(CheckpointFormatError, match=r"shape \(5,\).*\(4,\) was planned"):
+        save_checkpoint(Checkpoint(tensors, {}, DISTRIBUTED), tmp_path / "out.safetensors", Format.SAFETENSORS)
 
 
 def test_tar_stream_is_a_plain_tar(tmp_path: Path) -> None:

@@ -19,7 +19,9 @@ import pytest
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from nemo_vocab_ext.core.dtypes import BY_NAME, dtype_of
 from nemo_vocab_ext.errors import CheckpointFormatError, OutputExistsError, UnsafeCheckpointError
+from nemo_vocab_ext.formats.region import FileRegion
 from nemo_vocab_ext.formats.safe_pickle import restricted_unpickle, safe_torch_load
 from nemo_vocab_ext.formats.torch_dist import (
     DEFAULT_METADATA_JSON,
@@ -29,6 +31,8 @@ from nemo_vocab_ext.formats.torch_dist import (
     read_torch_dist,
     write_torch_dist,
 )
+from nemo_vocab_ext.formats.torch_pickle import Layout, Size
+from nemo_vocab_ext.formats.torch_zip import load_all, read_torch_file
 
 EXTRA = "model.decoder.layers.mlp.linear_fc1._extra_state/shard_0_2"
 
@@ -95,9 +99,9 @@ def test_tensor_infos_come_from_metadata_only(written: Path) -> None:
     for data_file in written.glob("*.distcp"):
         data_file.unlink()  # no tensor data left: read_tensor_infos must not need it
     infos = read_tensor_infos(written)
-    assert infos["model.embedding.word_embeddings.weight"] == TensorInfo((8, 4), torch.float32)
-    assert infos["model.decoder.layers.self_attention.linear_qkv.weight"] == TensorInfo((2, 12, 4), torch.bfloat16)
-    assert infos["scalar"] == TensorInfo((), torch.float32)
+    assert infos["model.embedding.word_embeddings.weight"] == TensorInfo((8, 4), BY_NAME["float32"])
+    assert infos["model.decoder.layers.self_attention.linear_qkv.weight"] == TensorInfo((2, 12, 4), BY_NAME["bfloat16"])
+    assert infos["scalar"] == TensorInfo((), BY_NAME["float32"])
     assert EXTRA not in infos  # byte entries have no shape
     with pytest.raises(CheckpointFormatError, match="data file .* is missing"):
         read_torch_dist(written, ["scalar"])
@@ -153,13 +157,22 @@ class _Evil:
         return (pathlib.Path.touch, (self.marker,))  # pathlib.Path is allowed; its methods are not
 
 
+def _read_lazily(path: Path, *, what: str) -> Any:
+    return load_all(read_torch_file(FileRegion(path, 0, path.stat().st_size), what=what))
+
+
+# torch.load with the allow-list (for in-memory blobs), and the torch-free reader every command uses.
+LOADERS = pytest.mark.parametrize("load", [safe_torch_load, _read_lazily], ids=["torch.load", "read_torch_file"])
+
+
+@LOADERS
 @pytest.mark.parametrize("how", ["os.system", "Path.touch"])
-def test_malicious_torch_file_runs_nothing(tmp_path: Path, how: str) -> None:
+def test_malicious_torch_file_runs_nothing(tmp_path: Path, how: str, load: Any) -> None:
     marker = tmp_path / "pwned"
     evil = tmp_path / "model_weights.ckpt"
     torch.save({"state_dict": {"w": torch.zeros(1)}, "x": _Evil(marker, how)}, evil)
     with pytest.raises(UnsafeCheckpointError, match="model_weights.ckpt.*would run code") as err:
-        safe_torch_load(evil, what=str(evil))
+        load(evil, what=str(evil))
     assert not marker.exists()
     assert "\n" not in str(err.value)
     # protocol 2 spells a method as getattr(pathlib.Path, "touch"): refused at getattr
@@ -191,7 +204,8 @@ def test_restricted_unpickle_refuses_other_globals() -> None:
 # --- what NeMo and Lightning files contain loads ------------------------------------------------
 
 
-def test_lightning_style_payload_loads(tmp_path: Path) -> None:
+@LOADERS
+def test_lightning_style_payload_loads(tmp_path: Path, load: Any) -> None:
     cfg = OmegaConf.create(
         {"cfg": {"hidden_size": 8, "lr": 1e-3, "flag": True, "none": None, "path": Path("/x"), "layers": [1, {"a": 2}]}}
     )
@@ -212,18 +226,21 @@ def test_lightning_style_payload_loads(tmp_path: Path) -> None:
     }
     path = tmp_path / "last.ckpt"
     torch.save(payload, path)
-    got = safe_torch_load(path, what=str(path))
+    got = load(path, what=str(path))
     assert OmegaConf.to_container(got["hyper_parameters"]) == OmegaConf.to_container(cfg)
     assert got["hparams_type"] is DictConfig and got["typed"] == typed
     assert got["state_dict"]["extra"].getvalue() == b"te-extra-state"
     assert torch.equal(got["state_dict"]["w"], payload["state_dict"]["w"])
+    assert got["state_dict"]["w"].dtype == torch.bfloat16 and got["sizes"] == (2, 3)
+    assert torch.equal(got["optimizer_states"][0]["state"][0]["step"], torch.tensor(3.0))
 
 
-def test_unreadable_torch_file_is_a_format_error(tmp_path: Path) -> None:
+@LOADERS
+def test_unreadable_torch_file_is_a_format_error(tmp_path: Path, load: Any) -> None:
     path = tmp_path / "common.pt"
     path.write_bytes(_saved({"a": torch.zeros(3)})[:50])
     with pytest.raises(CheckpointFormatError, match="common.pt"):
-        safe_torch_load(path, what=str(path))
+        load(path, what=str(path))
 
 
 # --- megatron-core on the other side ------------------------------------------------------------
@@ -303,7 +320,7 @@ def megatron_saved(tmp_path: Path, process_group: None, monkeypatch: pytest.Monk
 def test_reads_megatron_saved_checkpoint_joined(megatron_saved: Path) -> None:
     assert b"MCoreSavePlan" in (megatron_saved / ".metadata").read_bytes()  # a megatron class, mapped
     infos = read_tensor_infos(megatron_saved)
-    assert infos["model.embedding.word_embeddings.weight"] == TensorInfo((8, 4), torch.float32)
+    assert infos["model.embedding.word_embeddings.weight"] == TensorInfo((8, 4), BY_NAME["float32"])
     got = read_torch_dist(megatron_saved)
     emb = got["model.embedding.word_embeddings.weight"]
     assert isinstance(emb, torch.Tensor) and torch.equal(emb, torch.arange(32.0).reshape(8, 4))
@@ -357,7 +374,9 @@ def _records(real: Any) -> Any:
 
     def tensor(md: Any) -> Any:
         p = md.properties
-        props = r.TensorProperties(p.dtype, p.layout, p.requires_grad, r.MemoryFormat.TORCH_CHANNELS_LAST, p.pin_memory)
+        layout = Layout(str(p.layout))
+        memory_format = r.MemoryFormat.TORCH_CHANNELS_LAST
+        props = r.TensorProperties(dtype_of(p.dtype), layout, p.requires_grad, memory_format, p.pin_memory)
         return r.TensorStorageMetadata(props, md.size, [r.ChunkStorageMetadata(c.offsets, c.sizes) for c in md.chunks])
 
     return r.Metadata(
@@ -372,7 +391,9 @@ def test_metadata_records_read_what_torch_writes() -> None:
     real = _real_metadata()
     read = restricted_unpickle(pickle.dumps(real), what="x/.metadata")
     assert read == _records(real)
-    assert read.state_dict_metadata["w"].properties.requires_grad is True
+    props = read.state_dict_metadata["w"].properties
+    assert props.requires_grad is True and props.dtype is BY_NAME["bfloat16"] and props.layout == "torch.strided"
+    assert type(read.state_dict_metadata["w"].size) is Size
 
 
 def test_metadata_records_write_what_torch_reads() -> None:
@@ -386,11 +407,13 @@ def test_metadata_records_write_what_torch_reads() -> None:
 
 
 def test_start_up_imports_neither_torch_nor_torch_distributed_checkpoint() -> None:
-    # torch (2.7 s) waits for a command that reads checkpoints; torch.distributed.checkpoint (1.3 s more:
-    # DTensor, sympy) is never needed, as the records above stand in for its classes.
+    # torch (about 3 s) waits for a command that computes on tensor values: the CLI and the whole
+    # checkpoint library (every format, read and write) import none of it; torch.distributed.checkpoint
+    # (1.3 s more: DTensor, sympy) is never needed, as the records above stand in for its classes.
     code = (
-        "import sys, nemo_vocab_ext.cli; print('torch' in sys.modules); "
-        "import nemo_vocab_ext.io, nemo_vocab_ext.layout, nemo_vocab_ext.resize_job, nemo_vocab_ext.validate, "
+        "import sys, nemo_vocab_ext.cli, nemo_vocab_ext.io, nemo_vocab_ext.formats.nemo, "
+        "nemo_vocab_ext.formats.lightning, nemo_vocab_ext.formats.safetensors_io; print('torch' in sys.modules); "
+        "import nemo_vocab_ext.layout, nemo_vocab_ext.resize_job, nemo_vocab_ext.validate, "
         "nemo_vocab_ext.describe; print(any(m.startswith('torch.distributed.checkpoint') for m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -11,12 +11,12 @@ map to the same stand-ins.
 from __future__ import annotations
 
 import enum
-import io
-import pickle
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
+from ..core.dtypes import DType
+from . import torch_pickle
+from .torch_pickle import STRIDED, Layout
 
 METADATA_MODULE = "torch.distributed.checkpoint.metadata"
 PLANNER_MODULE = "torch.distributed.checkpoint.planner"
@@ -45,8 +45,8 @@ class MemoryFormat(enum.Enum):
 
 @dataclass
 class TensorProperties(Record):
-    dtype: torch.dtype
-    layout: torch.layout = torch.strided
+    dtype: DType
+    layout: Layout = STRIDED
     requires_grad: bool = False
     memory_format: MemoryFormat = MemoryFormat.TORCH_CONTIGUOUS_FORMAT
     pin_memory: bool = False
@@ -131,28 +131,10 @@ STAND_INS: dict[tuple[str, str], type] = {
     (FILESYSTEM_MODULE, "_StorageInfo"): StorageInfo,
     **{(PLANNER_MODULE, name): type(name, (Opaque,), {}) for name in PLANNER_RECORDS},
 }
-_WRITE_NAME = {cls: key for key, cls in STAND_INS.items()}
-_PurePickler: Any = pickle._Pickler  # type: ignore[attr-defined]
-
-
-class _RecordPickler(_PurePickler):
-    """The pure-Python pickler, writing each stand-in class under torch's module and name.
-
-    The C pickler cannot be told to: it imports the named module to check the class, the very
-    import this module avoids. Metadata files are small (one record per chunk), so speed is moot.
-    """
-
-    def save_global(self, obj: Any, name: str | None = None) -> None:
-        if obj in _WRITE_NAME:
-            module, qualname = _WRITE_NAME[obj]
-            self.write(pickle.GLOBAL + f"{module}\n{qualname}\n".encode())
-            self.memoize(obj)
-        else:
-            super().save_global(obj, name)
+for (_module, _name), _cls in STAND_INS.items():
+    torch_pickle.register_name(_cls, _module, _name)
 
 
 def dumps(metadata: Metadata) -> bytes:
     """``metadata`` pickled as torch.distributed.checkpoint writes it: loadable by ``pickle.load`` there."""
-    buffer = io.BytesIO()
-    _RecordPickler(buffer, protocol=2).dump(metadata)
-    return buffer.getvalue()
+    return torch_pickle.dumps(metadata)

@@ -12,14 +12,11 @@ import io
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..checkpoint import DISTRIBUTED, SINGLE, Checkpoint
 from ..errors import CheckpointFormatError, ConfigError
 from .region import Entries, FileRegion, OutFile, held
-from .safe_pickle import safe_torch_load
 from .torch_dist import open_torch_dist, write_torch_dist
-from .torch_zip import load_all, read_torch_file, write_torch_file
+from .torch_zip import read_torch_file, write_torch_file
 
 ARTIFACTS_KEY = "nemo_vocab_ext_artifacts"
 MODEL_PREFIX = "model."
@@ -47,7 +44,8 @@ def is_dist_checkpoint_dir(path: Path) -> bool:
 def read_lightning(path: str | Path) -> Checkpoint:
     path = Path(path)
     if is_dist_checkpoint_dir(path):
-        common = safe_torch_load(path / "common.pt", what=f"{path}/common.pt")
+        common_pt = path / "common.pt"
+        common = read_torch_file(FileRegion(common_pt, 0, common_pt.stat().st_size), what=str(common_pt))
         if not isinstance(common, dict):
             raise CheckpointFormatError(f"{path}/common.pt: expected a dict, found {type(common).__name__}")
         artifacts = common.pop(ARTIFACTS_KEY, {}) or {}
@@ -55,12 +53,11 @@ def read_lightning(path: str | Path) -> Checkpoint:
         return Checkpoint(Entries(open_torch_dist(path)), config, DISTRIBUTED, dict(artifacts), training_state=common)
     if not path.is_file():
         raise CheckpointFormatError(f"{path}: neither a Lightning .ckpt file nor a distributed checkpoint folder")
-    # Tensors stay in the file until used; the rest (loops, optimizer param groups...) is small.
+    # Tensors stay in the file until used, optimizer states included (written back as stored).
     payload = read_torch_file(FileRegion(path, 0, path.stat().st_size), what=str(path))
     if not isinstance(payload, dict) or "state_dict" not in payload:
         raise CheckpointFormatError(f"{path}: not a Lightning checkpoint (no 'state_dict')")
     state = Entries(payload.pop("state_dict"))
-    payload = load_all(payload)  # optimizer states, when present, are written back as they were
     artifacts = payload.pop(ARTIFACTS_KEY, {}) or {}
     config = _config_of(payload, path)
     return Checkpoint(state, config, SINGLE, dict(artifacts), training_state=payload)
@@ -84,7 +81,7 @@ def write_lightning(ckpt: Checkpoint, dst: Path) -> None:
     payload = _lightning_payload(ckpt)
     if ckpt.layout == DISTRIBUTED:
         buf = io.BytesIO()
-        torch.save(payload, buf)
+        write_torch_file(payload, OutFile(buf))
         write_torch_dist(
             dst,
             ckpt.tensors,

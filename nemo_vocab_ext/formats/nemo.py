@@ -8,14 +8,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from ..checkpoint import DISTRIBUTED, MP_RANK, SINGLE, TP_PP_RANK, Checkpoint, Value
 from ..errors import CheckpointFormatError, ConfigError, UnsupportedError
 from .archive import NemoArchive
 from .folder import DirOut, OutFolder, tar_out
-from .region import Entries, FileRegion, held
+from .region import Entries, FileRegion, OutFile, held
 from .torch_dist import (
     COMMON_FILE,
     METADATA_FILE,
@@ -183,7 +182,7 @@ def _write_nemo_to(ckpt: Checkpoint, out: OutFolder, *, link_unchanged: bool = F
         common = ckpt.training_state.get("dist_common")
         if not common:
             buf = io.BytesIO()
-            torch.save({}, buf)
+            write_torch_file({}, OutFile(buf))
             common = buf.getvalue()
         write_torch_dist(
             out.folder(WEIGHTS_DIR),

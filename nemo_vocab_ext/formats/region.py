@@ -11,14 +11,17 @@ from __future__ import annotations
 import abc
 import math
 import os
-from collections.abc import Hashable, Iterator, Mapping, MutableMapping
+import sys
+from collections.abc import Callable, Hashable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-import torch
-
+from ..core.dtypes import DType, dtype_of
 from ..errors import CheckpointFormatError
+
+if TYPE_CHECKING:
+    import torch
 
 _CHUNK = 64 << 20  # bounded user-space buffer where the kernel cannot copy for us
 
@@ -101,15 +104,26 @@ class RegionReader:
         self.close()
 
 
+def is_tensor(value: object) -> bool:
+    """Whether ``value`` is a torch tensor, without importing torch (no tensor exists before it is;
+    another thread may be importing it, so its module may not define ``Tensor`` yet)."""
+    tensor_type = getattr(sys.modules.get("torch"), "Tensor", None)
+    return tensor_type is not None and isinstance(value, tensor_type)
+
+
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """A contiguous tensor's bytes, without a copy."""
+    import torch
+
     flat = t.reshape(-1) if t.is_contiguous() else t.contiguous().reshape(-1)
     return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")  # type: ignore[arg-type]
 
 
-def read_tensor(region: FileRegion, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    """A new tensor filled straight from the file (no intermediate buffer)."""
-    t = torch.empty(shape, dtype=dtype)
+def read_tensor(region: FileRegion, dtype: DType, shape: tuple[int, ...]) -> torch.Tensor:
+    """A new tensor filled straight from the file (no intermediate buffer); the first use of torch."""
+    import torch
+
+    t = torch.empty(shape, dtype=dtype.torch)
     region.read_into(tensor_bytes(t))
     return t
 
@@ -158,7 +172,8 @@ class Stored(abc.ABC):
     """One checkpoint entry still on disk: a tensor (``shape``/``dtype`` set) or a byte blob."""
 
     shape: tuple[int, ...] | None  # None: an opaque byte entry
-    dtype: torch.dtype | None
+    dtype: DType | None
+    deferred = False  # values still being computed: writers take it last (see Deferred)
 
     @abc.abstractmethod
     def load(self) -> torch.Tensor | bytes:
@@ -197,6 +212,32 @@ class InRegion(Stored):
 
     def identity(self) -> Hashable:
         return self.region
+
+
+class Deferred(Stored):
+    """A tensor computed elsewhere (on another thread) while the checkpoint is written: its shape and
+    dtype are known now, its values when ``load`` returns them. Writers write every other entry first,
+    so the computation overlaps their copying."""
+
+    deferred = True
+
+    def __init__(self, shape: tuple[int, ...], dtype: DType, result: Callable[[], Any]):
+        self.shape = shape
+        self.dtype = dtype
+        self._result = result
+
+    def load(self) -> torch.Tensor:
+        value = self._result()
+        if tuple(value.shape) != self.shape or dtype_of(value.dtype) != self.dtype:
+            raise CheckpointFormatError(
+                f"computed a {value.dtype} tensor of shape {tuple(value.shape)}; {self.dtype} {self.shape} was planned"
+            )
+        return value  # type: ignore[no-any-return]
+
+
+def write_order(entries: Mapping[str, object]) -> list[str]:
+    """Keys in the order to write their data: as held, with :class:`Deferred` entries last."""
+    return sorted(entries, key=lambda k: isinstance(held(entries, k), Stored) and held(entries, k).deferred)
 
 
 class Entries(MutableMapping[str, Any]):
@@ -243,11 +284,11 @@ def same_bytes_key(value: Stored | torch.Tensor) -> Hashable:
     return ("memory", value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), value.dtype)
 
 
-def tensor_meta(entries: Mapping[str, object], key: str) -> tuple[tuple[int, ...], torch.dtype] | None:
+def tensor_meta(entries: Mapping[str, object], key: str) -> tuple[tuple[int, ...], DType] | None:
     """Shape and dtype of a tensor entry without reading it; None for byte blobs and empty entries."""
     value = held(entries, key)
     if isinstance(value, Stored):
         return (value.shape, value.dtype) if value.shape is not None and value.dtype is not None else None
-    if isinstance(value, torch.Tensor):
-        return tuple(value.shape), value.dtype
+    if is_tensor(value):
+        return tuple(value.shape), dtype_of(value.dtype)  # type: ignore[attr-defined]
     return None

@@ -1,9 +1,10 @@
 """Unpickling checkpoint files without running code.
 
 NeMo checkpoints are pickles. Loading one the usual way (``torch.load(weights_only=False)``,
-``pickle.load``) calls whatever functions the file names, so a crafted file runs code. Both loaders
-here resolve only an explicit allow-list of classes and refuse anything else with
-:class:`UnsafeCheckpointError` before it is called.
+``pickle.load``) calls whatever functions the file names, so a crafted file runs code. The
+unpickler here resolves only an explicit allow-list of names (inert containers, config types and
+the stand-ins of :mod:`.torch_pickle` and :mod:`.dcp_records`) and refuses anything else with
+:class:`UnsafeCheckpointError` before it is called. It needs no torch.
 
 No megatron import, ever: megatron may be missing, and importing it to unpickle would run its
 import-time code for a file we have not trusted yet.
@@ -11,26 +12,29 @@ import-time code for a file we have not trusted yet.
 
 from __future__ import annotations
 
+import _compat_pickle
+import codecs
 import io
 import pathlib
 import pickle
 import re
 import typing
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
-import torch
 from omegaconf import AnyNode, DictConfig, ListConfig
 from omegaconf.base import ContainerMetadata, Metadata
 from omegaconf.nodes import BooleanNode, BytesNode, FloatNode, IntegerNode, PathNode, StringNode
 
 from ..errors import CheckpointFormatError, UnsafeCheckpointError
 from . import dcp_records
+from .torch_pickle import TORCH_OBJECTS
 
-# Added to torch's own weights_only set (tensors, storages, dtypes, torch.Size, OrderedDict, set,
-# bytes via _codecs.encode). Each entry was seen in a NeMo or Lightning file, or is the typed twin
-# of one that was; all are inert containers or types: constructing them runs no user code.
+# Beyond tensors and torch's own objects (torch's weights-only set: dtypes, storages, torch.Size,
+# OrderedDict, set, bytes via _codecs.encode), each entry was seen in a NeMo or Lightning file, or is
+# the typed twin of one that was; all are inert containers or types: constructing them runs no user code.
 TORCH_LOAD_ALLOWED: tuple[Any, ...] = (
     # hyper_parameters / hparams_type of Lightning .ckpt and torch_dist common.pt: an OmegaConf tree.
     DictConfig,
@@ -79,10 +83,14 @@ def unsafe_error(what: str, name: str) -> UnsafeCheckpointError:
 
 
 def safe_torch_load(source: str | Path | IO[bytes], *, what: str) -> Any:
-    """``torch.load`` onto the CPU that resolves only torch's weights-only set plus TORCH_LOAD_ALLOWED.
+    """``torch.load`` onto the CPU that resolves only torch's weights-only set plus TORCH_LOAD_ALLOWED
+    (for in-memory values, such as an ``_extra_state`` blob being decoded; files are read lazily by
+    :func:`.torch_zip.read_torch_file`).
 
     ``what`` names the file in errors (e.g. ``model.nemo:model_weights.ckpt``).
     """
+    import torch
+
     # safe_globals is a context manager, so the allow-list is not left on for other callers.
     with torch.serialization.safe_globals(list(TORCH_LOAD_ALLOWED)):
         try:
@@ -101,16 +109,32 @@ def _last_line(exc: BaseException) -> str:
     return lines[-1] if lines else type(exc).__name__
 
 
-# --- torch_dist ``.metadata`` -------------------------------------------------------------------
+# --- the restricted unpickler ----------------------------------------------------------------
 
+Globals = Mapping[tuple[str, str], Any]
 
-_DCP_CLASSES: dict[tuple[str, str], Any] = dict(dcp_records.STAND_INS)
-_DCP_CLASSES[("torch", "Size")] = torch.Size
-# torch.layout pickles as a call to this lookup-by-name function (copyreg in torch.serialization).
-_DCP_CLASSES[("torch.serialization", "_get_layout")] = torch.serialization._get_layout
-# StorageMeta.checkpoint_id is the writer's path: a PosixPath when the writer was given a Path.
-_DCP_CLASSES[("pathlib", "PosixPath")] = pathlib.PosixPath
-_DCP_CLASSES[("pathlib", "Path")] = pathlib.Path
+# What torch's weights-only set and TORCH_LOAD_ALLOWED let through, by the names pickles use.
+CONFIG_GLOBALS: dict[tuple[str, str], Any] = {
+    **{(t.__module__, t.__qualname__): t for t in TORCH_LOAD_ALLOWED if t is not typing.Any},
+    ("typing", "Any"): typing.Any,
+    # Paths pickle under the module that defines them, which moved in Python 3.13.
+    ("pathlib", "Path"): pathlib.Path,
+    ("pathlib", "PosixPath"): pathlib.PosixPath,
+    ("collections", "OrderedDict"): OrderedDict,
+    ("_codecs", "encode"): codecs.encode,  # bytes, as protocol 2 pickles them
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("builtins", "bytearray"): bytearray,
+}
+
+# torch_dist ``.metadata``: torch's records, as stand-ins. StorageMeta.checkpoint_id is the
+# writer's path (a PosixPath when the writer was given a Path).
+METADATA_GLOBALS: dict[tuple[str, str], Any] = {
+    **dcp_records.STAND_INS,
+    **TORCH_OBJECTS,
+    ("pathlib", "Path"): pathlib.Path,
+    ("pathlib", "PosixPath"): pathlib.PosixPath,
+}
 
 # megatron-core's subclasses, matched by name under its dist_checkpointing package: the module
 # that defines them has moved between releases. MCoreMetadata adds ``mcore_data`` to Metadata.
@@ -121,31 +145,49 @@ _MEGATRON_STANDINS: dict[str, type] = {
 }
 
 
-class _MetadataUnpickler(pickle.Unpickler):
-    def __init__(self, data: bytes, what: str) -> None:
-        super().__init__(io.BytesIO(data))
+def _megatron_standin(module: str, name: str) -> Any:
+    if module == _MEGATRON_PACKAGE or module.startswith(_MEGATRON_PACKAGE + "."):
+        return _MEGATRON_STANDINS.get(name)
+    return None
+
+
+class _Unpickler(pickle.Unpickler):
+    def __init__(self, data: bytes, allowed: Globals, what: str, persistent_load: Callable[[Any], Any] | None):
+        super().__init__(io.BytesIO(data), encoding="utf-8")
+        self.allowed = allowed
         self.what = what
+        self._persistent_load = persistent_load
 
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _DCP_CLASSES:
-            return _DCP_CLASSES[module, name]
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        if (module == _MEGATRON_PACKAGE or module.startswith(_MEGATRON_PACKAGE + ".")) and (name in _MEGATRON_STANDINS):
-            return _MEGATRON_STANDINS[name]
-        raise unsafe_error(self.what, f"{module}.{name}")
+        # Protocol 2 (torch's) writes builtins under their Python 2 names: map them back, as pickle does.
+        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        found = self.allowed.get((module, name))
+        if found is None:
+            found = _megatron_standin(module, name) if self.allowed is METADATA_GLOBALS else None
+        if found is None:
+            raise unsafe_error(self.what, f"{module}.{name}")
+        return found
 
     def persistent_load(self, pid: Any) -> Any:
-        # .metadata has no persistent ids; one here means this is not a .metadata file.
-        raise pickle.UnpicklingError("unexpected persistent id")
+        if self._persistent_load is None:  # e.g. a .metadata file has none: this is something else
+            raise pickle.UnpicklingError("unexpected persistent id")
+        return self._persistent_load(pid)
+
+
+def restricted_loads(
+    data: bytes, allowed: Globals, *, what: str, persistent_load: Callable[[Any], Any] | None = None
+) -> Any:
+    """Unpickle ``data``, resolving only the names in ``allowed``; anything else is refused."""
+    try:
+        return _Unpickler(data, allowed, what, persistent_load).load()
+    except (UnsafeCheckpointError, CheckpointFormatError):
+        raise
+    except Exception as exc:  # truncated or garbled: pickle raises many types here
+        raise CheckpointFormatError(f"{what}: unreadable ({type(exc).__name__}: {exc})") from None
 
 
 def restricted_unpickle(data: bytes, *, what: str) -> Any:
     """Unpickle a torch_dist ``.metadata`` into :mod:`.dcp_records` stand-ins (torch's and megatron's
     metadata classes, by name); anything else is refused."""
-    try:
-        return _MetadataUnpickler(data, what).load()
-    except UnsafeCheckpointError:
-        raise
-    except Exception as exc:  # truncated or garbled: pickle raises many types here
-        raise CheckpointFormatError(f"{what}: unreadable ({type(exc).__name__}: {exc})") from None
+    return restricted_loads(data, METADATA_GLOBALS, what=what)

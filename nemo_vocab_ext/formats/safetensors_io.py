@@ -19,11 +19,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..checkpoint import Checkpoint, Value
+from ..core.dtypes import BY_SAFETENSORS, UINT8, DType
 from ..errors import CheckpointFormatError
-from .region import Entries, FileRegion, InRegion, OutFile, Stored, held, same_bytes_key, tensor_bytes, tensor_meta
+from .region import (
+    Entries,
+    FileRegion,
+    InRegion,
+    OutFile,
+    Stored,
+    held,
+    is_tensor,
+    same_bytes_key,
+    tensor_bytes,
+    tensor_meta,
+    write_order,
+)
 
 INDEX = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -49,21 +60,6 @@ def _encode_metadata(ckpt: Checkpoint, blobs: list[str], nones: list[str], alias
     }
 
 
-_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
-_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 _HEADER_ALIGN = 8  # the header is padded with spaces so that tensor data starts 8-byte aligned
 _MAX_HEADER = 100_000_000  # safetensors' own limit on the header's size
 
@@ -73,7 +69,7 @@ class SafetensorsEntry(InRegion):
     """A tensor in a safetensors file; a byte blob (stored as uint8) when ``shape`` is None."""
 
     region: FileRegion
-    dtype: torch.dtype | None
+    dtype: DType | None
     shape: tuple[int, ...] | None
 
 
@@ -82,7 +78,7 @@ class _Planned:
     """One stored tensor of the output: where its bytes come from."""
 
     key: str
-    dtype: torch.dtype
+    dtype: DType
     shape: tuple[int, ...]
     nbytes: int
 
@@ -99,7 +95,7 @@ def _plan(tensors: Mapping[str, Value]) -> tuple[list[_Planned], list[str], list
         if value is None:
             nones.append(key)
             continue
-        if not isinstance(value, Stored | torch.Tensor | bytes):
+        if not (isinstance(value, Stored | bytes) or is_tensor(value)):
             raise CheckpointFormatError(
                 f"entry '{key}' is a {type(value).__name__}; only tensors, bytes and None can be stored"
             )
@@ -107,7 +103,7 @@ def _plan(tensors: Mapping[str, Value]) -> tuple[list[_Planned], list[str], list
         if isinstance(value, bytes) or meta is None:  # a byte blob
             nbytes = len(value) if isinstance(value, bytes) else value.nbytes
             blobs.append(key)
-            planned.append(_Planned(key, torch.uint8, (nbytes,), nbytes))
+            planned.append(_Planned(key, UINT8, (nbytes,), nbytes))
             continue
         shape, dtype = meta
         nbytes = math.prod(shape) * dtype.itemsize
@@ -120,11 +116,19 @@ def _plan(tensors: Mapping[str, Value]) -> tuple[list[_Planned], list[str], list
     return planned, blobs, nones, aliases
 
 
+def _write_positions(planned: list[_Planned], tensors: Mapping[str, Value]) -> list[int]:
+    by_key = {p.key: i for i, p in enumerate(planned)}
+    return [by_key[k] for k in write_order({p.key: held(tensors, p.key) for p in planned})]
+
+
 def _write_file(path: Path, planned: list[_Planned], tensors: Mapping[str, Value], metadata: dict[str, str]) -> None:
     header: dict[str, Any] = {"__metadata__": metadata}
+    for p in planned:  # the header lists entries in their order; data comes in write order
+        header[p.key] = {"dtype": p.dtype.safetensors, "shape": list(p.shape)}
+    order = [planned[i] for i in _write_positions(planned, tensors)]
     offset = 0
-    for p in planned:
-        header[p.key] = {"dtype": _NAMES[p.dtype], "shape": list(p.shape), "data_offsets": [offset, offset + p.nbytes]}
+    for p in order:
+        header[p.key]["data_offsets"] = [offset, offset + p.nbytes]
         offset += p.nbytes
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-(len(text) + 8) % _HEADER_ALIGN)
@@ -132,14 +136,14 @@ def _write_file(path: Path, planned: list[_Planned], tensors: Mapping[str, Value
         out = OutFile(f)
         out.write(struct.pack("<Q", len(text)))
         out.write(text)
-        for p in planned:
+        for p in order:
             value = held(tensors, p.key)
             raw = value.raw() if isinstance(value, Stored) else None
             if raw is not None and sum(r.length for r in raw) == p.nbytes:
                 for region in raw:  # the stored bytes are already what we write
                     out.copy_from(region)
                 continue
-            loaded = tensors[p.key]
+            loaded = value.load() if isinstance(value, Stored) else value
             data = memoryview(loaded) if isinstance(loaded, bytes) else tensor_bytes(loaded)  # type: ignore[arg-type]
             if len(data) != p.nbytes:
                 raise CheckpointFormatError(f"entry '{p.key}' changed size while it was written")
@@ -241,7 +245,7 @@ def _file_entries(path: Path) -> tuple[dict[str, SafetensorsEntry], dict[str, st
     entries: dict[str, SafetensorsEntry] = {}
     for key, info in header.items():
         try:
-            dtype = _DTYPES[info["dtype"]]
+            dtype = BY_SAFETENSORS[info["dtype"]]
             shape = tuple(int(s) for s in info["shape"])
             begin, end = (int(x) for x in info["data_offsets"])
         except (KeyError, TypeError, ValueError) as e:

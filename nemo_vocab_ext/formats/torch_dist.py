@@ -6,8 +6,8 @@ global shape, dtype and where each chunk lives), ``__<rank>_<i>.distcp`` data fi
 
 Each tensor item in a ``.distcp`` file is a ``torch.save`` file of one chunk; byte entries
 (``_extra_state`` blobs, megatron's ShardedObjects) are raw bytes. Entries are read lazily, one at a
-time (tensors come back global, their chunks joined), never unpickled beyond torch's weights-only
-set. Output is streamed into one ``.distcp`` file: a tensor that comes from another torch_dist
+time (tensors come back global, their chunks joined), never unpickled beyond the restricted
+unpickler's allow-list. Output is streamed into one ``.distcp`` file: a tensor that comes from another torch_dist
 checkpoint is copied chunk by chunk as stored, without decoding.
 """
 
@@ -19,9 +19,9 @@ import uuid
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Union
 
-import torch
-
+from ..core.dtypes import DType
 from ..errors import CheckpointFormatError, OutputExistsError
 from .dcp_records import (
     BytesStorageMetadata,
@@ -35,9 +35,13 @@ from .dcp_records import (
     dumps,
 )
 from .folder import DirOut, OutFolder
-from .region import FileRegion, InRegion, Stored, held, tensor_bytes, tensor_meta
+from .region import FileRegion, InRegion, Stored, held, tensor_bytes, tensor_meta, write_order
 from .safe_pickle import restricted_unpickle
+from .torch_pickle import Size
 from .torch_zip import StoredTensor, read_torch_file, write_torch_file
+
+if TYPE_CHECKING:
+    import torch
 
 METADATA_FILE = ".metadata"
 COMMON_FILE = "common.pt"
@@ -52,7 +56,7 @@ DEFAULT_METADATA_JSON = json.dumps(
     }
 ).encode()
 
-Entry = torch.Tensor | bytes
+Entry = Union["torch.Tensor", bytes]
 Resolve = Callable[[str], FileRegion]  # a data file's name in the folder -> where its bytes lie
 
 
@@ -61,7 +65,7 @@ class TensorInfo:
     """A stored tensor's global shape and dtype, as ``.metadata`` records them."""
 
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: DType
 
 
 def parse_metadata(data: bytes, what: str) -> Metadata:
@@ -112,7 +116,7 @@ class DistTensor(Stored):
 
     key: str
     shape: tuple[int, ...]  # type: ignore[assignment]
-    dtype: torch.dtype  # type: ignore[assignment]
+    dtype: DType  # type: ignore[assignment]
     properties: TensorProperties
     chunks: tuple[DistChunk, ...]
 
@@ -126,7 +130,9 @@ class DistTensor(Stored):
         return value
 
     def load(self) -> torch.Tensor:
-        out = torch.empty(self.shape, dtype=self.dtype)
+        import torch
+
+        out = torch.empty(self.shape, dtype=self.dtype.torch)
         for chunk in self.chunks:
             target = out[tuple(slice(o, o + s) for o, s in zip(chunk.offsets, chunk.sizes, strict=False))]
             stored = self._chunk_tensor(chunk)
@@ -260,7 +266,8 @@ def write_torch_dist(
         folder: OutFolder = DirOut(path)
     else:
         folder = ckpt_dir
-    state: dict[str, TensorStorageMetadata | BytesStorageMetadata] = {}
+    # Keys keep their order in the metadata; data is written in write_order (computed entries last).
+    state: dict[str, TensorStorageMetadata | BytesStorageMetadata] = dict.fromkeys(tensors)  # type: ignore[assignment]
     storage: dict[MetadataIndex, StorageInfo] = {}
     links: dict[Path, str] = {}  # a file holding unchanged bytes -> its link's name in the folder
     linking = link_unchanged and isinstance(folder, DirOut)
@@ -276,14 +283,14 @@ def write_torch_dist(
             out.copy_from(region)
             return StorageInfo(DATA_FILE, start, region.length)
 
-        for key in tensors:
+        for key in write_order(tensors):
             value = held(tensors, key)
             if isinstance(value, DistTensor):
                 chunks = []
                 for chunk in value.chunks:
-                    storage[MetadataIndex(key, torch.Size(chunk.offsets))] = place(chunk.item)
-                    chunks.append(ChunkStorageMetadata(torch.Size(chunk.offsets), torch.Size(chunk.sizes)))
-                state[key] = TensorStorageMetadata(value.properties, torch.Size(value.shape), chunks)
+                    storage[MetadataIndex(key, Size(chunk.offsets))] = place(chunk.item)
+                    chunks.append(ChunkStorageMetadata(Size(chunk.offsets), Size(chunk.sizes)))
+                state[key] = TensorStorageMetadata(value.properties, Size(value.shape), chunks)
                 continue
             if isinstance(value, DistBytes):
                 storage[MetadataIndex(key)] = place(value.region)
@@ -300,8 +307,8 @@ def write_torch_dist(
             start = out.tell()
             if meta is not None:  # in memory, or stored elsewhere (copied without decoding when it can be)
                 write_torch_file(value, out)
-                shape = torch.Size(meta[0])
-                offsets = torch.Size([0] * len(shape))
+                shape = Size(meta[0])
+                offsets = Size([0] * len(shape))
                 storage[MetadataIndex(key, offsets)] = StorageInfo(DATA_FILE, start, out.tell() - start)
                 state[key] = TensorStorageMetadata(
                     TensorProperties(dtype=meta[1]), shape, [ChunkStorageMetadata(offsets, shape)]

@@ -2,29 +2,30 @@
 
 A ``torch.save`` file is a zip whose records are stored uncompressed: ``<name>/data.pkl`` (the
 object, with tensors as references to storages) and ``<name>/data/<key>`` (each storage's raw
-bytes). The pickle is unpickled with torch's weights-only unpickler (plus the allow-list of
-:mod:`.safe_pickle`), with every storage on the ``meta`` device, so nothing is read but the pickle;
-each tensor becomes a :class:`StoredTensor` that knows where its bytes lie.
+bytes). The pickle is unpickled by the restricted unpickler of :mod:`.safe_pickle` (the names
+torch's weights-only unpickler allows, plus its allow-list), with each tensor rebuilt as a
+:class:`StoredTensor` that knows where its bytes lie: nothing but the pickle is read, and torch is
+not imported until a tensor's values are asked for. Writing is the reverse, through
+:class:`.torch_pickle.TorchPickler`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import math
-import pickle
 import struct
 import zipfile
 import zlib
-from collections.abc import Hashable, Iterator
+from collections import OrderedDict
+from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
-from ..errors import CheckpointFormatError, UnsafeCheckpointError
-from .region import FileRegion, OutFile, Stored, read_tensor, same_bytes_key, tensor_bytes
-from .safe_pickle import TORCH_LOAD_ALLOWED, refused_global, unsafe_error
+from ..core.dtypes import UINT8, DType, dtype_of
+from ..errors import CheckpointFormatError
+from . import torch_pickle
+from .region import FileRegion, OutFile, Stored, is_tensor, read_tensor, same_bytes_key, tensor_bytes
+from .safe_pickle import CONFIG_GLOBALS, restricted_loads
+from .torch_pickle import TORCH_OBJECTS, TORCH_UTILS, StorageType
 
 _LOCAL_HEADER = struct.Struct("<4s5H3I2H")  # a zip local file header, before its name and extra field
 
@@ -34,7 +35,7 @@ class StoredTensor(Stored):
     """A tensor of a ``torch.save`` file: a view (offset, shape, stride) of one storage record."""
 
     record: FileRegion
-    dtype: torch.dtype  # type: ignore[assignment]
+    dtype: DType  # type: ignore[assignment]
     shape: tuple[int, ...]  # type: ignore[assignment]
     stride: tuple[int, ...]
     storage_offset: int
@@ -53,12 +54,12 @@ class StoredTensor(Stored):
         dense = self._dense()
         return None if dense is None else [dense]
 
-    def load(self) -> torch.Tensor:
+    def load(self) -> Any:
         dense = self._dense()
         if dense is not None:
             return read_tensor(dense, self.dtype, self.shape)
-        storage = torch.empty(self.record.length // self.dtype.itemsize, dtype=self.dtype)
-        self.record.sub(0, storage.numel() * self.dtype.itemsize).read_into(tensor_bytes(storage))
+        numel = self.record.length // self.dtype.itemsize
+        storage = read_tensor(self.record.sub(0, numel * self.dtype.itemsize), self.dtype, (numel,))
         # A strided view: keep only its own elements, not the whole storage.
         return storage.as_strided(self.shape, self.stride, self.storage_offset).clone()
 
@@ -94,53 +95,71 @@ def _record_regions(container: FileRegion, what: str) -> tuple[str, dict[str, Fi
     return prefix, regions
 
 
-@contextlib.contextmanager
-def _errors_as_ours(what: str) -> Iterator[None]:
-    try:
-        yield
-    except (CheckpointFormatError, UnsafeCheckpointError):
-        raise
-    except pickle.UnpicklingError as exc:
-        name = refused_global(str(exc))
-        if name is not None:
-            raise unsafe_error(what, name) from None
-        raise CheckpointFormatError(f"{what}: not a readable torch file ({exc})") from None
-    except Exception as exc:  # garbled pickles raise many types
-        raise CheckpointFormatError(f"{what}: not a readable torch file ({type(exc).__name__}: {exc})") from None
+@dataclass(frozen=True)
+class _Storage:
+    """A storage record of the file, as the pickle's persistent ids name it."""
+
+    region: FileRegion
+    dtype: DType
+
+
+def _rebuild_tensor_v2(
+    storage: Any, storage_offset: Any, size: Any, stride: Any, *_grad_hooks_metadata: Any
+) -> StoredTensor:
+    return _stored_tensor(storage, storage_offset, size, stride, None)
+
+
+def _rebuild_tensor_v3(
+    storage: Any, storage_offset: Any, size: Any, stride: Any, requires_grad: Any, hooks: Any, dtype: Any, *_: Any
+) -> StoredTensor:
+    """Tensors of dtypes without a typed storage (float8): an untyped storage and the dtype."""
+    return _stored_tensor(storage, storage_offset, size, stride, dtype)
+
+
+def _rebuild_parameter(data: Any, *_grad_hooks_state: Any) -> Any:
+    return data  # an nn.Parameter: its data is what a checkpoint keeps
+
+
+def _stored_tensor(storage: Any, offset: Any, size: Any, stride: Any, dtype: Any) -> StoredTensor:
+    if not isinstance(storage, _Storage) or not isinstance(offset, int) or (dtype and not isinstance(dtype, DType)):
+        raise ValueError("a tensor is not rebuilt from one of the file's storages")
+    shape, strides = tuple(int(s) for s in size), tuple(int(s) for s in stride)
+    return StoredTensor(storage.region, dtype or storage.dtype, shape, strides, offset)
+
+
+# What a torch.save pickle may name: torch's objects as stand-ins, the tensor rebuilders, config types.
+TORCH_FILE_GLOBALS: dict[tuple[str, str], Any] = {
+    **CONFIG_GLOBALS,
+    **TORCH_OBJECTS,
+    (TORCH_UTILS, "_rebuild_tensor_v2"): _rebuild_tensor_v2,
+    (TORCH_UTILS, "_rebuild_tensor_v3"): _rebuild_tensor_v3,
+    (TORCH_UTILS, "_rebuild_parameter"): _rebuild_parameter,
+    (TORCH_UTILS, "_rebuild_parameter_with_state"): _rebuild_parameter,
+}
+torch_pickle.register_name(_rebuild_tensor_v2, TORCH_UTILS, "_rebuild_tensor_v2")
+torch_pickle.register_name(_rebuild_tensor_v3, TORCH_UTILS, "_rebuild_tensor_v3")
 
 
 def read_torch_file(container: FileRegion, *, what: str) -> Any:
     """The saved object, each tensor replaced by a :class:`StoredTensor` (nothing but the pickle is read)."""
-    from torch._weights_only_unpickler import Unpickler
-
     prefix, regions = _record_regions(container, what)
-    records: dict[int, tuple[FileRegion, torch.dtype]] = {}
 
-    def persistent_load(saved_id: Any) -> Any:
+    def persistent_load(saved_id: Any) -> _Storage:
         if not isinstance(saved_id, tuple) or len(saved_id) != 5 or saved_id[0] != "storage":
             raise CheckpointFormatError(f"{what}: unknown persistent id in data.pkl")
         _, storage_type, key, _location, numel = saved_id
-        dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
+        if not isinstance(storage_type, StorageType) or not isinstance(numel, int):
+            raise CheckpointFormatError(f"{what}: malformed storage reference in data.pkl")
+        dtype = storage_type.dtype or UINT8  # an untyped storage counts bytes
         region = regions.get(f"{prefix}data/{key}")
         if region is None:
             raise CheckpointFormatError(f"{what}: storage record data/{key} is missing")
         if region.length < numel * dtype.itemsize:
             raise CheckpointFormatError(f"{what}: storage record data/{key} is shorter than its tensor")
-        # On the meta device: the tensor gets its shape and strides, and no bytes are read.
-        untyped = torch.UntypedStorage(numel * dtype.itemsize, device="meta")
-        records[untyped._cdata] = (region, dtype)
-        return torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
+        return _Storage(region, dtype)
 
-    with _errors_as_ours(what), torch.serialization.safe_globals(list(TORCH_LOAD_ALLOWED)):
-        unpickler = Unpickler(io.BytesIO(regions[prefix + "data.pkl"].read()), encoding="utf-8")
-        unpickler.persistent_load = persistent_load  # type: ignore[method-assign]
-        obj = unpickler.load()
-
-    def stored(value: torch.Tensor) -> StoredTensor:
-        record, dtype = records[value.untyped_storage()._cdata]
-        return StoredTensor(record, dtype, tuple(value.shape), tuple(value.stride()), int(value.storage_offset()))
-
-    return map_tensors(obj, stored, torch.Tensor)
+    data = regions[prefix + "data.pkl"].read()
+    return restricted_loads(data, TORCH_FILE_GLOBALS, what=what, persistent_load=persistent_load)
 
 
 def map_tensors(value: Any, fn: Any, kind: type) -> Any:
@@ -173,8 +192,14 @@ _DOS_DATE = 0x21  # 1980-01-01: reproducible archives
 @dataclass(frozen=True)
 class _StorageRef:
     key: str
-    dtype: torch.dtype
+    dtype: DType
     numel: int
+
+    def persistent_id(self) -> tuple[Any, ...]:
+        # Dtypes without a typed storage (float8) are saved untyped, counted in bytes, as torch does.
+        if self.dtype.storage is None:
+            return ("storage", StorageType(None), self.key, "cpu", self.numel * self.dtype.itemsize)
+        return ("storage", StorageType(self.dtype), self.key, "cpu", self.numel)
 
 
 class _TensorRef:
@@ -185,24 +210,18 @@ class _TensorRef:
         self.shape = shape
 
     def __reduce__(self) -> tuple[Any, ...]:
-        from collections import OrderedDict
-
         stride, step = [], 1
         for size in reversed(self.shape):
             stride.append(step)
             step *= size
-        return (
-            torch._utils._rebuild_tensor_v2,
-            (self.storage, 0, self.shape, tuple(reversed(stride)), False, OrderedDict()),
-        )
+        args: tuple[Any, ...] = (self.storage, 0, self.shape, tuple(reversed(stride)), False, OrderedDict())
+        if self.storage.dtype.storage is None:
+            return (_rebuild_tensor_v3, (*args, self.storage.dtype))
+        return (_rebuild_tensor_v2, args)
 
 
-class _Pickler(pickle.Pickler):
-    def persistent_id(self, obj: Any) -> Any:
-        if isinstance(obj, _StorageRef):
-            name = torch.storage._dtype_to_storage_type_map()[obj.dtype]  # e.g. BFloat16Storage
-            return ("storage", getattr(torch, name), obj.key, "cpu", obj.numel)
-        return None
+def _persistent_id(obj: Any) -> Any:
+    return obj.persistent_id() if isinstance(obj, _StorageRef) else None
 
 
 class _ZipOut:
@@ -304,7 +323,7 @@ def write_torch_file(obj: Any, out: OutFile, *, name: str = "archive") -> None:
             assert value.dtype is not None and value.shape is not None
             dtype, shape = value.dtype, value.shape
         else:
-            dtype, shape = value.dtype, tuple(value.shape)
+            dtype, shape = dtype_of(value.dtype), tuple(value.shape)
         ident = same_bytes_key(value)
         if ident not in by_identity:
             storage = _StorageRef(str(len(tensors)), dtype, math.prod(shape))
@@ -312,14 +331,14 @@ def write_torch_file(obj: Any, out: OutFile, *, name: str = "archive") -> None:
             by_identity[ident] = _TensorRef(storage, shape)
         return by_identity[ident]
 
-    pickled = io.BytesIO()
-    _Pickler(pickled, protocol=2).dump(_map_leaves(obj, ref))
+    pickled = torch_pickle.dumps(_map_leaves(obj, ref), persistent_id=_persistent_id)
     zf = _ZipOut(out, f"{name}/")
-    zf.data("data.pkl", pickled.getvalue())
+    zf.data("data.pkl", pickled)
     zf.data(".format_version", b"1")
     zf.data(".storage_alignment", str(_ALIGN).encode())
     zf.data("byteorder", b"little")
-    for storage, value in tensors:
+    # Storage records in any order (torch finds them by name): values still being computed last.
+    for storage, value in sorted(tensors, key=lambda item: isinstance(item[1], Stored) and item[1].deferred):
         nbytes = storage.numel * storage.dtype.itemsize
         zf.record(f"data/{storage.key}", nbytes, 0, lambda o, v=value: _write_tensor(v, o))
     zf.data("version", b"3\n")
@@ -333,14 +352,14 @@ def _write_tensor(value: Any, out: OutFile) -> None:
         for region in raw:
             out.copy_from(region)
         return
-    tensor = value.load() if isinstance(value, Stored) else value
-    assert isinstance(tensor, torch.Tensor)
+    tensor: Any = value.load() if isinstance(value, Stored) else value
+    assert is_tensor(tensor)
     out.write(tensor_bytes(tensor.detach().cpu()))
 
 
 def _map_leaves(value: Any, fn: Any) -> Any:
     """A copy of ``value``'s dicts, lists and tuples with tensor leaves (in memory or stored) mapped by ``fn``."""
-    if isinstance(value, torch.Tensor | Stored):
+    if isinstance(value, Stored) or is_tensor(value):
         return fn(value)
     if isinstance(value, dict):
         copy = value.copy()

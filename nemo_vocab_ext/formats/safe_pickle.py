@@ -151,10 +151,13 @@ def _megatron_standin(module: str, name: str) -> Any:
     return None
 
 
+Resolve = Callable[[str, str], Any]  # (module, name) -> the object, or None to refuse
+
+
 class _Unpickler(pickle.Unpickler):
-    def __init__(self, data: bytes, allowed: Globals, what: str, persistent_load: Callable[[Any], Any] | None):
+    def __init__(self, data: bytes, resolve: Resolve, what: str, persistent_load: Callable[[Any], Any] | None):
         super().__init__(io.BytesIO(data), encoding="utf-8")
-        self.allowed = allowed
+        self.resolve = resolve
         self.what = what
         self._persistent_load = persistent_load
 
@@ -162,9 +165,7 @@ class _Unpickler(pickle.Unpickler):
         # Protocol 2 (torch's) writes builtins under their Python 2 names: map them back, as pickle does.
         module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
         module = _compat_pickle.IMPORT_MAPPING.get(module, module)
-        found = self.allowed.get((module, name))
-        if found is None:
-            found = _megatron_standin(module, name) if self.allowed is METADATA_GLOBALS else None
+        found = self.resolve(module, name)
         if found is None:
             raise unsafe_error(self.what, f"{module}.{name}")
         return found
@@ -176,18 +177,27 @@ class _Unpickler(pickle.Unpickler):
 
 
 def restricted_loads(
-    data: bytes, allowed: Globals, *, what: str, persistent_load: Callable[[Any], Any] | None = None
+    data: bytes,
+    allowed: Globals | Resolve,
+    *,
+    what: str,
+    persistent_load: Callable[[Any], Any] | None = None,
 ) -> Any:
-    """Unpickle ``data``, resolving only the names in ``allowed``; anything else is refused."""
+    """Unpickle ``data``, resolving only the names ``allowed`` maps (or resolves); anything else is refused."""
+    resolve = allowed if callable(allowed) else lambda module, name: allowed.get((module, name))
     try:
-        return _Unpickler(data, allowed, what, persistent_load).load()
+        return _Unpickler(data, resolve, what, persistent_load).load()
     except (UnsafeCheckpointError, CheckpointFormatError):
         raise
     except Exception as exc:  # truncated or garbled: pickle raises many types here
         raise CheckpointFormatError(f"{what}: unreadable ({type(exc).__name__}: {exc})") from None
 
 
+def _metadata_global(module: str, name: str) -> Any:
+    return METADATA_GLOBALS.get((module, name)) or _megatron_standin(module, name)
+
+
 def restricted_unpickle(data: bytes, *, what: str) -> Any:
     """Unpickle a torch_dist ``.metadata`` into :mod:`.dcp_records` stand-ins (torch's and megatron's
     metadata classes, by name); anything else is refused."""
-    return restricted_loads(data, METADATA_GLOBALS, what=what)
+    return restricted_loads(data, _metadata_global, what=what)

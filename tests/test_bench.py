@@ -42,3 +42,20 @@ def test_data_rate_is_judged_on_the_scan_validate_times() -> None:
     assert "net of validate without --data 0.30 GB/s" in both.text()  # the cross-check stays in view
     assert bench.DataRate(whole=0.5e9, net=2e9, reported=None).judged[0] == 2e9
     assert bench.DataRate(whole=0.5e9, net=None, reported=None).judged == (0.5e9, "whole command")
+
+
+def test_peak_memory_is_the_commands_own(tmp_path: Path) -> None:
+    """A child's peak RSS counts from its parent's memory at the fork; the launcher keeps that small."""
+    ballast = bytearray(300 * bench.MIB)  # this process, much larger than the command it measures
+    ballast[::4096] = b"1" * len(ballast[::4096])  # resident, not just reserved
+    small = bench.run_measured([sys.executable, "-c", "pass"], tmp_path / "small.log", timeout=60)
+    large = bench.run_measured(
+        [sys.executable, "-c", "x = bytearray(200 * 2**20); x[::4096] = b'1' * len(x[::4096])"],
+        tmp_path / "large.log",
+        timeout=60,
+    )
+    del ballast
+    assert small.returncode == 0 and large.returncode == 0
+    assert small.maxrss_mb < 100
+    assert 200 <= large.maxrss_mb < 300
+    assert 0 < small.wall_s < large.wall_s + 60

@@ -8,7 +8,8 @@ distributed and a single-file .nemo, safetensors, a distributed training-checkpo
 Lightning file; a 50257-token tokenizer and a merged one with 7000 more; a Megatron .bin/.idx of
 ``--data-gb`` GB) and reuses them on later runs. Then, in one run on those files, each command
 runs as a subprocess whose wall time and peak RSS (``os.wait4``: that process and the children it
-reaped) are measured, beside its I/O floor (``cp --reflink=never`` of the bytes it reads), the two
+reaped; started from a small launcher, as a child's peak counts from its parent's memory) are
+measured, beside its I/O floor (``cp --reflink=never`` of the bytes it reads), the two
 interleaved and repeated (median of ``--repeat``), each started with its inputs just read
 through so that the page cache is warm for both. Baselines: the seed's approach
 (``tools/seed_resize.py``), NeMo's own ``restore_from`` + ``save_to``, and the plugin's
@@ -69,22 +70,39 @@ def _kill_group(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
 
 
+# Linux counts a forked child's peak RSS from the parent's at the fork (ru_maxrss carries the old
+# memory's high-water mark across exec), and this process holds a few hundred MB (torch, through
+# make_checkpoint). So each command is started by this small launcher, whose own memory is what its
+# child starts from; it reports the command's wall time and peak RSS from wait4.
+_LAUNCHER = """
+import os, subprocess, sys, time
+start = time.perf_counter()
+proc = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(proc.pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(f"{time.perf_counter() - start} {usage.ru_maxrss} {os.waitstatus_to_exitcode(status)}")
+"""
+
+
 def run_measured(argv: Sequence[str], log: Path, *, timeout: float, env: dict[str, str] | None = None) -> Run:
-    """Run ``argv`` with output to ``log``; wall time, and ``ru_maxrss`` from ``wait4`` on that child."""
+    """Run ``argv`` with output to ``log``; wall time, and ``ru_maxrss`` from ``wait4`` on that command."""
     log.parent.mkdir(parents=True, exist_ok=True)
+    measured = log.with_suffix(".measured")
+    measured.unlink(missing_ok=True)
     with open(log, "wb") as out:
-        start = time.perf_counter()
         # Its own session, so that a timeout kills the command's children too.
-        proc = subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        launcher = [sys.executable, "-c", _LAUNCHER, str(measured), *argv]
+        proc = subprocess.Popen(launcher, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         timer = threading.Timer(timeout, _kill_group, (proc.pid,))
         timer.start()
         try:
-            _, status, usage = os.wait4(proc.pid, 0)
+            proc.wait()
         finally:
             timer.cancel()
-        wall = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: keep Popen from waiting again
-    return Run(wall, usage.ru_maxrss / 1024, proc.returncode)
+    if not measured.is_file():  # killed by the timeout
+        return Run(timeout, 0.0, -signal.SIGKILL)
+    wall, maxrss_kb, returncode = measured.read_text().split()
+    return Run(float(wall), int(maxrss_kb) / 1024, int(returncode))
 
 
 def file_paths(paths: Sequence[Path]) -> list[Path]:

@@ -11,10 +11,10 @@ runs as a subprocess whose wall time and peak RSS (``os.wait4``: that process an
 reaped; started from a small launcher, as a child's peak counts from its parent's memory) are
 measured, beside its I/O floor (``cp --reflink=never`` of the bytes it reads), the two
 interleaved and repeated (median of ``--repeat``), each started with its inputs just read
-through so that the page cache is warm for both. Baselines: the seed's approach
-(``tools/seed_resize.py``), NeMo's own ``restore_from`` + ``save_to``, and the plugin's
-``restore_from`` against stock NeMo's on the same checkpoint (timed inside forked NeMo
-processes, imports excluded).
+through so that the page cache is warm for both, and with no dirty pages left by earlier runs.
+Baselines: the seed's approach (``tools/seed_resize.py``), NeMo's own ``restore_from`` +
+``save_to``, and the plugin's ``restore_from`` against stock NeMo's on the same checkpoint (timed
+inside forked NeMo processes, imports excluded).
 
 Targets, each printed PASS/FAIL: every convert and resize within 1.5x its floor; every CLI
 command's peak RSS within 2 x the largest stored tensor (from the files' own metadata) + 512 MiB;
@@ -373,10 +373,17 @@ def rss_budget_mb(largest: int) -> float:
     return (2 * largest + RSS_SLACK) / MIB
 
 
+def settle() -> None:
+    """Write back what earlier runs left dirty, so that no run is throttled by another's writes: a
+    command or ``cp`` that starts with gigabytes of dirty pages waits on their write-back."""
+    os.sync()
+
+
 def _measure_floor(op: Op, row: Row, floor_dir: Path, log: Path, timeout: float) -> None:
     floor_dir.mkdir(parents=True, exist_ok=True)
     read_through(op.inputs)
     argv = ["cp", "-r", "--reflink=never", *map(str, op.inputs), str(floor_dir)]
+    settle()
     row.floors.append(run_measured(argv, log, timeout=timeout))
     remove(floor_dir)
 
@@ -386,6 +393,7 @@ _SCAN_RATE = re.compile(r"scanned at ([0-9.]+) GB/s")
 
 def _measure_op(op: Op, row: Row, log: Path, timeout: float) -> None:
     read_through(op.inputs)
+    settle()
     run = run_measured(op.argv, log, timeout=timeout)
     row.runs.append(run)
     if run.returncode:

@@ -86,8 +86,10 @@ def torch_name(obj: Any) -> tuple[str, str] | None:
     return _WRITE_NAMES.get(obj) if isinstance(obj, type | FunctionType) else None
 
 
-_WRITE_NAMES: dict[Any, tuple[str, str]] = {Size: (TORCH, "Size"), Device: (TORCH, "device")}
-_WRITE_NAMES[get_layout] = ("torch.serialization", "_get_layout")
+# The classes and functions above, written back under the names they are read from.
+_WRITE_NAMES: dict[Any, tuple[str, str]] = {
+    obj: name for name, obj in TORCH_OBJECTS.items() if isinstance(obj, type | FunctionType)
+}
 
 _PurePickler: Any = pickle._Pickler  # type: ignore[attr-defined]
 

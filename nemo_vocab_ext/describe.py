@@ -34,7 +34,7 @@ def describe(ckpt: Checkpoint, fmt: str) -> dict[str, Any]:
         "embedding_key": keys.embedding,
         "embedding_rows": int(embedding_shape[0]),
         "hidden_size": int(embedding_shape[1]),
-        "dtype": str(embedding_dtype).replace("torch.", ""),
+        "dtype": embedding_dtype.name,
         "tied": keys.tied,
         "has_output_layer": keys.output_layer is not None,
         "tokenizer_vocab_size": vocab,

@@ -48,18 +48,11 @@ BY_STORAGE: dict[str, DType] = {d.storage: d for d in DTYPES if d.storage is not
 UINT8 = BY_NAME["uint8"]
 
 
-class UnknownDTypeError(ValueError):
-    pass
-
-
-def dtype_named(name: str) -> DType:
-    """``bfloat16`` or ``torch.bfloat16`` (how torch prints its dtypes) -> the DType."""
-    try:
-        return BY_NAME[name.removeprefix("torch.")]
-    except KeyError:
-        raise UnknownDTypeError(f"element type {name} is not supported") from None
-
-
 def dtype_of(value: Any) -> DType:
-    """The DType of a torch dtype (or of a DType)."""
-    return value if isinstance(value, DType) else dtype_named(str(value))
+    """The DType of a torch dtype (``torch.bfloat16`` prints as "torch.bfloat16"), or of a DType."""
+    if isinstance(value, DType):
+        return value
+    try:
+        return BY_NAME[str(value).removeprefix("torch.")]
+    except KeyError:
+        raise ValueError(f"element type {value} is not supported") from None

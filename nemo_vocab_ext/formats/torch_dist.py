@@ -7,8 +7,8 @@ global shape, dtype and where each chunk lives), ``__<rank>_<i>.distcp`` data fi
 Each tensor item in a ``.distcp`` file is a ``torch.save`` file of one chunk; byte entries
 (``_extra_state`` blobs, megatron's ShardedObjects) are raw bytes. Entries are read lazily, one at a
 time (tensors come back global, their chunks joined), never unpickled beyond the restricted
-unpickler's allow-list. Output is streamed into one ``.distcp`` file: a tensor that comes from another torch_dist
-checkpoint is copied chunk by chunk as stored, without decoding.
+unpickler's allow-list. Output is streamed into one ``.distcp`` file: a tensor that comes from
+another torch_dist checkpoint is copied chunk by chunk as stored, without decoding.
 """
 
 from __future__ import annotations

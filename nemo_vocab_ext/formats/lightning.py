@@ -8,7 +8,6 @@ lossless.
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ from ..checkpoint import DISTRIBUTED, SINGLE, Checkpoint
 from ..errors import CheckpointFormatError, ConfigError
 from .region import Entries, FileRegion, OutFile, held
 from .torch_dist import open_torch_dist, write_torch_dist
-from .torch_zip import read_torch_file, write_torch_file
+from .torch_zip import read_torch_file, torch_file_bytes, write_torch_file
 
 ARTIFACTS_KEY = "nemo_vocab_ext_artifacts"
 MODEL_PREFIX = "model."
@@ -80,12 +79,10 @@ def write_lightning(ckpt: Checkpoint, dst: Path) -> None:
     """A folder like NeMo's own for distributed (mcore) weights, else one Lightning file."""
     payload = _lightning_payload(ckpt)
     if ckpt.layout == DISTRIBUTED:
-        buf = io.BytesIO()
-        write_torch_file(payload, OutFile(buf))
         write_torch_dist(
             dst,
             ckpt.tensors,
-            common=buf.getvalue(),
+            common=torch_file_bytes(payload),
             metadata_json=ckpt.training_state.get("dist_metadata"),
         )
         return

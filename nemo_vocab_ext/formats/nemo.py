@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import re
 import tempfile
 from pathlib import Path
@@ -14,7 +13,7 @@ from ..checkpoint import DISTRIBUTED, MP_RANK, SINGLE, TP_PP_RANK, Checkpoint, V
 from ..errors import CheckpointFormatError, ConfigError, UnsupportedError
 from .archive import NemoArchive
 from .folder import DirOut, OutFolder, tar_out
-from .region import Entries, FileRegion, OutFile, held
+from .region import Entries, FileRegion, held
 from .torch_dist import (
     COMMON_FILE,
     METADATA_FILE,
@@ -24,7 +23,7 @@ from .torch_dist import (
     tensor_infos,
     write_torch_dist,
 )
-from .torch_zip import load_all, read_torch_file, write_torch_file
+from .torch_zip import load_all, read_torch_file, torch_file_bytes, write_torch_file
 
 CONFIG = "model_config.yaml"
 WEIGHTS_FILE = "model_weights.ckpt"
@@ -179,15 +178,10 @@ def _write_nemo_to(ckpt: Checkpoint, out: OutFolder, *, link_unchanged: bool = F
     for name, data in ckpt.artifacts.items():
         out.write_bytes(name, data)
     if ckpt.layout == DISTRIBUTED:
-        common = ckpt.training_state.get("dist_common")
-        if not common:
-            buf = io.BytesIO()
-            write_torch_file({}, OutFile(buf))
-            common = buf.getvalue()
         write_torch_dist(
             out.folder(WEIGHTS_DIR),
             ckpt.tensors,
-            common=common,
+            common=ckpt.training_state.get("dist_common") or torch_file_bytes({}),
             metadata_json=ckpt.training_state.get("dist_metadata") or None,  # None: the writer's default
             link_unchanged=link_unchanged,
         )

@@ -173,7 +173,6 @@ class Stored(abc.ABC):
 
     shape: tuple[int, ...] | None  # None: an opaque byte entry
     dtype: DType | None
-    deferred = False  # values still being computed: writers take it last (see Deferred)
 
     @abc.abstractmethod
     def load(self) -> torch.Tensor | bytes:
@@ -219,8 +218,6 @@ class Deferred(Stored):
     dtype are known now, its values when ``load`` returns them. Writers write every other entry first,
     so the computation overlaps their copying."""
 
-    deferred = True
-
     def __init__(self, shape: tuple[int, ...], dtype: DType, result: Callable[[], Any]):
         self.shape = shape
         self.dtype = dtype
@@ -237,7 +234,7 @@ class Deferred(Stored):
 
 def write_order(entries: Mapping[str, object]) -> list[str]:
     """Keys in the order to write their data: as held, with :class:`Deferred` entries last."""
-    return sorted(entries, key=lambda k: isinstance(held(entries, k), Stored) and held(entries, k).deferred)
+    return sorted(entries, key=lambda k: isinstance(held(entries, k), Deferred))
 
 
 class Entries(MutableMapping[str, Any]):

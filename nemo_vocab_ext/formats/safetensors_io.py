@@ -23,6 +23,7 @@ from ..checkpoint import Checkpoint, Value
 from ..core.dtypes import BY_SAFETENSORS, UINT8, DType
 from ..errors import CheckpointFormatError
 from .region import (
+    Deferred,
     Entries,
     FileRegion,
     InRegion,
@@ -33,7 +34,6 @@ from .region import (
     same_bytes_key,
     tensor_bytes,
     tensor_meta,
-    write_order,
 )
 
 INDEX = "model.safetensors.index.json"
@@ -116,16 +116,11 @@ def _plan(tensors: Mapping[str, Value]) -> tuple[list[_Planned], list[str], list
     return planned, blobs, nones, aliases
 
 
-def _write_positions(planned: list[_Planned], tensors: Mapping[str, Value]) -> list[int]:
-    by_key = {p.key: i for i, p in enumerate(planned)}
-    return [by_key[k] for k in write_order({p.key: held(tensors, p.key) for p in planned})]
-
-
 def _write_file(path: Path, planned: list[_Planned], tensors: Mapping[str, Value], metadata: dict[str, str]) -> None:
     header: dict[str, Any] = {"__metadata__": metadata}
     for p in planned:  # the header lists entries in their order; data comes in write order
         header[p.key] = {"dtype": p.dtype.safetensors, "shape": list(p.shape)}
-    order = [planned[i] for i in _write_positions(planned, tensors)]
+    order = sorted(planned, key=lambda p: isinstance(held(tensors, p.key), Deferred))  # as write_order
     offset = 0
     for p in order:
         header[p.key]["data_offsets"] = [offset, offset + p.nbytes]

@@ -11,6 +11,7 @@ not imported until a tensor's values are asked for. Writing is the reverse, thro
 
 from __future__ import annotations
 
+import io
 import math
 import struct
 import zipfile
@@ -23,7 +24,7 @@ from typing import Any
 from ..core.dtypes import UINT8, DType, dtype_of
 from ..errors import CheckpointFormatError
 from . import torch_pickle
-from .region import FileRegion, OutFile, Stored, is_tensor, read_tensor, same_bytes_key, tensor_bytes
+from .region import Deferred, FileRegion, OutFile, Stored, is_tensor, read_tensor, same_bytes_key, tensor_bytes
 from .safe_pickle import CONFIG_GLOBALS, restricted_loads
 from .torch_pickle import TORCH_OBJECTS, TORCH_UTILS, StorageType
 
@@ -338,12 +339,19 @@ def write_torch_file(obj: Any, out: OutFile, *, name: str = "archive") -> None:
     zf.data(".storage_alignment", str(_ALIGN).encode())
     zf.data("byteorder", b"little")
     # Storage records in any order (torch finds them by name): values still being computed last.
-    for storage, value in sorted(tensors, key=lambda item: isinstance(item[1], Stored) and item[1].deferred):
+    for storage, value in sorted(tensors, key=lambda item: isinstance(item[1], Deferred)):
         nbytes = storage.numel * storage.dtype.itemsize
         zf.record(f"data/{storage.key}", nbytes, 0, lambda o, v=value: _write_tensor(v, o))
     zf.data("version", b"3\n")
     zf.data(".data/serialization_id", b"0" * 40)
     zf.close()
+
+
+def torch_file_bytes(obj: Any) -> bytes:
+    """What ``torch.save(obj)`` writes, in memory (for small objects: ``common.pt``)."""
+    buffer = io.BytesIO()
+    write_torch_file(obj, OutFile(buffer))
+    return buffer.getvalue()
 
 
 def _write_tensor(value: Any, out: OutFile) -> None:

@@ -163,23 +163,9 @@ def read_torch_file(container: FileRegion, *, what: str) -> Any:
     return restricted_loads(data, TORCH_FILE_GLOBALS, what=what, persistent_load=persistent_load)
 
 
-def map_tensors(value: Any, fn: Any, kind: type) -> Any:
-    """``value`` with every ``kind`` leaf of its dicts, lists and tuples replaced by ``fn(leaf)`` (dicts in place)."""
-    if isinstance(value, kind):
-        return fn(value)
-    if isinstance(value, dict):
-        for k in list(value):
-            value[k] = map_tensors(value[k], fn, kind)
-    elif isinstance(value, list):
-        value[:] = [map_tensors(v, fn, kind) for v in value]
-    elif isinstance(value, tuple) and not hasattr(value, "_fields"):
-        return tuple(map_tensors(v, fn, kind) for v in value)
-    return value
-
-
 def load_all(value: Any) -> Any:
     """``value`` with every :class:`StoredTensor` read into memory (for small objects only)."""
-    return map_tensors(value, lambda t: t.load(), StoredTensor)
+    return map_leaves(value, lambda leaf: leaf.load() if isinstance(leaf, Stored) else leaf)
 
 
 # --- writing, one tensor at a time -----------------------------------------------------------------
@@ -332,7 +318,7 @@ def write_torch_file(obj: Any, out: OutFile, *, name: str = "archive") -> None:
             by_identity[ident] = _TensorRef(storage, shape)
         return by_identity[ident]
 
-    pickled = torch_pickle.dumps(_map_leaves(obj, ref), persistent_id=_persistent_id)
+    pickled = torch_pickle.dumps(map_leaves(obj, ref), persistent_id=_persistent_id)
     zf = _ZipOut(out, f"{name}/")
     zf.data("data.pkl", pickled)
     zf.data(".format_version", b"1")
@@ -365,17 +351,17 @@ def _write_tensor(value: Any, out: OutFile) -> None:
     out.write(tensor_bytes(tensor.detach().cpu()))
 
 
-def _map_leaves(value: Any, fn: Any) -> Any:
+def map_leaves(value: Any, fn: Any) -> Any:
     """A copy of ``value``'s dicts, lists and tuples with tensor leaves (in memory or stored) mapped by ``fn``."""
     if isinstance(value, Stored) or is_tensor(value):
         return fn(value)
     if isinstance(value, dict):
         copy = value.copy()
         for k in copy:
-            copy[k] = _map_leaves(copy[k], fn)
+            copy[k] = map_leaves(copy[k], fn)
         return copy
     if isinstance(value, list):
-        return [_map_leaves(v, fn) for v in value]
+        return [map_leaves(v, fn) for v in value]
     if isinstance(value, tuple) and not hasattr(value, "_fields"):
-        return tuple(_map_leaves(v, fn) for v in value)
+        return tuple(map_leaves(v, fn) for v in value)
     return value

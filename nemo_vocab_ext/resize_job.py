@@ -68,11 +68,15 @@ def run_resize(
             check_tokenizer_fits(own, new, str(tokenizer))
         if dry_run:
             return ["plan (dry run, nothing written):", *plan.lines()]
-        pieces = None
-        if init.needs_pieces and own is not None and new is not None and plan.rows.new_vocab > plan.rows.old_vocab:
-            pieces = pieces_under(own, new, range(plan.rows.old_vocab, plan.rows.new_vocab))
+
+        def pieces() -> list[list[int]] | None:
+            if init.needs_pieces and own is not None and new is not None and plan.rows.new_vocab > plan.rows.old_vocab:
+                return pieces_under(own, new, range(plan.rows.old_vocab, plan.rows.new_vocab))
+            return None
+
         stage("resizing")
-        # The new tables are computed while everything else is copied; writers take them last.
+        # The new tables (and the pieces fvt reads) are computed while everything else is copied;
+        # writers take them last.
         resized, finished = apply_resize_while_writing(ckpt, plan, pieces=pieces, seed=seed)
         if tokenizer is not None:
             resized = embed_tokenizer(resized, tokenizer_config_files(tokenizer))

@@ -17,6 +17,7 @@ Vocab size as NeMo counts it (NeMo 2.4.1):
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -381,7 +382,13 @@ def _read_merges_txt(path: Path) -> list[tuple[str, str]]:
             f"{path}: does not end with a newline; NeMo's GPT2BPETokenizer would drop the last merge "
             f"{lines[-1]!r}; add a final newline"
         )
-    merges: list[tuple[str, str]] = []
+    # Whole-file checks first (a resize reads two 50k-line files before it can start copying); the
+    # line-by-line pass below only runs to name the first bad line.
+    split = [line.split() for line in lines[1:]]
+    merges = [(p[0], p[1]) for p in split if len(p) == 2]
+    if len(merges) == sum(map(bool, split)) and len(set(merges)) == len(merges):
+        return merges
+    merges = []
     seen: dict[tuple[str, str], int] = {}
     for lineno, line in enumerate(lines[1:], 2):
         line = line.rstrip("\r")
@@ -400,6 +407,8 @@ def _read_merges_txt(path: Path) -> list[tuple[str, str]]:
 
 def _check_merges_in_vocab(merges: list[tuple[str, str]], tokens: Iterable[str], where: Path) -> None:
     vocab = set(tokens)
+    if vocab.issuperset(itertools.chain.from_iterable(merges)) and vocab.issuperset(a + b for a, b in merges):
+        return
     for rank, (a, b) in enumerate(merges):
         for needed in (a, b, a + b):
             if needed not in vocab:

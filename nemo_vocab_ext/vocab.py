@@ -14,19 +14,31 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .checkpoint import Checkpoint, Value
-from .core.dtypes import DType
+from .core.dtypes import DType, dtype_of
 from .core.keys import VocabKeys
 from .core.rows import INIT_COSTS, INIT_DESCRIPTIONS, Init, RowPlan, ShrinkRefusedError, plan_rows
 from .core.sizes import padded_vocab_size
 from .errors import CheckpointFormatError, ConfigError, ResizeError, TokenizerError
-from .formats.region import Deferred, Entries, Stored, held, is_tensor, same_bytes_key, tensor_bytes, tensor_meta
+from .formats.region import (
+    Deferred,
+    Entries,
+    array_as_torch,
+    array_bytes,
+    held,
+    is_tensor,
+    read_array,
+    same_bytes_key,
+    tensor_meta,
+    torch_as_array,
+)
 from .tokenizer import TokenizerInfo, check_ids_preserved, load_tokenizer
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
-# torch (about 3 s to import) is imported where tables are read and computed, not with this module:
-# a resize plans, checks and starts copying without it.
+# Tables are read and computed as numpy arrays: a resize to a file never imports torch (about 3 s).
+# torch is imported only where torch tensors are made (the plugin, optimizer state, rank files).
 
 DEFAULT_DIVISIBLE_BY = 128
 REPORT_TP_SIZES = (1, 2, 4, 8)
@@ -58,25 +70,23 @@ def expected_rows(
     return padded_vocab_size(vocab_size, divisible_by or divisible_by_of(config), tp or tensor_parallel_of(config))
 
 
-def vocab_tables(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
-    """Global vocab-sized tables keyed as stored (tensor-parallel rank files joined)."""
+def vocab_tables(ckpt: Checkpoint) -> dict[str, np.ndarray]:
+    """Global vocab-sized tables keyed as stored (tensor-parallel rank files joined), as numpy arrays
+    of their stored elements (:func:`~.formats.region.read_array`)."""
     from .core.resize import join_vocab_shards
 
     keys = ckpt.vocab_keys()
     if ckpt.rank_tensors is None:
-        out = {}
-        for k in keys.all():
-            t = ckpt.tensors[k]
-            assert is_tensor(t)
-            out[k] = t
-        return out  # type: ignore[return-value]
-    tables: dict[str, torch.Tensor] = {}
+        return {k: read_array(held(ckpt.tensors, k)) for k in keys.all()}
+    tables: dict[str, np.ndarray] = {}
     for key in keys.all():
         shards = [
-            state[key] for (_, _), state in sorted(ckpt.rank_tensors.items()) if key in state and is_tensor(state[key])
+            read_array(state[key])  # type: ignore[arg-type]
+            for (_, _), state in sorted(ckpt.rank_tensors.items())
+            if key in state and is_tensor(state[key])
         ]
         # Legacy rank files list TP ranks of one pipeline stage; a key lives on one stage.
-        tables[key] = join_vocab_shards(shards)  # type: ignore[arg-type]
+        tables[key] = join_vocab_shards(shards)
     return tables
 
 
@@ -94,12 +104,9 @@ def vocab_table_shapes(ckpt: Checkpoint) -> dict[str, tuple[tuple[int, ...], DTy
     return out
 
 
-def rows_hash(table: torch.Tensor, rows: int) -> str:
-    """Short digest of the first ``rows`` rows, to show old rows survive bit-exact."""
-    digest = hashlib.sha256()
-    if table.numel():
-        digest.update(tensor_bytes(table[:rows]))  # the rows' bytes as they lie: no copy of the table
-    return digest.hexdigest()[:16]
+def rows_hash(table: np.ndarray, rows: int) -> str:
+    """Short digest of the first ``rows`` rows' stored bytes, to show old rows survive bit-exact."""
+    return hashlib.sha256(array_bytes(table[:rows])).hexdigest()[:16]  # a C-order table's rows: no copy
 
 
 @dataclass
@@ -205,24 +212,25 @@ def _resize_rows_only(t: torch.Tensor, rows: RowPlan) -> torch.Tensor:
 
 def resize_tables(
     ckpt: Checkpoint, plan: ResizePlan, *, pieces: Sequence[Sequence[int]] | None = None, seed: int = 0
-) -> tuple[dict[str, torch.Tensor], list[TensorResize]]:
-    """The resized vocab tables (global, keyed as stored; tied copies resized once) and what was done."""
-    import torch
+) -> tuple[dict[str, np.ndarray], list[TensorResize]]:
+    """The resized vocab tables (global, keyed as stored, as numpy arrays of their stored elements; tied
+    copies resized once) and what was done."""
+    import numpy as np
 
     from .core.resize import resize_table
 
-    tables = vocab_tables(ckpt)
-    generator = torch.Generator().manual_seed(seed)
-    new_tables: dict[str, torch.Tensor] = {}
+    dtypes = {key: dtype for key, (_, dtype) in vocab_table_shapes(ckpt).items()}
+    rng = np.random.default_rng(seed)
+    new_tables: dict[str, np.ndarray] = {}
     done: list[TensorResize] = []
-    resized_once: dict[Hashable, torch.Tensor] = {}
-    for key, table in tables.items():
-        identity = _identity(ckpt, key, table)
+    resized_once: dict[Hashable, np.ndarray] = {}
+    for key, table in vocab_tables(ckpt).items():
+        identity = _identity(ckpt, key)
         if identity in resized_once:  # one storage under two names (tied copies): resize once
             new_tables[key] = resized_once[identity]
             continue
         new, stats = resize_table(
-            table, plan.rows, plan.init, padding_init=plan.padding_init, pieces=pieces, generator=generator
+            table, plan.rows, plan.init, dtype=dtypes[key], padding_init=plan.padding_init, pieces=pieces, rng=rng
         )
         resized_once[identity] = new
         new_tables[key] = new
@@ -234,9 +242,12 @@ def resize_tables(
     return new_tables, done
 
 
-def _identity(ckpt: Checkpoint, key: str, value: object) -> Hashable:
-    stored = held(ckpt.tensors, key)
-    return same_bytes_key(stored if isinstance(stored, Stored) else value)  # type: ignore[arg-type]
+def _identity(ckpt: Checkpoint, key: str) -> Hashable:
+    """Equal for tied copies of one table. Rank layouts hold rank 0's view in ``tensors``; a table not
+    on rank 0 (a later pipeline stage) is its own."""
+    if key not in ckpt.tensors:
+        return key
+    return same_bytes_key(held(ckpt.tensors, key))
 
 
 def with_tables(ckpt: Checkpoint, plan: ResizePlan, new_tables: dict[str, Any]) -> Checkpoint:
@@ -253,7 +264,7 @@ def with_tables(ckpt: Checkpoint, plan: ResizePlan, new_tables: dict[str, Any]) 
                 if is_tensor(moment):
                     tensors[prefix + key] = _resize_rows_only(moment, plan.rows)  # type: ignore[arg-type]
         if OPTIMIZER_MASTER + key in ckpt.tensors and is_tensor(ckpt.tensors[OPTIMIZER_MASTER + key]):
-            tensors[OPTIMIZER_MASTER + key] = new.float()
+            tensors[OPTIMIZER_MASTER + key] = new.float()  # type: ignore[union-attr]
     rank_tensors = None
     if ckpt.rank_tensors is not None:
         rank_tensors = _split_into_ranks(ckpt.rank_tensors, new_tables)
@@ -272,25 +283,24 @@ def apply_resize(
     pieces: Sequence[Sequence[int]] | None = None,
     seed: int = 0,
 ) -> tuple[Checkpoint, list[TensorResize]]:
-    """A new Checkpoint whose vocab tables (and their optimizer state) follow ``plan``, and what was done."""
+    """A new Checkpoint whose vocab tables (torch tensors, and their optimizer state) follow ``plan``,
+    and what was done."""
     new_tables, done = resize_tables(ckpt, plan, pieces=pieces, seed=seed)
-    return with_tables(ckpt, plan, new_tables), done
-
-
-def _table_of(future: Future[tuple[dict[str, torch.Tensor], list[TensorResize]]], key: str) -> torch.Tensor:
-    return future.result()[0][key]
+    shapes = vocab_table_shapes(ckpt)
+    tensors = {key: array_as_torch(table, shapes[key][1]) for key, table in new_tables.items()}
+    return with_tables(ckpt, plan, tensors), done
 
 
 def apply_resize_while_writing(
     ckpt: Checkpoint,
     plan: ResizePlan,
     *,
-    pieces: Sequence[Sequence[int]] | None = None,
+    pieces: Callable[[], Sequence[Sequence[int]] | None] = lambda: None,
     seed: int = 0,
 ) -> tuple[Checkpoint, Callable[[], list[TensorResize]]]:
-    """:func:`apply_resize` with the new tables computed on a thread (torch's import included) while the
-    caller writes the result: the tables are :class:`~.formats.region.Deferred` entries, which writers
-    take last, so the computation overlaps the copy of everything else. The second value waits for the
+    """:func:`apply_resize` with the new tables computed on a thread (``pieces`` too) while the caller
+    writes the result: the tables are :class:`~.formats.region.Deferred` entries, which writers take
+    last, so the computation overlaps the copy of everything else. The second value waits for the
     computation and returns what was done (or raises what it raised).
 
     Checkpoints whose resize touches more than the tables (optimizer state, per-rank files) are resized
@@ -300,20 +310,24 @@ def apply_resize_while_writing(
         p + k in ckpt.tensors for k in ckpt.vocab_keys().all() for p in (*OPTIMIZER_MOMENTS, OPTIMIZER_MASTER)
     )
     if ckpt.rank_tensors is not None or follows:
-        resized, done = apply_resize(ckpt, plan, pieces=pieces, seed=seed)
+        resized, done = apply_resize(ckpt, plan, pieces=pieces(), seed=seed)
         return resized, lambda: done
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="resize")
-    future = pool.submit(resize_tables, ckpt, plan, pieces=pieces, seed=seed)
+    future = pool.submit(lambda: resize_tables(ckpt, plan, pieces=pieces(), seed=seed))
     pool.shutdown(wait=False)  # the thread ends with its one task
     deferred: dict[Hashable, Deferred] = {}
     tables: dict[str, Any] = {}
     for key, (shape, dtype) in vocab_table_shapes(ckpt).items():
-        identity = _identity(ckpt, key, held(ckpt.tensors, key))
+        identity = _identity(ckpt, key)
         if identity not in deferred:  # tied copies: one entry, written once
             new_shape = (plan.rows.new_rows, *shape[1:])
             deferred[identity] = Deferred(new_shape, dtype, functools.partial(_table_of, future, key))
         tables[key] = deferred[identity]
     return with_tables(ckpt, plan, tables), lambda: future.result()[1]
+
+
+def _table_of(future: Future[tuple[dict[str, np.ndarray], list[TensorResize]]], key: str) -> np.ndarray:
+    return future.result()[0][key]
 
 
 def _split_into_ranks(
@@ -325,9 +339,10 @@ def _split_into_ranks(
     for key, table in new_tables.items():
         holders = sorted(rank for rank, state in ranks.items() if key in state)
         stage_ranks = sorted({tp for tp, _ in holders})
-        blocks = split_vocab_rows(table, len(stage_ranks))
+        dtype = dtype_of(table.dtype)
+        blocks = split_vocab_rows(torch_as_array(table), len(stage_ranks))
         for tp, pp in holders:
-            out[(tp, pp)][key] = blocks[stage_ranks.index(tp)]
+            out[(tp, pp)][key] = array_as_torch(blocks[stage_ranks.index(tp)], dtype)
     return out
 
 

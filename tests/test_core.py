@@ -1,14 +1,19 @@
-"""Core arithmetic and row-class resize on hand-written integer tensors and meta-device shapes."""
+"""Core arithmetic and row-class resize on hand-written integer tables and meta-device shapes."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
+from nemo_vocab_ext.checkpoint import DISTRIBUTED, Checkpoint
+from nemo_vocab_ext.core.dtypes import BY_NAME, dtype_of
 from nemo_vocab_ext.core.keys import UnknownKeysError, find_vocab_keys, normalize_key
-from nemo_vocab_ext.core.resize import join_vocab_shards, resize_table, split_vocab_rows
+from nemo_vocab_ext.core.resize import from_float64, join_vocab_shards, resize_table, split_vocab_rows, widen
 from nemo_vocab_ext.core.rows import Init, ShrinkRefusedError, plan_rows
 from nemo_vocab_ext.core.sizes import padded_vocab_size, tp_row_range
+from nemo_vocab_ext.formats.region import Deferred, held, torch_as_array
+from nemo_vocab_ext.vocab import apply_resize_while_writing, plan_resize
 
 
 @pytest.mark.parametrize(
@@ -48,21 +53,23 @@ def test_keys_are_matched_exactly_across_spellings() -> None:
         find_vocab_keys(["model.embedding.word_embeddings.weight_scale", "encoder.word_embeddings.weight"])
 
 
-def _table(rows: int, width: int = 2) -> torch.Tensor:
+F32, BF16 = BY_NAME["float32"], BY_NAME["bfloat16"]
+
+
+def _table(rows: int, width: int = 2) -> np.ndarray:
     # Row i is [10*i, 10*i + 1, ...]: every row is recognisable.
-    return (torch.arange(rows).unsqueeze(1) * 10 + torch.arange(width)).float()
+    return (np.arange(rows)[:, None] * 10 + np.arange(width)).astype(np.float32)
 
 
 def test_row_classes_copy_drop_init_and_pad() -> None:
     # 5 real tokens padded to 8 rows, grown to 7 tokens padded to 12 rows.
     table = _table(8)
     plan = plan_rows(5, 8, 7, 12)
-    out, stats = resize_table(table, plan, Init.ZEROS)
-    assert out.shape == (12, 2)
-    assert torch.equal(out[:5], table[:5])  # old real rows bit-exact
-    assert torch.equal(out[5:7], torch.zeros(2, 2))  # new tokens: zeros, NOT the old padding rows 5..7
-    mean = table[:5].mean(0)  # padding = mean of old REAL rows only
-    assert torch.equal(out[7:], mean.expand(5, -1))
+    out, stats = resize_table(table, plan, Init.ZEROS, dtype=F32)
+    assert out.shape == (12, 2) and out.dtype == np.float32
+    assert np.array_equal(out[:5], table[:5])  # old real rows bit-exact
+    assert np.array_equal(out[5:7], np.zeros((2, 2)))  # new tokens: zeros, NOT the old padding rows 5..7
+    assert np.array_equal(out[7:], np.tile([20.0, 21.0], (5, 1)))  # padding = mean of old REAL rows only
     assert (stats.copied, stats.initialised, stats.padding) == (5, 2, 5)
     classes = [(c.name, c.start, c.stop) for c in plan.classes()]
     assert classes == [
@@ -76,46 +83,86 @@ def test_row_classes_copy_drop_init_and_pad() -> None:
 def test_mean_init_uses_old_real_rows_only() -> None:
     table = _table(4)
     table[3] = 1000.0  # a trained padding row must not leak into the statistics
-    out, _ = resize_table(table, plan_rows(3, 4, 5, 6), Init.MEAN)
-    assert torch.equal(out[3], torch.tensor([10.0, 11.0]))
-    assert torch.equal(out[4], torch.tensor([10.0, 11.0]))
+    out, _ = resize_table(table, plan_rows(3, 4, 5, 6), Init.MEAN, dtype=F32)
+    assert np.array_equal(out[3:], np.tile([10.0, 11.0], (3, 1)))
 
 
 def test_fvt_is_the_mean_of_piece_rows_with_mean_fallback() -> None:
     table = _table(4)
-    out, stats = resize_table(table, plan_rows(4, 4, 7, 8), Init.FVT, pieces=[[0, 2], [3], []])
-    assert torch.equal(out[4], torch.tensor([10.0, 11.0]))  # mean of rows 0 and 2
-    assert torch.equal(out[5], table[3])
-    assert torch.equal(out[6], table.mean(0))  # no pieces: mean
-    assert stats.fvt_fallbacks == 1
+    pieces = [[0, 2], [3], [], [1, 9], [3, 1, 2]]  # piece 9 is outside the table: falls back too
+    out, stats = resize_table(table, plan_rows(4, 4, 9, 10), Init.FVT, dtype=F32, pieces=pieces)
+    assert np.array_equal(out[4], [10.0, 11.0])  # mean of rows 0 and 2
+    assert np.array_equal(out[5], table[3])
+    assert np.array_equal(out[6], [15.0, 16.0]) and np.array_equal(out[7], [15.0, 16.0])  # the mean
+    assert np.array_equal(out[8], [20.0, 21.0])  # three pieces, longest first in the arithmetic
+    assert stats.fvt_fallbacks == 2
     with pytest.raises(ValueError, match="pieces"):
-        resize_table(table, plan_rows(4, 4, 7, 8), Init.FVT)
+        resize_table(table, plan_rows(4, 4, 7, 8), Init.FVT, dtype=F32)
+
+
+def test_fvt_blocks_of_tokens_give_the_per_token_means() -> None:
+    # More piece rows than one block holds, pieces of every length: each row is its pieces' mean.
+    rng = np.random.default_rng(0)
+    table = rng.integers(-64, 64, size=(3000, 3)).astype(np.float32)
+    pieces = [[int(t) for t in rng.integers(0, 3000, size=n)] for n in rng.integers(1, 7, size=2500)]
+    out, stats = resize_table(table, plan_rows(3000, 3000, 5500, 5504), Init.FVT, dtype=F32, pieces=pieces)
+    expected = np.stack([table[ids].astype(np.float64).mean(axis=0) for ids in pieces]).astype(np.float32)
+    assert np.array_equal(out[3000:5500], expected) and stats.fvt_fallbacks == 0
 
 
 def test_normal_init_matches_old_row_statistics_and_is_seeded() -> None:
-    g = torch.Generator().manual_seed(0)
-    table = torch.randn(4000, 3, generator=g) * torch.tensor([1.0, 2.0, 0.5]) + torch.tensor([3.0, -1.0, 0.0])
+    rng = np.random.default_rng(0)
+    table = (rng.standard_normal((4000, 3)) * [1.0, 2.0, 0.5] + [3.0, -1.0, 0.0]).astype(np.float32)
     plan = plan_rows(4000, 4000, 8000, 8000)
-    out, _ = resize_table(table, plan, Init.NORMAL, generator=torch.Generator().manual_seed(1))
+    out, _ = resize_table(table, plan, Init.NORMAL, dtype=F32, rng=np.random.default_rng(1))
     new = out[4000:]
-    assert torch.allclose(new.mean(0), table.mean(0), atol=0.1)
-    assert torch.allclose(new.std(0), table.std(0), rtol=0.1)
-    again, _ = resize_table(table, plan, Init.NORMAL, generator=torch.Generator().manual_seed(1))
-    assert torch.equal(out, again)
+    assert np.allclose(new.mean(0), table.mean(0), atol=0.1)
+    assert np.allclose(new.std(0), table.std(0), rtol=0.1)
+    again, _ = resize_table(table, plan, Init.NORMAL, dtype=F32, rng=np.random.default_rng(1))
+    assert np.array_equal(out, again)
 
 
 def test_shrink_is_refused_unless_allowed() -> None:
     with pytest.raises(ShrinkRefusedError, match="3 trained rows would be dropped"):
         plan_rows(8, 8, 5, 8)
-    out, _ = resize_table(_table(8), plan_rows(8, 8, 5, 8, allow_shrink=True), Init.ZEROS)
-    assert torch.equal(out[:5], _table(5))
+    out, _ = resize_table(_table(8), plan_rows(8, 8, 5, 8, allow_shrink=True), Init.ZEROS, dtype=F32)
+    assert np.array_equal(out[:5], _table(5))
 
 
 def test_bf16_rows_stay_bit_exact() -> None:
-    table = torch.randn(6, 4).to(torch.bfloat16)
-    out, _ = resize_table(table, plan_rows(6, 6, 9, 12), Init.MEAN)
-    assert out.dtype == torch.bfloat16
-    assert torch.equal(out[:6].view(torch.int16), table.view(torch.int16))
+    table = torch_as_array(torch.randn(6, 4).to(torch.bfloat16))
+    out, _ = resize_table(table, plan_rows(6, 6, 9, 12), Init.MEAN, dtype=BF16)
+    assert out.dtype == np.uint16 and np.array_equal(out[:6], table)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_widening_and_rounding_agree_with_torch_on_every_kind_of_value(dtype: torch.dtype) -> None:
+    # float64 values around every rounding case: ties (both parities), just off ties, subnormals,
+    # overflow to inf, inf, NaN, signed zeros; torch's own .to(dtype) is the reference.
+    info = torch.finfo(dtype)
+    rng = np.random.default_rng(0)
+    mantissas = 1 + np.arange(2048) * 2.0**-11
+    cases = np.concatenate(
+        [
+            rng.standard_normal(20000) * 10.0 ** rng.integers(-8, 8, size=20000),
+            mantissas,
+            -mantissas,
+            mantissas + 2.0**-30,
+            mantissas * info.tiny,  # subnormals of the 16-bit types
+            [info.max * 1.01, -info.max * 1.01, np.inf, -np.inf, np.nan, 0.0, -0.0],
+        ]
+    )
+    mine = from_float64(cases, dtype_of(dtype))
+    theirs = torch.from_numpy(cases).to(dtype)
+    assert np.array_equal(mine.view(np.uint8), torch_as_array(theirs).view(np.uint8))  # bit for bit
+    widened = widen(torch_as_array(theirs), dtype_of(dtype))
+    assert np.array_equal(widened.astype(np.float64), theirs.double().numpy(), equal_nan=True)
+    assert widened.dtype in (np.float32, np.float64)
+
+
+def test_integer_tables_are_not_resized_with_statistics() -> None:
+    with pytest.raises(ValueError, match="only floating-point tables"):
+        resize_table(np.zeros((4, 2), dtype=np.int64), plan_rows(4, 4, 6, 6), Init.MEAN, dtype=BY_NAME["int64"])
 
 
 @pytest.mark.parametrize(("tp_from", "tp_to"), [(1, 2), (2, 1), (2, 4), (4, 2), (1, 4)])
@@ -125,28 +172,39 @@ def test_tp_resplit_moves_every_rank_range(tp_from: int, tp_to: int) -> None:
     full = _table(old_rows)
     shards = split_vocab_rows(full, tp_from)
     joined = join_vocab_shards(shards)
-    assert torch.equal(joined, full)
+    assert np.array_equal(joined, full)
     new_rows = padded_vocab_size(11, 2, tp_to)
-    out, _ = resize_table(joined, plan_rows(5, old_rows, 11, new_rows), Init.ZEROS)
+    out, _ = resize_table(joined, plan_rows(5, old_rows, 11, new_rows), Init.ZEROS, dtype=F32)
     blocks = split_vocab_rows(out, tp_to)
     for rank, block in enumerate(blocks):
         start, stop = tp_row_range(new_rows, tp_to, rank)
-        assert torch.equal(block, out[start:stop])
-    assert torch.equal(torch.cat(blocks)[:5], full[:5])
+        assert np.array_equal(block, out[start:stop])
+    assert np.array_equal(np.concatenate(blocks)[:5], full[:5])
 
 
 @pytest.mark.parametrize(("vocab_old", "vocab_new", "hidden", "tp"), [(50257, 57257, 2048, 1), (32000, 48000, 8192, 8)])
 def test_real_sizes_on_meta_device(vocab_old: int, vocab_new: int, hidden: int, tp: int) -> None:
-    # 1.3B (GPT-2 vocab) and 70B (Llama vocab, hidden 8192) shapes, no memory used.
+    # 1.3B (GPT-2 vocab) and 70B (Llama vocab, hidden 8192) shapes, untied, no memory used: the plan
+    # and the entries a resize writes, from shapes alone.
     old_rows = padded_vocab_size(vocab_old, 128, tp)
     new_rows = padded_vocab_size(vocab_new, 128, tp)
-    table = torch.empty(old_rows, hidden, device="meta", dtype=torch.bfloat16)
-    for init in (Init.ZEROS, Init.MEAN):
-        out, stats = resize_table(table, plan_rows(vocab_old, old_rows, vocab_new, new_rows), init)
-        assert out.device.type == "meta"
-    assert out.shape == (new_rows, hidden) and out.dtype == torch.bfloat16
-    assert stats.initialised == vocab_new - vocab_old
-    assert [b.shape[0] for b in split_vocab_rows(out, tp)] == [new_rows // tp] * tp
+    emb, out = "model.embedding.word_embeddings.weight", "model.output_layer.weight"
+    tables = {k: torch.empty(old_rows, hidden, device="meta", dtype=torch.bfloat16) for k in (emb, out)}
+    ckpt = Checkpoint(tables, {"tensor_model_parallel_size": tp}, DISTRIBUTED)
+    plan = plan_resize(ckpt, vocab_old, vocab_new, init=Init.MEAN)
+    assert (plan.rows.old_rows, plan.rows.new_rows, plan.tensor_parallel) == (old_rows, new_rows, tp)
+    assert [(c.name, c.rows) for c in plan.rows.classes()][-2:] == [
+        ("new tokens", vocab_new - vocab_old),
+        ("new padding", new_rows - vocab_new),
+    ]
+    resized, _ = apply_resize_while_writing(ckpt, plan, pieces=lambda: None)
+    for key in (emb, out):
+        entry = held(resized.tensors, key)
+        assert isinstance(entry, Deferred) and (entry.shape, entry.dtype) == ((new_rows, hidden), BF16)
+        assert entry.nbytes == new_rows * hidden * 2
+    assert [tp_row_range(new_rows, tp, r)[1] - tp_row_range(new_rows, tp, r)[0] for r in range(tp)] == [
+        new_rows // tp
+    ] * tp
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])

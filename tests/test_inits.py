@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from nemo_vocab_ext.checkpoint import Checkpoint
+from nemo_vocab_ext.core.dtypes import BY_NAME
 from nemo_vocab_ext.core.resize import init_rows, resize_table
 from nemo_vocab_ext.core.rows import INIT_COSTS, INIT_DESCRIPTIONS, Init, plan_rows
+from nemo_vocab_ext.formats.region import torch_as_array
 from nemo_vocab_ext.vocab import apply_resize, plan_resize
 
 EMB = "model.embedding.word_embeddings.weight"
@@ -23,12 +26,16 @@ PIECES = [[0, 2], [3], []]
 FVT = torch.tensor([[4.0, 6.0], [4.0, 12.0], [4.0, 6.0]])
 
 
+F32 = BY_NAME["float32"]
+
+
 def _new_rows(init: Init, table: torch.Tensor = OLD, pieces: list[list[int]] | None = PIECES) -> torch.Tensor:
     plan = plan_rows(4, table.shape[0], 7, 8)
-    out, _ = resize_table(table, plan, init, pieces=pieces if init.needs_pieces else None)
-    assert torch.equal(out[:4], table[:4])  # old rows bit-exact whatever the init
-    assert torch.equal(out[7], table[:4].mean(0))  # padding: the mean of the old real rows
-    return out[4:7]
+    out, _ = resize_table(torch_as_array(table), plan, init, dtype=F32, pieces=pieces if init.needs_pieces else None)
+    rows = torch.from_numpy(out)
+    assert torch.equal(rows[:4], table[:4])  # old rows bit-exact whatever the init
+    assert torch.equal(rows[7], table[:4].mean(0))  # padding: the mean of the old real rows
+    return rows[4:7]
 
 
 def test_every_init_has_a_description_and_a_measured_cost() -> None:
@@ -47,20 +54,21 @@ def test_fvt_rows_are_piece_means() -> None:
 
 
 def test_normal_is_a_seeded_sample_around_the_old_rows() -> None:
-    a, _ = init_rows(OLD[:4], 2000, Init.NORMAL, generator=torch.Generator().manual_seed(3))
-    b, _ = init_rows(OLD[:4], 2000, Init.NORMAL, generator=torch.Generator().manual_seed(3))
-    assert torch.equal(a, b)
-    assert torch.allclose(a.mean(0), OLD_MEAN.double(), atol=0.4)
-    cov = torch.cov(OLD[:4].double().T)
-    assert torch.allclose(torch.cov(a.T), cov, rtol=0.15, atol=0.5)
+    old = torch_as_array(OLD[:4])
+    f64 = BY_NAME["float64"]
+    a, _ = init_rows(old, 2000, Init.NORMAL, dtype=f64, rng=np.random.default_rng(3))
+    b, _ = init_rows(old, 2000, Init.NORMAL, dtype=f64, rng=np.random.default_rng(3))
+    assert np.array_equal(a, b)
+    assert np.allclose(a.mean(0), OLD_MEAN.numpy(), atol=0.4)
+    assert np.allclose(np.cov(a.T), np.cov(old.astype(np.float64).T), rtol=0.15, atol=0.5)
 
 
 @pytest.mark.parametrize("init", [i for i in Init if i.needs_pieces])
 def test_piece_inits_need_pieces_and_padding_cannot_use_them(init: Init) -> None:
     with pytest.raises(ValueError, match="pieces"):
-        resize_table(OLD, plan_rows(4, 5, 7, 8), init)
+        resize_table(torch_as_array(OLD), plan_rows(4, 5, 7, 8), init, dtype=F32)
     with pytest.raises(ValueError, match="padding"):
-        resize_table(OLD, plan_rows(4, 5, 7, 8), Init.MEAN, padding_init=init)
+        resize_table(torch_as_array(OLD), plan_rows(4, 5, 7, 8), Init.MEAN, dtype=F32, padding_init=init)
 
 
 @pytest.mark.parametrize("init", list(Init))
@@ -134,7 +142,7 @@ def test_tp_split_tables_take_statistics_over_the_global_old_rows(init: Init, ti
 
 def test_integer_like_rows_survive_in_bf16() -> None:
     # The float64 statistics are cast once: exact for these values in bfloat16 too.
-    out, _ = resize_table(OLD.bfloat16(), plan_rows(4, 5, 7, 8), Init.FVT, pieces=PIECES)
-    assert out.dtype == torch.bfloat16
-    assert torch.equal(out[:4].view(torch.int16), OLD[:4].bfloat16().view(torch.int16))
-    assert torch.equal(out[4:7].float(), FVT)
+    bits = torch_as_array(OLD.bfloat16())
+    out, _ = resize_table(bits, plan_rows(4, 5, 7, 8), Init.FVT, dtype=BY_NAME["bfloat16"], pieces=PIECES)
+    assert np.array_equal(out[:4], bits[:4])
+    assert torch.equal(torch.from_numpy(out[4:7].view(np.int16)).view(torch.bfloat16).float(), FVT)

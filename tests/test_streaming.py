@@ -11,6 +11,7 @@ import tarfile
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -21,7 +22,7 @@ from nemo_vocab_ext.core.dtypes import dtype_of
 from nemo_vocab_ext.errors import CheckpointFormatError, ResizeError
 from nemo_vocab_ext.formats import torch_zip
 from nemo_vocab_ext.formats.folder import tar_out
-from nemo_vocab_ext.formats.region import Deferred, FileRegion, OutFile
+from nemo_vocab_ext.formats.region import Deferred, FileRegion, OutFile, torch_as_array
 from nemo_vocab_ext.formats.safetensors_io import read_safetensors
 from nemo_vocab_ext.formats.torch_zip import StoredTensor, load_all, read_torch_file, write_torch_file
 from nemo_vocab_ext.io import Format, load_checkpoint, save_checkpoint
@@ -130,10 +131,10 @@ def test_deferred_entries_are_written_after_everything_else(
     table = torch.arange(MB // 2, dtype=torch.bfloat16).reshape(-1, 256)
     size_when_asked: list[int] = []
 
-    def compute() -> torch.Tensor:
+    def compute() -> np.ndarray:
         tmp_outputs = [p for p in tmp_path.rglob("*") if p.is_file() and p.name != "src.safetensors"]
         size_when_asked.append(sum(p.stat().st_size for p in tmp_outputs))
-        return table
+        return torch_as_array(table)  # a resize computes in numpy
 
     tensors = {
         "model.embedding.word_embeddings.weight": Deferred(tuple(table.shape), dtype_of(table.dtype), compute),
@@ -149,7 +150,7 @@ def test_deferred_entries_are_written_after_everything_else(
 
 
 def test_a_failed_computation_leaves_no_output(tmp_path: Path) -> None:
-    def compute() -> torch.Tensor:
+    def compute() -> np.ndarray:
         raise ResizeError("the computation failed")
 
     tensors = {"a": torch.ones(4), "b": Deferred((4,), dtype_of(torch.float32), compute)}
@@ -159,9 +160,11 @@ def test_a_failed_computation_leaves_no_output(tmp_path: Path) -> None:
 
 
 def test_a_computed_tensor_must_match_its_plan(tmp_path: Path) -> None:
-    tensors = {"b": Deferred((4,), dtype_of(torch.float32), lambda: torch.ones(5))}
-    with pytest.raises(CheckpointFormatError, match=r"shape \(5,\).*\(4,\) was planned"):
-        save_checkpoint(Checkpoint(tensors, {}, DISTRIBUTED), tmp_path / "out.safetensors", Format.SAFETENSORS)
+    for wrong in (np.ones(5, dtype=np.float32), np.ones(4, dtype=np.float64)):
+        tensors = {"b": Deferred((4,), dtype_of(torch.float32), lambda w=wrong: w)}
+        with pytest.raises(CheckpointFormatError, match=r"values of shape \(\d,\); torch.float32 \(4,\) was planned"):
+            save_checkpoint(Checkpoint(tensors, {}, DISTRIBUTED), tmp_path / "out.safetensors", Format.SAFETENSORS)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_tar_stream_is_a_plain_tar(tmp_path: Path) -> None:

@@ -2,7 +2,8 @@
 
 A stored tensor's dtype only has to be named, sized and written back; the checkpoint library
 keeps it as a :class:`DType` so that reading and writing files never imports torch (about 3 s
-per command). ``DType.torch`` gives torch's own dtype where values are computed.
+per command). Values are computed in numpy (``DType.numpy``); ``DType.torch`` gives torch's own
+dtype where torch tensors are made.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ class DType:
     itemsize: int
     safetensors: str  # the safetensors header's name
     storage: str | None  # torch's typed storage class in ``torch.save`` pickles; None: untyped (float8)
+    numpy: str  # numpy's element type holding the values; bfloat16 and float8 (which numpy lacks): their bits
 
     def __str__(self) -> str:
         return f"torch.{self.name}"  # as torch prints its dtypes
@@ -29,18 +31,18 @@ class DType:
 
 
 DTYPES: tuple[DType, ...] = (
-    DType("float64", 8, "F64", "DoubleStorage"),
-    DType("float32", 4, "F32", "FloatStorage"),
-    DType("float16", 2, "F16", "HalfStorage"),
-    DType("bfloat16", 2, "BF16", "BFloat16Storage"),
-    DType("int64", 8, "I64", "LongStorage"),
-    DType("int32", 4, "I32", "IntStorage"),
-    DType("int16", 2, "I16", "ShortStorage"),
-    DType("int8", 1, "I8", "CharStorage"),
-    DType("uint8", 1, "U8", "ByteStorage"),
-    DType("bool", 1, "BOOL", "BoolStorage"),
-    DType("float8_e4m3fn", 1, "F8_E4M3", None),
-    DType("float8_e5m2", 1, "F8_E5M2", None),
+    DType("float64", 8, "F64", "DoubleStorage", "<f8"),
+    DType("float32", 4, "F32", "FloatStorage", "<f4"),
+    DType("float16", 2, "F16", "HalfStorage", "<f2"),
+    DType("bfloat16", 2, "BF16", "BFloat16Storage", "<u2"),
+    DType("int64", 8, "I64", "LongStorage", "<i8"),
+    DType("int32", 4, "I32", "IntStorage", "<i4"),
+    DType("int16", 2, "I16", "ShortStorage", "<i2"),
+    DType("int8", 1, "I8", "CharStorage", "i1"),
+    DType("uint8", 1, "U8", "ByteStorage", "u1"),
+    DType("bool", 1, "BOOL", "BoolStorage", "?"),
+    DType("float8_e4m3fn", 1, "F8_E4M3", None, "u1"),
+    DType("float8_e5m2", 1, "F8_E5M2", None, "u1"),
 )
 BY_NAME: dict[str, DType] = {d.name: d for d in DTYPES}
 BY_SAFETENSORS: dict[str, DType] = {d.safetensors: d for d in DTYPES}

@@ -1,79 +1,114 @@
 """Row-class resize of vocabulary-sized tables: the arithmetic of the plan in :mod:`.rows`.
 
+Tables are numpy arrays of their stored elements (:attr:`.dtypes.DType.numpy`: a bfloat16 table is
+its uint16 bits), so a resize reads, computes and writes without importing torch (about 3 s).
+Statistics are computed in float64 and rounded once to the table's type, as torch rounds.
+
 Statistics (mean, covariance) are always over the old real rows of the table being resized, so an
 untied output layer uses its own rows, and a tensor-parallel table must be joined first.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 
+from .dtypes import DType
 from .rows import Init, RowPlan
 
 _BLOCK_ROWS = 1024  # float64 statistics are taken this many rows at a time: a whole-table copy would be 4x bf16
+_BF16_NAN = np.uint16(0x7FC0)  # the quiet NaN torch writes
 
 
-def _blocks(rows: torch.Tensor) -> Iterator[torch.Tensor]:
+def widen(values: np.ndarray, dtype: DType) -> np.ndarray:
+    """Stored elements of a floating-point ``dtype`` as numpy floats of at least 32 bits (exact)."""
+    if dtype.name == "bfloat16":  # the high half of a float32
+        wide = values.astype(np.uint32)
+        wide <<= 16
+        return wide.view(np.float32)
+    if dtype.name == "float16":
+        return values.astype(np.float32)
+    if dtype.name in ("float32", "float64"):
+        return values
+    raise ValueError(f"cannot compute new rows of a {dtype} table; only floating-point tables are resized")
+
+
+def from_float64(values: np.ndarray, dtype: DType) -> np.ndarray:
+    """float64 ``values`` as ``dtype``'s stored elements, rounded as torch's ``.to(dtype)`` rounds them:
+    to float32 first, then (16-bit types) to nearest, ties to even."""
+    if dtype.name == "float64":
+        return values.astype(np.float64)
+    with np.errstate(over="ignore"):  # beyond the type's range is inf, as in torch
+        single = values.astype(np.float32)
+        if dtype.name == "float16":
+            return single.astype(np.float16)
+    if dtype.name == "float32":
+        return single
+    if dtype.name == "bfloat16":
+        bits = single.view(np.uint32)
+        rounded = ((bits + ((bits >> 16) & 1) + np.uint32(0x7FFF)) >> 16).astype(np.uint16)
+        return np.where(np.isnan(single), _BF16_NAN, rounded)
+    raise ValueError(f"cannot compute new rows of a {dtype} table; only floating-point tables are resized")
+
+
+def _blocks(rows: np.ndarray, dtype: DType) -> Iterator[np.ndarray]:
     for start in range(0, rows.shape[0], _BLOCK_ROWS):
-        yield rows[start : start + _BLOCK_ROWS].double()
+        yield widen(rows[start : start + _BLOCK_ROWS], dtype)
 
 
-def _row_mean(rows: torch.Tensor) -> torch.Tensor:
-    total = torch.zeros(rows.shape[1], dtype=torch.float64, device=rows.device)
-    for block in _blocks(rows):
-        total += block.sum(dim=0)
+def _row_mean(rows: np.ndarray, dtype: DType) -> np.ndarray:
+    total = np.zeros(rows.shape[1], dtype=np.float64)
+    for block in _blocks(rows, dtype):
+        total += block.sum(axis=0, dtype=np.float64)  # summed in float64 without a float64 copy of the block
     return total / rows.shape[0]
 
 
-def _normal_rows(rows: torch.Tensor, count: int, generator: torch.Generator | None, mean: torch.Tensor) -> torch.Tensor:
-    """``count`` samples from N(mean, cov) of ``rows``; the mean alone when the covariance is degenerate."""
-    if count == 0:
-        return mean.new_empty((0, rows.shape[1]))
-    cov = torch.zeros((rows.shape[1], rows.shape[1]), dtype=torch.float64, device=rows.device)
-    for block in _blocks(rows):
-        centred = block - mean
+def _normal_rows(rows: np.ndarray, dtype: DType, count: int, rng: np.random.Generator, mean: np.ndarray) -> np.ndarray:
+    """``count`` float64 samples from N(mean, cov) of ``rows``; the mean alone when the covariance is degenerate."""
+    width = rows.shape[1]
+    cov = np.zeros((width, width), dtype=np.float64)
+    for block in _blocks(rows, dtype):
+        centred = block.astype(np.float64) - mean
         cov += centred.T @ centred
     cov /= max(rows.shape[0] - 1, 1)
     # A little jitter keeps the Cholesky factor defined when rows are fewer than dimensions.
-    jitter = 1e-6 * cov.diagonal().mean().clamp_min(1e-12)
-    eye = torch.eye(cov.shape[0], dtype=cov.dtype)
-    factor, info = torch.linalg.cholesky_ex(cov + jitter * eye)
-    if int(info) != 0:
-        return mean.expand(count, -1).clone()
-    noise = torch.randn((count, rows.shape[1]), generator=generator, dtype=torch.float64)
+    jitter = 1e-6 * max(float(cov.diagonal().mean()), 1e-12)
+    try:
+        factor = np.linalg.cholesky(cov + jitter * np.eye(width))
+    except np.linalg.LinAlgError:
+        return np.broadcast_to(mean, (count, width))
+    noise = rng.standard_normal((count, width))
     return mean + noise @ factor.T
 
 
 def _fvt_rows(
-    rows: torch.Tensor, pieces: Sequence[Sequence[int]], mean: torch.Tensor, dtype: torch.dtype
-) -> tuple[torch.Tensor, int]:
-    """Mean of each new token's piece rows; tokens with no usable pieces get ``mean``. Returns rows and fallbacks."""
-    out = mean.to(dtype).expand(len(pieces), -1).clone()
-    limit = rows.shape[0]
-    usable = [i for i, ids in enumerate(pieces) if ids and all(0 <= t < limit for t in ids)]
-    # One gather and one scatter-add per block of tokens, not one small op per token (7000 at 1.3B);
-    # blocks hold about _BLOCK_ROWS piece rows, so the float64 gather stays small.
-    blocks: list[list[int]] = [[]]
-    held = 0
-    for i in usable:
-        if blocks[-1] and held + len(pieces[i]) > _BLOCK_ROWS:
-            blocks.append([])
-            held = 0
-        blocks[-1].append(i)
-        held += len(pieces[i])
-    for tokens in blocks:
-        if not tokens:
-            continue
-        ids = torch.tensor([t for i in tokens for t in pieces[i]], dtype=torch.long)
-        owner = torch.tensor([j for j, i in enumerate(tokens) for _ in pieces[i]], dtype=torch.long)
-        counts = torch.tensor([len(pieces[i]) for i in tokens], dtype=torch.float64)
-        sums = torch.zeros((len(tokens), rows.shape[1]), dtype=torch.float64, device=rows.device)
-        sums.index_add_(0, owner, rows[ids].double())
-        out[tokens] = (sums / counts[:, None]).to(dtype)
-    return out, len(pieces) - len(usable)
+    rows: np.ndarray, dtype: DType, pieces: Sequence[Sequence[int]], mean: np.ndarray
+) -> tuple[np.ndarray, int]:
+    """Mean of each new token's piece rows, stored as ``dtype``; tokens with no usable pieces get ``mean``.
+    Returns rows and fallbacks."""
+    out = np.empty((len(pieces), rows.shape[1]), dtype=rows.dtype)
+    out[:] = from_float64(mean, dtype)
+    lengths = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
+    ids = np.fromiter(itertools.chain.from_iterable(pieces), dtype=np.int64, count=int(lengths.sum()))
+    starts = np.cumsum(lengths) - lengths  # token i's pieces are ids[starts[i] : starts[i] + lengths[i]]
+    owner = np.repeat(np.arange(len(pieces)), lengths)
+    out_of_range = np.bincount(owner[(ids < 0) | (ids >= rows.shape[0])], minlength=len(pieces)) > 0
+    tokens = np.flatnonzero((lengths > 0) & ~out_of_range)
+    # Longest first, so that the tokens with a k-th piece are a prefix for every k: each block of
+    # tokens then takes one gather and one add per piece position, not one small op per token.
+    tokens = tokens[np.argsort(-lengths[tokens], kind="stable")]
+    for block in range(0, len(tokens), _BLOCK_ROWS):
+        chunk = tokens[block : block + _BLOCK_ROWS]
+        counts, first = lengths[chunk], starts[chunk]
+        sums = np.zeros((len(chunk), rows.shape[1]), dtype=np.float64)
+        for k in range(int(counts[0])):
+            have = int(np.count_nonzero(counts > k))
+            sums[:have] += widen(rows[ids[first[:have] + k]], dtype)  # pieces added in order, in float64
+        out[chunk] = from_float64(sums / counts[:, None], dtype)
+    return out, len(pieces) - len(tokens)
 
 
 @dataclass
@@ -85,85 +120,84 @@ class ResizeStats:
 
 
 def init_rows(
-    old_real: torch.Tensor,
+    old_real: np.ndarray,
     count: int,
     init: Init,
     *,
+    dtype: DType,
     pieces: Sequence[Sequence[int]] | None = None,
-    generator: torch.Generator | None = None,
-    dtype: torch.dtype = torch.float64,
-    mean: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, int]:
-    """``count`` new rows made from the old real rows by ``init``, computed in float64 and returned as
-    ``dtype``; also the FVT fallback count. ``mean``: the old rows' float64 mean, if already taken."""
+    rng: np.random.Generator | None = None,
+    mean: np.ndarray | None = None,
+) -> tuple[np.ndarray, int]:
+    """``count`` new rows made from the old real rows (stored elements of ``dtype``) by ``init``,
+    computed in float64 and returned as ``dtype``'s stored elements; also the FVT fallback count.
+    ``mean``: the old rows' float64 mean, if already taken; ``rng``: the normal init's draws."""
     width = old_real.shape[1]
-    if count == 0:
-        return torch.zeros((0, width), dtype=dtype, device=old_real.device), 0
-    if init is Init.ZEROS:
-        return torch.zeros((count, width), dtype=dtype, device=old_real.device), 0
+    if count == 0 or init is Init.ZEROS:
+        return np.zeros((count, width), dtype=old_real.dtype), 0
     if old_real.shape[0] == 0:
         raise ValueError(f"init '{init}' needs old rows to take statistics from; the table has none")
     if mean is None:
-        mean = _row_mean(old_real)
+        mean = _row_mean(old_real, dtype)
     if init is Init.MEAN:
-        return mean.to(dtype).expand(count, -1).clone(), 0
+        return np.broadcast_to(from_float64(mean, dtype), (count, width)), 0
     if init is Init.NORMAL:
-        return _normal_rows(old_real, count, generator, mean).to(dtype), 0
+        drawn = _normal_rows(old_real, dtype, count, rng or np.random.default_rng(0), mean)
+        return from_float64(drawn, dtype), 0
     if init.needs_pieces:
         if pieces is None or len(pieces) != count:
             have = "none" if pieces is None else str(len(pieces))
             raise ValueError(f"{init} needs the old tokenizer's pieces of each of the {count} new tokens, got {have}")
-        return _fvt_rows(old_real, pieces, mean, dtype)
+        return _fvt_rows(old_real, dtype, pieces, mean)
     raise ValueError(f"unknown init {init!r}")
 
 
 def resize_table(
-    table: torch.Tensor,
+    table: np.ndarray,
     plan: RowPlan,
     init: Init = Init.ZEROS,
     *,
+    dtype: DType,
     padding_init: Init = Init.MEAN,
     pieces: Sequence[Sequence[int]] | None = None,
-    generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, ResizeStats]:
+    rng: np.random.Generator | None = None,
+) -> tuple[np.ndarray, ResizeStats]:
     """Return the resized copy of a full (joined) vocabulary table and what was done to its rows.
 
-    ``pieces[i]`` are the old tokenizer's ids for new token ``plan.old_vocab + i`` (inits that ``needs_pieces``).
-    Statistics are computed in float64 and cast once to the table's dtype.
+    ``table`` holds ``dtype``'s stored elements, and so does the result. ``pieces[i]`` are the old
+    tokenizer's ids for new token ``plan.old_vocab + i`` (inits that ``needs_pieces``).
     """
-    if table.dim() != 2 or table.shape[0] != plan.old_rows:
+    if table.ndim != 2 or table.shape[0] != plan.old_rows:
         raise ValueError(f"expected a table of {plan.old_rows} rows, got shape {tuple(table.shape)}")
     if padding_init.needs_pieces:
         raise ValueError(f"padding rows have no tokens: padding_init cannot be '{padding_init}'")
     old_real = table[: plan.old_vocab]
     new_count = max(plan.new_vocab - plan.old_vocab, 0)
     pad_count = plan.new_rows - plan.new_vocab
-    # Filled in place (no torch.cat of converted copies): the table and its copy are the only large tensors.
-    out = torch.empty((plan.new_rows, *table.shape[1:]), dtype=table.dtype, device=table.device)
+    # Filled in place (no concatenation of converted copies): the table and its copy are the only large arrays.
+    out = np.empty((plan.new_rows, *table.shape[1:]), dtype=table.dtype)
     out[: plan.kept] = table[: plan.kept]
     # One pass over the old rows for their mean, which both row classes may use.
     wants_mean = any(i is not Init.ZEROS and n for i, n in ((init, new_count), (padding_init, pad_count)))
-    mean = _row_mean(old_real) if wants_mean and old_real.shape[0] else None
-    new_rows, fallbacks = init_rows(
-        old_real, new_count, init, pieces=pieces, generator=generator, dtype=table.dtype, mean=mean
-    )
+    mean = _row_mean(old_real, dtype) if wants_mean and old_real.shape[0] else None
+    new_rows, fallbacks = init_rows(old_real, new_count, init, dtype=dtype, pieces=pieces, rng=rng, mean=mean)
     out[plan.kept : plan.kept + new_count] = new_rows
     del new_rows
-    pad_rows, _ = init_rows(old_real, pad_count, padding_init, generator=generator, dtype=table.dtype, mean=mean)
+    pad_rows, _ = init_rows(old_real, pad_count, padding_init, dtype=dtype, rng=rng, mean=mean)
     out[plan.kept + new_count :] = pad_rows
     return out, ResizeStats(plan.kept, new_count, pad_count, fallbacks)
 
 
-def join_vocab_shards(shards: Sequence[torch.Tensor]) -> torch.Tensor:
+def join_vocab_shards(shards: Sequence[np.ndarray]) -> np.ndarray:
     """Join the row blocks of a vocab-parallel table (rank order) into the global table."""
     widths = {tuple(s.shape[1:]) for s in shards}
     if len(widths) != 1:
         raise ValueError(f"vocab shards disagree on their trailing shape: {sorted(widths)}")
-    return torch.cat(list(shards), dim=0)
+    return np.concatenate(list(shards), axis=0)
 
 
-def split_vocab_rows(table: torch.Tensor, tensor_parallel: int) -> list[torch.Tensor]:
-    """Split a global vocab table into ``tensor_parallel`` contiguous row blocks (rank order)."""
+def split_vocab_rows(table: np.ndarray, tensor_parallel: int) -> list[np.ndarray]:
+    """Split a global vocab table into ``tensor_parallel`` contiguous row blocks (rank order), each a copy."""
     if table.shape[0] % tensor_parallel:
         raise ValueError(f"{table.shape[0]} rows cannot be split evenly over {tensor_parallel} ranks")
-    return [c.clone() for c in torch.chunk(table, tensor_parallel, dim=0)]
+    return [block.copy() for block in np.split(table, tensor_parallel, axis=0)]

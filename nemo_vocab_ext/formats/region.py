@@ -21,6 +21,7 @@ from ..core.dtypes import DType, dtype_of
 from ..errors import CheckpointFormatError
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 _CHUNK = 64 << 20  # bounded user-space buffer where the kernel cannot copy for us
@@ -116,7 +117,14 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     import torch
 
     flat = t.reshape(-1) if t.is_contiguous() else t.contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")  # type: ignore[arg-type]
+    return array_bytes(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+
+
+def array_bytes(values: np.ndarray) -> memoryview:
+    """An array's bytes in C order (without a copy when it is C-contiguous)."""
+    import numpy as np
+
+    return memoryview(np.ascontiguousarray(values).reshape(-1).view(np.uint8))  # type: ignore[arg-type]
 
 
 def read_tensor(region: FileRegion, dtype: DType, shape: tuple[int, ...]) -> torch.Tensor:
@@ -126,6 +134,45 @@ def read_tensor(region: FileRegion, dtype: DType, shape: tuple[int, ...]) -> tor
     t = torch.empty(shape, dtype=dtype.torch)
     region.read_into(tensor_bytes(t))
     return t
+
+
+def torch_as_array(t: torch.Tensor) -> np.ndarray:
+    """A tensor's elements as a numpy array of :attr:`DType.numpy` (bfloat16: its bits); a view when it can be."""
+    import numpy as np
+
+    cpu = t.detach().cpu()
+    return np.frombuffer(tensor_bytes(cpu), dtype=dtype_of(cpu.dtype).numpy).reshape(tuple(cpu.shape))
+
+
+def array_as_torch(values: np.ndarray, dtype: DType) -> torch.Tensor:
+    """The tensor of ``dtype`` whose elements are ``values`` (as :func:`torch_as_array` gives them), sharing memory."""
+    import numpy as np
+    import torch
+
+    flat = np.ascontiguousarray(values).reshape(-1)
+    if not flat.flags.writeable:  # torch warns on read-only memory; a computed table is small next to the model
+        flat = flat.copy()
+    return torch.from_numpy(flat.view(np.uint8)).view(dtype.torch).reshape(values.shape)
+
+
+def read_array(value: Stored | torch.Tensor) -> np.ndarray:
+    """A tensor entry's elements as a numpy array (see :func:`torch_as_array`); an entry whose bytes lie
+    in the file as stored is read straight into it, without torch."""
+    import numpy as np
+
+    if isinstance(value, Stored):
+        raw = value.raw()
+        if raw is None:
+            return torch_as_array(value.load())  # type: ignore[arg-type]
+        assert value.shape is not None and value.dtype is not None
+        out = np.empty(value.shape, dtype=value.dtype.numpy)
+        view = array_bytes(out)
+        done = 0
+        for region in raw:
+            region.read_into(view[done : done + region.length])
+            done += region.length
+        return out
+    return torch_as_array(value)
 
 
 class OutFile:
@@ -178,6 +225,11 @@ class Stored(abc.ABC):
     def load(self) -> torch.Tensor | bytes:
         """Read the entry into memory."""
 
+    def data(self) -> memoryview:
+        """The entry's bytes (a tensor's in C order), in memory: what a writer writes when it cannot copy them."""
+        loaded = self.load()
+        return memoryview(loaded) if isinstance(loaded, bytes) else tensor_bytes(loaded)
+
     def raw(self) -> list[FileRegion] | None:
         """Regions that, concatenated, are the entry's bytes (a tensor's in C order); None if it must be decoded."""
         return None
@@ -215,21 +267,31 @@ class InRegion(Stored):
 
 class Deferred(Stored):
     """A tensor computed elsewhere (on another thread) while the checkpoint is written: its shape and
-    dtype are known now, its values when ``load`` returns them. Writers write every other entry first,
-    so the computation overlaps their copying."""
+    dtype are known now, its values (a numpy array, as :func:`torch_as_array` gives them) when
+    ``result`` returns them. Writers write every other entry first, so the computation overlaps their
+    copying."""
 
-    def __init__(self, shape: tuple[int, ...], dtype: DType, result: Callable[[], Any]):
+    shape: tuple[int, ...]
+    dtype: DType
+
+    def __init__(self, shape: tuple[int, ...], dtype: DType, result: Callable[[], np.ndarray]):
         self.shape = shape
         self.dtype = dtype
         self._result = result
 
-    def load(self) -> torch.Tensor:
+    def array(self) -> np.ndarray:
         value = self._result()
-        if tuple(value.shape) != self.shape or dtype_of(value.dtype) != self.dtype:
+        if tuple(value.shape) != self.shape or value.dtype != self.dtype.numpy:
             raise CheckpointFormatError(
-                f"computed a {value.dtype} tensor of shape {tuple(value.shape)}; {self.dtype} {self.shape} was planned"
+                f"computed {value.dtype} values of shape {tuple(value.shape)}; {self.dtype} {self.shape} was planned"
             )
-        return value  # type: ignore[no-any-return]
+        return value
+
+    def data(self) -> memoryview:
+        return array_bytes(self.array())
+
+    def load(self) -> torch.Tensor:
+        return array_as_torch(self.array(), self.dtype)
 
 
 def write_order(entries: Mapping[str, object]) -> list[str]:

@@ -138,8 +138,10 @@ def _write_file(path: Path, planned: list[_Planned], tensors: Mapping[str, Value
                 for region in raw:  # the stored bytes are already what we write
                     out.copy_from(region)
                 continue
-            loaded = value.load() if isinstance(value, Stored) else value
-            data = memoryview(loaded) if isinstance(loaded, bytes) else tensor_bytes(loaded)  # type: ignore[arg-type]
+            if isinstance(value, Stored):
+                data = value.data()
+            else:
+                data = memoryview(value) if isinstance(value, bytes) else tensor_bytes(value)
             if len(data) != p.nbytes:
                 raise CheckpointFormatError(f"entry '{p.key}' changed size while it was written")
             out.write(data)

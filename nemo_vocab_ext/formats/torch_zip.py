@@ -346,9 +346,7 @@ def _write_tensor(value: Any, out: OutFile) -> None:
         for region in raw:
             out.copy_from(region)
         return
-    tensor: Any = value.load() if isinstance(value, Stored) else value
-    assert is_tensor(tensor)
-    out.write(tensor_bytes(tensor.detach().cpu()))
+    out.write(value.data() if isinstance(value, Stored) else tensor_bytes(value.detach().cpu()))
 
 
 def map_leaves(value: Any, fn: Any) -> Any:

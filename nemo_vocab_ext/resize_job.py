@@ -12,8 +12,8 @@ from .io import Format, Stage, load_checkpoint, no_stage, save_checkpoint
 from .vocab import (
     apply_resize_while_writing,
     check_tokenizer_fits,
+    checkpoint_tokenizer_files,
     embed_tokenizer,
-    load_checkpoint_tokenizer,
     plan_resize,
     tokenizer_config_files,
 )
@@ -37,26 +37,26 @@ def run_resize(
     stage: Stage = no_stage,
 ) -> list[str]:
     """Resize ``src`` into ``dst`` (a .nemo) and return the report lines; ``dry_run`` writes nothing."""
-    from .tokenizer import load_tokenizer, pieces_under
+    from .tokenizer import load_tokenizer, pieces_under, tokenizer_size
 
     if not dry_run:
         refuse_existing(dst, force=force)
     stage("reading")
     ckpt, _ = load_checkpoint(src)
     with tempfile.TemporaryDirectory(prefix="nemo_vocab_ext.") as tmp:
-        own = load_checkpoint_tokenizer(ckpt, Path(tmp))
-        new = load_tokenizer(tokenizer) if tokenizer else None
-        new_vocab = new.vocab_size if new is not None else vocab_size
-        assert new_vocab is not None
-        old_vocab = own.vocab_size if own is not None else None
-        if init.needs_pieces and (own is None or new is None):
+        own_files = checkpoint_tokenizer_files(ckpt, Path(tmp))
+        if init.needs_pieces and (own_files is None or tokenizer is None):
             raise TokenizerError(
                 f"--init {init} needs the checkpoint's own tokenizer and --tokenizer (the new one); "
                 "pass --init mean (or zeros) to resize without them"
             )
+        # The plan needs only the two sizes; the tokenizers are read whole and checked on the resize
+        # thread, while the copy runs (a failed check stops it at the next entry).
+        new_vocab = tokenizer_size(tokenizer) if tokenizer else vocab_size
+        assert new_vocab is not None
         plan = plan_resize(
             ckpt,
-            old_vocab,
+            tokenizer_size(own_files) if own_files else None,
             new_vocab,
             tensor_parallel=tensor_parallel,
             divisible_by=divisible_by,
@@ -64,20 +64,25 @@ def run_resize(
             padding_init=padding_init,
             allow_shrink=allow_shrink,
         )
-        if new is not None and own is not None:
-            check_tokenizer_fits(own, new, str(tokenizer))
-        if dry_run:
-            return ["plan (dry run, nothing written):", *plan.lines()]
 
-        def pieces() -> list[list[int]] | None:
-            if init.needs_pieces and own is not None and new is not None and plan.rows.new_vocab > plan.rows.old_vocab:
+        def checked_pieces() -> list[list[int]] | None:
+            """Read and check both tokenizers; fvt's pieces of each new token under the old one."""
+            own = load_tokenizer(own_files) if own_files else None
+            new = load_tokenizer(tokenizer) if tokenizer else None
+            if own is None or new is None:
+                return None
+            check_tokenizer_fits(own, new, str(tokenizer))
+            if init.needs_pieces and plan.rows.new_vocab > plan.rows.old_vocab:
                 return pieces_under(own, new, range(plan.rows.old_vocab, plan.rows.new_vocab))
             return None
 
+        if dry_run:
+            checked_pieces()
+            return ["plan (dry run, nothing written):", *plan.lines()]
         stage("resizing")
         # The new tables (and the pieces fvt reads) are computed while everything else is copied;
         # writers take them last.
-        resized, finished = apply_resize_while_writing(ckpt, plan, pieces=pieces, seed=seed)
+        resized, finished = apply_resize_while_writing(ckpt, plan, pieces=checked_pieces, seed=seed)
         if tokenizer is not None:
             resized = embed_tokenizer(resized, tokenizer_config_files(tokenizer))
         # Record what the rows were padded for, so NeMo builds the same table from this config.

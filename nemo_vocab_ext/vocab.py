@@ -321,7 +321,12 @@ def apply_resize_while_writing(
         identity = _identity(ckpt, key)
         if identity not in deferred:  # tied copies: one entry, written once
             new_shape = (plan.rows.new_rows, *shape[1:])
-            deferred[identity] = Deferred(new_shape, dtype, functools.partial(_table_of, future, key))
+            deferred[identity] = Deferred(
+                new_shape,
+                dtype,
+                functools.partial(_table_of, future, key),
+                failure=lambda: future.exception() if future.done() else None,
+            )
         tables[key] = deferred[identity]
     return with_tables(ckpt, plan, tables), lambda: future.result()[1]
 

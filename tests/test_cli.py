@@ -96,6 +96,26 @@ def test_resize_dry_run_prints_the_plan_and_writes_nothing(
     assert not dst.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["base.nemo"]
 
 
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_resize_refuses_a_tokenizer_that_moves_base_ids(
+    base_nemo: Path, tokenizers: dict[str, Path], tmp_path: Path, dry_run: bool
+) -> None:
+    # The tokenizers are read and checked while the copy runs; a failed check stops it, as before it.
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    vocab = json.loads((tokenizers["large"] / "vocab.json").read_text(encoding="utf-8"))
+    a, b = (t for t, i in vocab.items() if i in (10, 11))
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (moved / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (moved / "merges.txt").write_bytes((tokenizers["large"] / "merges.txt").read_bytes())
+    dst = tmp_path / "out.nemo"
+    result = run("resize", base_nemo, dst, "--tokenizer", moved, *(["--dry-run"] if dry_run else []))
+    assert result.exit_code == 1, result.output
+    assert "2 of 400 base token ids moved" in result.output and "would be scrambled" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.nemo", "moved"]  # no output, no temporary
+
+
 def test_resize_writes_config_and_artifacts_for_the_new_tokenizer(
     base_nemo: Path, tokenizers: dict[str, Path], tmp_path: Path
 ) -> None:

@@ -22,7 +22,7 @@ from nemo_vocab_ext.core.dtypes import dtype_of
 from nemo_vocab_ext.errors import CheckpointFormatError, ResizeError
 from nemo_vocab_ext.formats import torch_zip
 from nemo_vocab_ext.formats.folder import tar_out
-from nemo_vocab_ext.formats.region import Deferred, FileRegion, OutFile, torch_as_array
+from nemo_vocab_ext.formats.region import Deferred, FileRegion, OutFile, Stored, torch_as_array
 from nemo_vocab_ext.formats.safetensors_io import read_safetensors
 from nemo_vocab_ext.formats.torch_zip import StoredTensor, load_all, read_torch_file, write_torch_file
 from nemo_vocab_ext.io import Format, load_checkpoint, save_checkpoint
@@ -112,17 +112,16 @@ def test_safetensors_files_agree_with_the_reference_library(tmp_path: Path) -> N
 
 
 MB = 2**20
+# Every writer of computed (Deferred) entries: torch_dist, the torch.save zip (.nemo and .ckpt), safetensors.
+WRITERS = [
+    (Format.NEMO, DISTRIBUTED, "out.nemo"),
+    (Format.NEMO, SINGLE, "out.nemo"),
+    (Format.SAFETENSORS, DISTRIBUTED, "out.safetensors"),
+    (Format.CKPT, SINGLE, "out.ckpt"),
+]
 
 
-@pytest.mark.parametrize(
-    ("fmt", "layout", "name"),
-    [
-        (Format.NEMO, DISTRIBUTED, "out.nemo"),
-        (Format.NEMO, SINGLE, "out.nemo"),
-        (Format.SAFETENSORS, DISTRIBUTED, "out.safetensors"),
-        (Format.CKPT, SINGLE, "out.ckpt"),
-    ],
-)
+@pytest.mark.parametrize(("fmt", "layout", "name"), WRITERS)
 def test_deferred_entries_are_written_after_everything_else(
     tmp_path: Path, fmt: Format, layout: str, name: str
 ) -> None:
@@ -157,6 +156,33 @@ def test_a_failed_computation_leaves_no_output(tmp_path: Path) -> None:
     with pytest.raises(ResizeError, match="the computation failed"):
         save_checkpoint(Checkpoint(tensors, {}, DISTRIBUTED), tmp_path / "out.nemo", Format.NEMO)
     assert list(tmp_path.iterdir()) == []  # neither the output nor its temporary
+
+
+@pytest.mark.parametrize(("fmt", "layout", "name"), WRITERS)
+def test_a_computation_that_has_failed_stops_the_copy(tmp_path: Path, fmt: Format, layout: str, name: str) -> None:
+    """A resize whose check fails on its thread (a tokenizer that moves ids) stops the writer at the next
+    entry: no waiting for the rest of the copy to learn of the error."""
+    read: list[str] = []
+
+    class Watched(Stored):  # an entry that records when a writer reads it
+        def __init__(self, key: str):
+            self.key, self.shape, self.dtype = key, (4,), dtype_of(torch.float32)
+
+        def load(self) -> torch.Tensor:
+            read.append(self.key)
+            return torch.ones(4)
+
+    error = ResizeError("the new tokenizer moves base ids")
+    tensors = {
+        "model.embedding.word_embeddings.weight": Deferred(
+            (4,), dtype_of(torch.float32), lambda: pytest.fail("values asked of a failed computation"), lambda: error
+        ),
+        "model.decoder.final_layernorm.weight": Watched("a"),
+        "model.decoder.layers.0.mlp.linear_fc1.weight": Watched("b"),
+    }
+    with pytest.raises(ResizeError, match="moves base ids"):
+        save_checkpoint(Checkpoint(tensors, {"hidden_size": 4}, layout), tmp_path / name, fmt)
+    assert read == [] and list(tmp_path.iterdir()) == []
 
 
 def test_a_computed_tensor_must_match_its_plan(tmp_path: Path) -> None:

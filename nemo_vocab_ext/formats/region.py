@@ -12,7 +12,7 @@ import abc
 import math
 import os
 import sys
-from collections.abc import Callable, Hashable, Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -269,15 +269,22 @@ class Deferred(Stored):
     """A tensor computed elsewhere (on another thread) while the checkpoint is written: its shape and
     dtype are known now, its values (a numpy array, as :func:`torch_as_array` gives them) when
     ``result`` returns them. Writers write every other entry first, so the computation overlaps their
-    copying."""
+    copying; between entries they ask ``failure`` whether it has already failed, and stop if so."""
 
     shape: tuple[int, ...]
     dtype: DType
 
-    def __init__(self, shape: tuple[int, ...], dtype: DType, result: Callable[[], np.ndarray]):
+    def __init__(
+        self,
+        shape: tuple[int, ...],
+        dtype: DType,
+        result: Callable[[], np.ndarray],
+        failure: Callable[[], BaseException | None] = lambda: None,
+    ):
         self.shape = shape
         self.dtype = dtype
         self._result = result
+        self._failure = failure
 
     def array(self) -> np.ndarray:
         value = self._result()
@@ -287,6 +294,10 @@ class Deferred(Stored):
             )
         return value
 
+    def failed(self) -> BaseException | None:
+        """The computation's error if it has already failed; None while it runs or once it succeeded."""
+        return self._failure()
+
     def data(self) -> memoryview:
         return array_bytes(self.array())
 
@@ -294,9 +305,22 @@ class Deferred(Stored):
         return array_as_torch(self.array(), self.dtype)
 
 
-def write_order(entries: Mapping[str, object]) -> list[str]:
-    """Keys in the order to write their data: as held, with :class:`Deferred` entries last."""
-    return sorted(entries, key=lambda k: isinstance(held(entries, k), Deferred))
+def write_order(entries: Mapping[str, object]) -> Iterator[str]:
+    """Keys in the order to write their data: as held, with :class:`Deferred` entries last. Before
+    each key it raises the error of a computation that has already failed (:func:`stop_if_failed`)."""
+    keys = sorted(entries, key=lambda k: isinstance(held(entries, k), Deferred))
+    computed = [held(entries, k) for k in keys if isinstance(held(entries, k), Deferred)]
+    for key in keys:
+        stop_if_failed(computed)
+        yield key
+
+
+def stop_if_failed(values: Iterable[object]) -> None:
+    """Raise the error of any :class:`Deferred` value whose computation has already failed. Writers
+    call it between entries, so that a failed resize stops the copy instead of finishing it first."""
+    for value in values:
+        if isinstance(value, Deferred) and (error := value.failed()) is not None:
+            raise error
 
 
 class Entries(MutableMapping[str, Any]):

@@ -32,6 +32,7 @@ from .region import (
     held,
     is_tensor,
     same_bytes_key,
+    stop_if_failed,
     tensor_bytes,
     tensor_meta,
 )
@@ -131,7 +132,9 @@ def _write_file(path: Path, planned: list[_Planned], tensors: Mapping[str, Value
         out = OutFile(f)
         out.write(struct.pack("<Q", len(text)))
         out.write(text)
+        computed = [held(tensors, p.key) for p in order]
         for p in order:
+            stop_if_failed(computed)
             value = held(tensors, p.key)
             raw = value.raw() if isinstance(value, Stored) else None
             if raw is not None and sum(r.length for r in raw) == p.nbytes:

@@ -23,14 +23,23 @@ _BLOCK_ROWS = 1024  # float64 statistics are taken this many rows at a time: a w
 _BF16_NAN = np.uint16(0x7FC0)  # the quiet NaN torch writes
 
 
-def widen(values: np.ndarray, dtype: DType) -> np.ndarray:
-    """Stored elements of a floating-point ``dtype`` as numpy floats of at least 32 bits (exact)."""
-    if dtype.name == "bfloat16":  # the high half of a float32
-        wide = values.astype(np.uint32)
-        wide <<= 16
-        return wide.view(np.float32)
-    if dtype.name == "float16":
-        return values.astype(np.float32)
+def widen(values: np.ndarray, dtype: DType, scratch: np.ndarray | None = None) -> np.ndarray:
+    """Stored elements of a floating-point ``dtype`` as numpy floats of at least 32 bits (exact).
+
+    ``scratch`` (bytes, at least 4 per element) holds the result when given: a resize widens thousands
+    of blocks, and fresh memory for each costs as much in page faults as the arithmetic.
+    """
+    if dtype.name in ("bfloat16", "float16"):
+        wide = (
+            np.empty(values.shape, dtype=np.float32)
+            if scratch is None
+            else scratch[: values.size * 4].view(np.float32).reshape(values.shape)
+        )
+        if dtype.name == "bfloat16":  # the high half of a float32
+            np.left_shift(values, 16, out=wide.view(np.uint32), dtype=np.uint32)
+        else:
+            wide[...] = values
+        return wide
     if dtype.name in ("float32", "float64"):
         return values
     raise ValueError(f"cannot compute new rows of a {dtype} table; only floating-point tables are resized")
@@ -55,8 +64,10 @@ def from_float64(values: np.ndarray, dtype: DType) -> np.ndarray:
 
 
 def _blocks(rows: np.ndarray, dtype: DType) -> Iterator[np.ndarray]:
+    """``rows`` widened, ``_BLOCK_ROWS`` at a time, into one reused buffer: use each block before the next."""
+    scratch = np.empty(min(rows.shape[0], _BLOCK_ROWS) * rows[0].size * 4, dtype=np.uint8)
     for start in range(0, rows.shape[0], _BLOCK_ROWS):
-        yield widen(rows[start : start + _BLOCK_ROWS], dtype)
+        yield widen(rows[start : start + _BLOCK_ROWS], dtype, scratch)
 
 
 def _row_mean(rows: np.ndarray, dtype: DType) -> np.ndarray:
@@ -100,14 +111,22 @@ def _fvt_rows(
     # Longest first, so that the tokens with a k-th piece are a prefix for every k: each block of
     # tokens then takes one gather and one add per piece position, not one small op per token.
     tokens = tokens[np.argsort(-lengths[tokens], kind="stable")]
+    # Buffers reused by every block (fresh memory for each would cost page faults).
+    width = rows.shape[1]
+    block_sums = np.empty((min(len(tokens), _BLOCK_ROWS), width), dtype=np.float64)
+    gathered = np.empty((block_sums.shape[0], width), dtype=rows.dtype)
+    scratch = np.empty(block_sums.size * 4, dtype=np.uint8)
     for block in range(0, len(tokens), _BLOCK_ROWS):
         chunk = tokens[block : block + _BLOCK_ROWS]
         counts, first = lengths[chunk], starts[chunk]
-        sums = np.zeros((len(chunk), rows.shape[1]), dtype=np.float64)
+        sums = block_sums[: len(chunk)]
+        sums.fill(0.0)
         for k in range(int(counts[0])):
             have = int(np.count_nonzero(counts > k))
-            sums[:have] += widen(rows[ids[first[:have] + k]], dtype)  # pieces added in order, in float64
-        out[chunk] = from_float64(sums / counts[:, None], dtype)
+            np.take(rows, ids[first[:have] + k], axis=0, out=gathered[:have])
+            sums[:have] += widen(gathered[:have], dtype, scratch)  # pieces added in order, in float64
+        sums /= counts[:, None]
+        out[chunk] = from_float64(sums, dtype)
     return out, len(pieces) - len(tokens)
 
 

@@ -196,6 +196,11 @@ def test_pickle_that_would_run_code_is_refused(tmp_path: Path) -> None:
     torch.save({"state_dict": {}, "hyper_parameters": Evil()}, ckpt)
     result = run("inspect", ckpt)
     assert result.exit_code == 1 and "would run code" in result.output and "posix.system" in result.output
+    complex_ckpt = tmp_path / "complex.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(2, dtype=torch.complex64)}}, complex_ckpt)
+    result = run("inspect", complex_ckpt)  # torch's own inert names: unsupported, not unsafe
+    assert result.exit_code == 1 and "holds torch.ComplexFloatStorage tensors" in result.output
+    assert "would run code" not in result.output
     raw = tmp_path / "raw.ckpt"  # a bare pickle, not torch's zip format
     raw.write_bytes(pickle.dumps({"state_dict": {}, "hyper_parameters": Evil()}))
     assert run("inspect", raw).exit_code == 1

@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from nemo_vocab_ext.core.dtypes import BY_NAME, dtype_of
-from nemo_vocab_ext.errors import CheckpointFormatError, OutputExistsError, UnsafeCheckpointError
+from nemo_vocab_ext.errors import CheckpointFormatError, OutputExistsError, UnsafeCheckpointError, UnsupportedError
 from nemo_vocab_ext.formats.region import FileRegion
 from nemo_vocab_ext.formats.safe_pickle import restricted_unpickle, safe_torch_load
 from nemo_vocab_ext.formats.torch_dist import (
@@ -199,6 +199,20 @@ def test_byte_entries_are_never_unpickled(tmp_path: Path) -> None:
 def test_restricted_unpickle_refuses_other_globals() -> None:
     with pytest.raises(UnsafeCheckpointError, match="collections.OrderedDict"):
         restricted_unpickle(pickle.dumps(OrderedDict(a=1)), what="x/.metadata")
+
+
+@pytest.mark.parametrize(
+    "value", [torch.zeros(2, dtype=torch.complex64), torch.zeros(2, dtype=torch.uint32)], ids=["complex64", "uint32"]
+)
+def test_other_element_types_are_unsupported_not_unsafe(tmp_path: Path, value: torch.Tensor) -> None:
+    # A typed storage torch names (ComplexFloatStorage), and a dtype saved untyped (uint32).
+    path = tmp_path / "model_weights.ckpt"
+    torch.save({"state_dict": {"w": value}}, path)
+    with pytest.raises(
+        UnsupportedError, match=r"model_weights.ckpt: holds torch\.\w+ tensors; this tool handles"
+    ) as err:
+        _read_lazily(path, what=str(path))
+    assert "would run code" not in str(err.value) and "\n" not in str(err.value)
 
 
 # --- what NeMo and Lightning files contain loads ------------------------------------------------

@@ -28,9 +28,10 @@ from omegaconf import AnyNode, DictConfig, ListConfig
 from omegaconf.base import ContainerMetadata, Metadata
 from omegaconf.nodes import BooleanNode, BytesNode, FloatNode, IntegerNode, PathNode, StringNode
 
-from ..errors import CheckpointFormatError, UnsafeCheckpointError
+from ..core.dtypes import DTYPES
+from ..errors import CheckpointFormatError, UnsafeCheckpointError, UnsupportedError
 from . import dcp_records
-from .torch_pickle import TORCH_OBJECTS
+from .torch_pickle import TORCH_OBJECTS, UNSUPPORTED_TORCH_NAMES
 
 # Beyond tensors and torch's own objects (torch's weights-only set: dtypes, storages, torch.Size,
 # OrderedDict, set, bytes via _codecs.encode), each entry was seen in a NeMo or Lightning file, or is
@@ -166,6 +167,11 @@ class _Unpickler(pickle.Unpickler):
         module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
         module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         found = self.resolve(module, name)
+        if found is None and (module, name) in UNSUPPORTED_TORCH_NAMES:
+            raise UnsupportedError(
+                f"{self.what}: holds {module}.{name} tensors; this tool handles "
+                f"{', '.join(d.name for d in DTYPES)} tensors only (no NeMo GPT checkpoint holds others)"
+            )
         if found is None:
             raise unsafe_error(self.what, f"{module}.{name}")
         return found
@@ -187,7 +193,7 @@ def restricted_loads(
     resolve = allowed if callable(allowed) else lambda module, name: allowed.get((module, name))
     try:
         return _Unpickler(data, resolve, what, persistent_load).load()
-    except (UnsafeCheckpointError, CheckpointFormatError):
+    except (UnsafeCheckpointError, CheckpointFormatError, UnsupportedError):
         raise
     except Exception as exc:  # truncated or garbled: pickle raises many types here
         raise CheckpointFormatError(f"{what}: unreadable ({type(exc).__name__}: {exc})") from None

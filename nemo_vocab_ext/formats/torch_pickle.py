@@ -77,6 +77,48 @@ TORCH_OBJECTS: dict[tuple[str, str], Any] = {
 }
 
 
+# Names torch pickles for tensors this tool does not handle (complex, quantized, other element
+# types; no NeMo GPT checkpoint holds them). A file naming one is refused as unsupported: these are
+# torch's own inert names, not code that loading would run.
+UNSUPPORTED_TORCH_NAMES: frozenset[tuple[str, str]] = frozenset(
+    [
+        *(
+            (TORCH, name)
+            for name in (
+                "ComplexFloatStorage",
+                "ComplexDoubleStorage",
+                "QInt8Storage",
+                "QUInt8Storage",
+                "QInt32Storage",
+                "QUInt4x2Storage",
+                "QUInt2x4Storage",
+                "complex32",
+                "complex64",
+                "complex128",
+                "qint8",
+                "quint8",
+                "qint32",
+                "quint4x2",
+                "quint2x4",
+                "uint16",
+                "uint32",
+                "uint64",
+                "float8_e4m3fnuz",
+                "float8_e5m2fnuz",
+                "float8_e8m0fnu",
+                "float4_e2m1fn_x2",
+                "per_tensor_affine",
+                "per_channel_affine",
+                "per_channel_affine_float_qparams",
+            )
+        ),
+        ("torch._utils", "_rebuild_qtensor"),
+        ("torch._utils", "_rebuild_sparse_tensor"),
+        ("torch._utils", "_rebuild_nested_tensor"),
+    ]
+)
+
+
 def torch_name(obj: Any) -> tuple[str, str] | None:
     """The module and name torch pickles ``obj`` under, if it is one of the stand-ins."""
     if isinstance(obj, DType):

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 from ..core.dtypes import DType, dtype_of
 from ..errors import CheckpointFormatError
@@ -23,6 +23,8 @@ from ..errors import CheckpointFormatError
 if TYPE_CHECKING:
     import numpy as np
     import torch
+
+T = TypeVar("T")
 
 _CHUNK = 64 << 20  # bounded user-space buffer where the kernel cannot copy for us
 
@@ -305,22 +307,17 @@ class Deferred(Stored):
         return array_as_torch(self.array(), self.dtype)
 
 
-def write_order(entries: Mapping[str, object]) -> Iterator[str]:
-    """Keys in the order to write their data: as held, with :class:`Deferred` entries last. Before
-    each key it raises the error of a computation that has already failed (:func:`stop_if_failed`)."""
-    keys = sorted(entries, key=lambda k: isinstance(held(entries, k), Deferred))
-    computed = [held(entries, k) for k in keys if isinstance(held(entries, k), Deferred)]
-    for key in keys:
-        stop_if_failed(computed)
-        yield key
-
-
-def stop_if_failed(values: Iterable[object]) -> None:
-    """Raise the error of any :class:`Deferred` value whose computation has already failed. Writers
-    call it between entries, so that a failed resize stops the copy instead of finishing it first."""
-    for value in values:
-        if isinstance(value, Deferred) and (error := value.failed()) is not None:
-            raise error
+def write_order(items: Iterable[T], value_of: Callable[[T], object]) -> Iterator[T]:
+    """``items`` in the order every writer writes their data: as given, those whose value is
+    :class:`Deferred` last. Before each item it raises the error of a computation that has already
+    failed, so that a failed resize stops the copy instead of finishing it first."""
+    ordered = sorted(items, key=lambda item: isinstance(value_of(item), Deferred))
+    computed = [value for item in ordered if isinstance(value := value_of(item), Deferred)]
+    for item in ordered:
+        for value in computed:
+            if (error := value.failed()) is not None:
+                raise error
+        yield item
 
 
 class Entries(MutableMapping[str, Any]):

@@ -23,7 +23,6 @@ from ..checkpoint import Checkpoint, Value
 from ..core.dtypes import BY_SAFETENSORS, UINT8, DType
 from ..errors import CheckpointFormatError
 from .region import (
-    Deferred,
     Entries,
     FileRegion,
     InRegion,
@@ -32,9 +31,9 @@ from .region import (
     held,
     is_tensor,
     same_bytes_key,
-    stop_if_failed,
     tensor_bytes,
     tensor_meta,
+    write_order,
 )
 
 INDEX = "model.safetensors.index.json"
@@ -121,7 +120,7 @@ def _write_file(path: Path, planned: list[_Planned], tensors: Mapping[str, Value
     header: dict[str, Any] = {"__metadata__": metadata}
     for p in planned:  # the header lists entries in their order; data comes in write order
         header[p.key] = {"dtype": p.dtype.safetensors, "shape": list(p.shape)}
-    order = sorted(planned, key=lambda p: isinstance(held(tensors, p.key), Deferred))  # as write_order
+    order = list(write_order(planned, lambda p: held(tensors, p.key)))
     offset = 0
     for p in order:
         header[p.key]["data_offsets"] = [offset, offset + p.nbytes]
@@ -132,9 +131,7 @@ def _write_file(path: Path, planned: list[_Planned], tensors: Mapping[str, Value
         out = OutFile(f)
         out.write(struct.pack("<Q", len(text)))
         out.write(text)
-        computed = [held(tensors, p.key) for p in order]
-        for p in order:
-            stop_if_failed(computed)
+        for p in write_order(order, lambda p: held(tensors, p.key)):  # the same order, checked as it goes
             value = held(tensors, p.key)
             raw = value.raw() if isinstance(value, Stored) else None
             if raw is not None and sum(r.length for r in raw) == p.nbytes:

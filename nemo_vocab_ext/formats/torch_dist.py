@@ -283,7 +283,7 @@ def write_torch_dist(
             out.copy_from(region)
             return StorageInfo(DATA_FILE, start, region.length)
 
-        for key in write_order(tensors):
+        for key in write_order(tensors, lambda k: held(tensors, k)):
             value = held(tensors, key)
             if isinstance(value, DistTensor):
                 chunks = []

@@ -25,15 +25,14 @@ from ..core.dtypes import UINT8, DType, dtype_of
 from ..errors import CheckpointFormatError
 from . import torch_pickle
 from .region import (
-    Deferred,
     FileRegion,
     OutFile,
     Stored,
     is_tensor,
     read_tensor,
     same_bytes_key,
-    stop_if_failed,
     tensor_bytes,
+    write_order,
 )
 from .safe_pickle import CONFIG_GLOBALS, restricted_loads
 from .torch_pickle import TORCH_OBJECTS, TORCH_UTILS, StorageType
@@ -335,8 +334,7 @@ def write_torch_file(obj: Any, out: OutFile, *, name: str = "archive") -> None:
     zf.data(".storage_alignment", str(_ALIGN).encode())
     zf.data("byteorder", b"little")
     # Storage records in any order (torch finds them by name): values still being computed last.
-    for storage, value in sorted(tensors, key=lambda item: isinstance(item[1], Deferred)):
-        stop_if_failed(v for _, v in tensors)
+    for storage, value in write_order(tensors, lambda item: item[1]):
         nbytes = storage.numel * storage.dtype.itemsize
         zf.record(f"data/{storage.key}", nbytes, 0, lambda o, v=value: _write_tensor(v, o))
     zf.data("version", b"3\n")

@@ -23,6 +23,10 @@ _BLOCK_ROWS = 1024  # float64 statistics are taken this many rows at a time: a w
 _BF16_NAN = np.uint16(0x7FC0)  # the quiet NaN torch writes
 
 
+def _not_floating(dtype: DType) -> ValueError:
+    return ValueError(f"cannot compute new rows of a {dtype} table; only floating-point tables are resized")
+
+
 def widen(values: np.ndarray, dtype: DType, scratch: np.ndarray | None = None) -> np.ndarray:
     """Stored elements of a floating-point ``dtype`` as numpy floats of at least 32 bits (exact).
 
@@ -42,7 +46,7 @@ def widen(values: np.ndarray, dtype: DType, scratch: np.ndarray | None = None) -
         return wide
     if dtype.name in ("float32", "float64"):
         return values
-    raise ValueError(f"cannot compute new rows of a {dtype} table; only floating-point tables are resized")
+    raise _not_floating(dtype)
 
 
 def from_float64(values: np.ndarray, dtype: DType) -> np.ndarray:
@@ -60,7 +64,7 @@ def from_float64(values: np.ndarray, dtype: DType) -> np.ndarray:
         bits = single.view(np.uint32)
         rounded = ((bits + ((bits >> 16) & 1) + np.uint32(0x7FFF)) >> 16).astype(np.uint16)
         return np.where(np.isnan(single), _BF16_NAN, rounded)
-    raise ValueError(f"cannot compute new rows of a {dtype} table; only floating-point tables are resized")
+    raise _not_floating(dtype)
 
 
 def _blocks(rows: np.ndarray, dtype: DType) -> Iterator[np.ndarray]:

@@ -70,24 +70,32 @@ def expected_rows(
     return padded_vocab_size(vocab_size, divisible_by or divisible_by_of(config), tp or tensor_parallel_of(config))
 
 
-def vocab_tables(ckpt: Checkpoint) -> dict[str, np.ndarray]:
+def vocab_tables(ckpt: Checkpoint, room: int = 0) -> dict[str, np.ndarray]:
     """Global vocab-sized tables keyed as stored (tensor-parallel rank files joined), as numpy arrays
-    of their stored elements (:func:`~.formats.region.read_array`)."""
+    of their stored elements (:func:`~.formats.region.read_array`).
+
+    ``room``: each table is read into the first rows of an array of at least that many rows (what
+    :func:`~.core.resize.resize_in_place` works in); the rows after the table are uninitialised.
+    """
+    import numpy as np
+
     from .core.resize import join_vocab_shards
 
-    keys = ckpt.vocab_keys()
-    if ckpt.rank_tensors is None:
-        return {k: read_array(held(ckpt.tensors, k)) for k in keys.all()}
-    tables: dict[str, np.ndarray] = {}
-    for key in keys.all():
-        shards = [
-            read_array(state[key])  # type: ignore[arg-type]
-            for (_, _), state in sorted(ckpt.rank_tensors.items())
-            if key in state and is_tensor(state[key])
-        ]
-        # Legacy rank files list TP ranks of one pipeline stage; a key lives on one stage.
-        tables[key] = join_vocab_shards(shards)
-    return tables
+    out: dict[str, np.ndarray] = {}
+    for key, (shape, dtype) in vocab_table_shapes(ckpt).items():
+        table = np.empty((max(shape[0], room), *shape[1:]), dtype=dtype.numpy)
+        if ckpt.rank_tensors is None:
+            read_array(held(ckpt.tensors, key), table[: shape[0]])
+        else:
+            # Legacy rank files list TP ranks of one pipeline stage; a key lives on one stage.
+            shards = [
+                read_array(state[key])  # type: ignore[arg-type]
+                for (_, _), state in sorted(ckpt.rank_tensors.items())
+                if key in state and is_tensor(state[key])
+            ]
+            table[: shape[0]] = join_vocab_shards(shards)
+        out[key] = table if room else table[: shape[0]]
+    return out
 
 
 def vocab_table_shapes(ckpt: Checkpoint) -> dict[str, tuple[tuple[int, ...], DType]]:
@@ -217,27 +225,27 @@ def resize_tables(
     copies resized once) and what was done."""
     import numpy as np
 
-    from .core.resize import resize_table
+    from .core.resize import resize_in_place, room_rows
 
     dtypes = {key: dtype for key, (_, dtype) in vocab_table_shapes(ckpt).items()}
     rng = np.random.default_rng(seed)
     new_tables: dict[str, np.ndarray] = {}
     done: list[TensorResize] = []
     resized_once: dict[Hashable, np.ndarray] = {}
-    for key, table in vocab_tables(ckpt).items():
+    # Each table is read into an array with room for the new one and resized where it lies.
+    for key, room in vocab_tables(ckpt, room=room_rows(plan.rows)).items():
         identity = _identity(ckpt, key)
         if identity in resized_once:  # one storage under two names (tied copies): resize once
             new_tables[key] = resized_once[identity]
             continue
-        new, stats = resize_table(
-            table, plan.rows, plan.init, dtype=dtypes[key], padding_init=plan.padding_init, pieces=pieces, rng=rng
+        old_shape = (plan.rows.old_rows, *room.shape[1:])
+        new, stats = resize_in_place(
+            room, plan.rows, plan.init, dtype=dtypes[key], padding_init=plan.padding_init, pieces=pieces, rng=rng
         )
         resized_once[identity] = new
         new_tables[key] = new
         done.append(
-            TensorResize(
-                key, tuple(table.shape), tuple(new.shape), rows_hash(table, plan.rows.kept), stats.fvt_fallbacks
-            )
+            TensorResize(key, old_shape, tuple(new.shape), rows_hash(room, plan.rows.kept), stats.fvt_fallbacks)
         )
     return new_tables, done
 

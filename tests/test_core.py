@@ -9,7 +9,15 @@ import torch
 from nemo_vocab_ext.checkpoint import DISTRIBUTED, Checkpoint
 from nemo_vocab_ext.core.dtypes import BY_NAME, dtype_of
 from nemo_vocab_ext.core.keys import UnknownKeysError, find_vocab_keys, normalize_key
-from nemo_vocab_ext.core.resize import from_float64, join_vocab_shards, resize_table, split_vocab_rows, widen
+from nemo_vocab_ext.core.resize import (
+    from_float64,
+    join_vocab_shards,
+    resize_in_place,
+    resize_table,
+    room_rows,
+    split_vocab_rows,
+    widen,
+)
 from nemo_vocab_ext.core.rows import Init, ShrinkRefusedError, plan_rows
 from nemo_vocab_ext.core.sizes import padded_vocab_size, tp_row_range
 from nemo_vocab_ext.formats.region import Deferred, held, torch_as_array
@@ -127,6 +135,25 @@ def test_shrink_is_refused_unless_allowed() -> None:
         plan_rows(8, 8, 5, 8)
     out, _ = resize_table(_table(8), plan_rows(8, 8, 5, 8, allow_shrink=True), Init.ZEROS, dtype=F32)
     assert np.array_equal(out[:5], _table(5))
+
+
+def test_resize_in_place_keeps_rows_where_they_lie_and_takes_statistics_before_writing() -> None:
+    # Shrinking 6 tokens to 4 in 8 rows: the padding rows land on old rows 4 and 5, whose values
+    # (40, 50) are still in the mean of the old tokens: (0 + 10 + ... + 50) / 6 = 25.
+    plan = plan_rows(6, 8, 4, 8, allow_shrink=True)
+    room = _table(room_rows(plan))
+    out, stats = resize_in_place(room, plan, Init.ZEROS, dtype=F32, padding_init=Init.MEAN)
+    assert np.shares_memory(out, room) and out.shape == (8, 2)
+    assert np.array_equal(out[:4], _table(4)) and np.array_equal(out[4:], np.full((4, 2), [25.0, 26.0]))
+    assert (stats.copied, stats.padding) == (4, 4)
+    # Growing 5 tokens in 8 rows to 7 in 12: the room has 12 rows, the old table its first 8.
+    grow = plan_rows(5, 8, 7, 12)
+    room = np.full((room_rows(grow), 2), np.nan, dtype=np.float32)
+    room[:8] = _table(8)
+    out, _ = resize_in_place(room, grow, Init.MEAN, dtype=F32)
+    assert np.array_equal(out[:5], _table(5)) and np.array_equal(out[5:], np.full((7, 2), [20.0, 21.0]))
+    with pytest.raises(ValueError, match="room for 8 rows; the resize needs 12"):
+        resize_in_place(_table(8), grow, Init.MEAN, dtype=F32)
 
 
 def test_bf16_rows_stay_bit_exact() -> None:

@@ -157,24 +157,31 @@ def array_as_torch(values: np.ndarray, dtype: DType) -> torch.Tensor:
     return torch.from_numpy(flat.view(np.uint8)).view(dtype.torch).reshape(values.shape)
 
 
-def read_array(value: Stored | torch.Tensor) -> np.ndarray:
-    """A tensor entry's elements as a numpy array (see :func:`torch_as_array`); an entry whose bytes lie
-    in the file as stored is read straight into it, without torch."""
+def read_array(value: Stored | torch.Tensor, out: np.ndarray | None = None) -> np.ndarray:
+    """A tensor entry's elements as a numpy array (see :func:`torch_as_array`), in ``out`` when given (a
+    C-contiguous array of the entry's shape and element type); an entry whose bytes lie in the file as
+    stored is read straight into it, without torch."""
     import numpy as np
 
-    if isinstance(value, Stored):
-        raw = value.raw()
-        if raw is None:
-            return torch_as_array(value.load())  # type: ignore[arg-type]
+    if isinstance(value, Stored) and (raw := value.raw()) is not None:
         assert value.shape is not None and value.dtype is not None
-        out = np.empty(value.shape, dtype=value.dtype.numpy)
+        if out is None:
+            out = np.empty(value.shape, dtype=value.dtype.numpy)
+        elif out.shape != value.shape or out.dtype != value.dtype.numpy or not out.flags.c_contiguous:
+            raise ValueError(f"cannot read a {value.dtype} {value.shape} entry into a {out.dtype} {out.shape} array")
         view = array_bytes(out)
         done = 0
         for region in raw:
             region.read_into(view[done : done + region.length])
             done += region.length
         return out
-    return torch_as_array(value)
+    values = torch_as_array(value.load() if isinstance(value, Stored) else value)  # type: ignore[arg-type]
+    if out is None:
+        return values
+    if out.shape != values.shape or out.dtype != values.dtype:
+        raise ValueError(f"cannot read a {values.dtype} {values.shape} tensor into a {out.dtype} {out.shape} array")
+    out[...] = values
+    return out
 
 
 class OutFile:

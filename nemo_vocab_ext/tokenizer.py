@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import operator
 import os
 import re
 import secrets
@@ -37,6 +38,7 @@ KIND_TOKENIZER_JSON = "tokenizer.json"  # HF fast tokenizer file
 KIND_SENTENCEPIECE = "sentencepiece"  # SentencePiece .model
 
 MERGES_HEADER = "#version: 0.2"
+_MERGE_LINES = re.compile(r"(?:\S+ \S+\n)*")  # merges.txt after its header, when every line is well formed
 _SP_BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 _SP_SPACE = "\u2581"  # SentencePiece's visible space "▁"
 
@@ -360,6 +362,12 @@ def _tokens_from_vocab(vocab: Any, path: Path) -> list[str]:
     if not isinstance(vocab, dict):
         raise TokenizerError(f"{path}: expected a JSON object mapping tokens to ids")
     n = len(vocab)
+    # Whole-dict checks first: integer ids that are exactly 0..n-1 (a resize reads two 50k-token
+    # vocabularies); the loop below only runs to name the first bad entry.
+    if set(map(type, vocab.values())) <= {int}:
+        by_id = dict(zip(vocab.values(), vocab.keys(), strict=True))
+        if len(by_id) == n and (n == 0 or (min(by_id) == 0 and max(by_id) == n - 1)):
+            return [by_id[i] for i in range(n)]
     tokens: list[str | None] = [None] * n
     for tok, i in vocab.items():
         if not isinstance(i, int) or isinstance(i, bool):
@@ -395,12 +403,15 @@ def _read_merges_txt(path: Path) -> list[tuple[str, str]]:
             f"{path}: does not end with a newline; NeMo's GPT2BPETokenizer would drop the last merge "
             f"{lines[-1]!r}; add a final newline"
         )
-    # Whole-file checks first (a resize reads two 50k-line files before it can start copying); the
-    # line-by-line pass below only runs to name the first bad line.
-    split = [line.split() for line in lines[1:]]
-    merges = [(p[0], p[1]) for p in split if len(p) == 2]
-    if len(merges) == sum(map(bool, split)) and len(set(merges)) == len(merges):
-        return merges
+    # Whole-file checks first (a resize reads two 50k-line files before it can start copying): when
+    # every line is two tokens and a space, the words pair up. The line-by-line pass below only runs
+    # to name the first bad line.
+    body = text[len(lines[0]) + 1 :]
+    if _MERGE_LINES.fullmatch(body):
+        words = body.split()
+        merges = list(zip(words[0::2], words[1::2], strict=True))
+        if len(set(merges)) == len(merges):
+            return merges
     merges = []
     seen: dict[tuple[str, str], int] = {}
     for lineno, line in enumerate(lines[1:], 2):
@@ -420,7 +431,9 @@ def _read_merges_txt(path: Path) -> list[tuple[str, str]]:
 
 def _check_merges_in_vocab(merges: list[tuple[str, str]], tokens: Iterable[str], where: Path) -> None:
     vocab = set(tokens)
-    if vocab.issuperset(itertools.chain.from_iterable(merges)) and vocab.issuperset(a + b for a, b in merges):
+    if vocab.issuperset(itertools.chain.from_iterable(merges)) and vocab.issuperset(
+        itertools.starmap(operator.concat, merges)
+    ):
         return
     for rank, (a, b) in enumerate(merges):
         for needed in (a, b, a + b):
@@ -430,12 +443,14 @@ def _check_merges_in_vocab(merges: list[tuple[str, str]], tokens: Iterable[str],
                 )
 
 
-def _read_gpt2_vocab(vocab_path: Path) -> tuple[dict[str, int], list[str]]:
+def _read_gpt2_vocab(vocab_path: Path) -> dict[str, int]:
     try:
         vocab = read_vocab_json(vocab_path)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise TokenizerError(f"{vocab_path}: cannot read ({e}); expected GPT-2 vocab.json") from None
-    return vocab, _tokens_from_vocab(vocab, vocab_path)
+    if not isinstance(vocab, dict):
+        raise TokenizerError(f"{vocab_path}: expected a JSON object mapping tokens to ids")
+    return vocab
 
 
 def tokenizer_size(path: str | Path) -> int:
@@ -444,13 +459,15 @@ def tokenizer_size(path: str | Path) -> int:
     p = Path(path)
     folder = p.parent if p.name in ("vocab.json", "merges.txt") else p
     if folder.is_dir() and (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
-        vocab, tokens = _read_gpt2_vocab(folder / "vocab.json")
-        return len(tokens) + (EOS_TOKEN not in vocab)  # NeMo adds the end-of-text token when missing
+        # The count alone: the full load checks the ids (and raises) before anything is published.
+        vocab = _read_gpt2_vocab(folder / "vocab.json")
+        return len(vocab) + (EOS_TOKEN not in vocab)  # NeMo adds the end-of-text token when missing
     return load_tokenizer(p).vocab_size
 
 
 def _load_gpt2_bpe(vocab_path: Path, merges_path: Path) -> TokenizerInfo:
-    vocab, tokens = _read_gpt2_vocab(vocab_path)
+    vocab = _read_gpt2_vocab(vocab_path)
+    tokens = _tokens_from_vocab(vocab, vocab_path)
     merges = _read_merges_txt(merges_path)
     _check_merges_in_vocab(merges, tokens, merges_path)
     nemo_added: tuple[str, ...] = ()
@@ -458,12 +475,11 @@ def _load_gpt2_bpe(vocab_path: Path, merges_path: Path) -> TokenizerInfo:
         # GPT2Tokenizer's unk/bos/eos: NeMo's AutoTokenizer adds it with id len(vocab.json).
         tokens.append(EOS_TOKEN)
         nemo_added = (EOS_TOKEN,)
-    files_vocab = {t: i for i, t in enumerate(tokens) if t not in nemo_added}
 
     def backend() -> Any:
         from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-        tk = Tokenizer(models.BPE(files_vocab, merges))
+        tk = Tokenizer(models.BPE(vocab, merges))  # the file's own tokens (without nemo_added)
         tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tk.decoder = decoders.ByteLevel()
         # NeMo's slow GPT2Tokenizer matches <|endoftext|> in text as one special token; do the same.

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import _compat_pickle
 import codecs
+import functools
 import io
 import pathlib
 import pickle
@@ -24,10 +25,6 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
-from omegaconf import AnyNode, DictConfig, ListConfig
-from omegaconf.base import ContainerMetadata, Metadata
-from omegaconf.nodes import BooleanNode, BytesNode, FloatNode, IntegerNode, PathNode, StringNode
-
 from ..core.dtypes import DTYPES
 from ..errors import CheckpointFormatError, UnsafeCheckpointError, UnsupportedError
 from . import dcp_records
@@ -36,19 +33,7 @@ from .torch_pickle import TORCH_OBJECTS, UNSUPPORTED_TORCH_NAMES
 # Beyond tensors and torch's own objects (torch's weights-only set: dtypes, storages, torch.Size,
 # OrderedDict, set, bytes via _codecs.encode), each entry was seen in a NeMo or Lightning file, or is
 # the typed twin of one that was; all are inert containers or types: constructing them runs no user code.
-TORCH_LOAD_ALLOWED: tuple[Any, ...] = (
-    # hyper_parameters / hparams_type of Lightning .ckpt and torch_dist common.pt: an OmegaConf tree.
-    DictConfig,
-    ListConfig,
-    ContainerMetadata,
-    Metadata,
-    AnyNode,  # every leaf of a config built from YAML
-    StringNode,  # typed leaves, from configs merged with NeMo's dataclass (structured) configs
-    IntegerNode,
-    FloatNode,
-    BooleanNode,
-    BytesNode,
-    PathNode,
+_PLAIN_ALLOWED: tuple[Any, ...] = (
     typing.Any,  # ContainerMetadata.key_type / element_type / ref_type
     defaultdict,  # ContainerMetadata.resolver_cache = defaultdict(dict)
     dict,  # object_type of a DictConfig; defaultdict's factory
@@ -62,6 +47,35 @@ TORCH_LOAD_ALLOWED: tuple[Any, ...] = (
     pathlib.PosixPath,
     io.BytesIO,  # Transformer Engine's ``_extra_state`` in older single-file checkpoints; kept opaque
 )
+
+
+@functools.cache
+def _omegaconf_allowed() -> tuple[Any, ...]:
+    """hyper_parameters / hparams_type of Lightning .ckpt and torch_dist common.pt: an OmegaConf tree.
+    Imported when a pickle names one (omegaconf takes about 0.08 s to import; weights name none)."""
+    from omegaconf import AnyNode, DictConfig, ListConfig
+    from omegaconf.base import ContainerMetadata, Metadata
+    from omegaconf.nodes import BooleanNode, BytesNode, FloatNode, IntegerNode, PathNode, StringNode
+
+    return (
+        DictConfig,
+        ListConfig,
+        ContainerMetadata,
+        Metadata,
+        AnyNode,  # every leaf of a config built from YAML
+        StringNode,  # typed leaves, from configs merged with NeMo's dataclass (structured) configs
+        IntegerNode,
+        FloatNode,
+        BooleanNode,
+        BytesNode,
+        PathNode,
+    )
+
+
+def torch_load_allowed() -> list[Any]:
+    """What :func:`safe_torch_load` lets torch's weights-only unpickler resolve beyond its own set."""
+    return [*_omegaconf_allowed(), *_PLAIN_ALLOWED]
+
 
 _REFUSED = re.compile(
     r"GLOBAL (\S+) (?:was not an allowed global|whose module)"
@@ -84,7 +98,7 @@ def unsafe_error(what: str, name: str) -> UnsafeCheckpointError:
 
 
 def safe_torch_load(source: str | Path | IO[bytes], *, what: str) -> Any:
-    """``torch.load`` onto the CPU that resolves only torch's weights-only set plus TORCH_LOAD_ALLOWED
+    """``torch.load`` onto the CPU that resolves only torch's weights-only set plus :func:`torch_load_allowed`
     (for in-memory values, such as an ``_extra_state`` blob being decoded; files are read lazily by
     :func:`.torch_zip.read_torch_file`).
 
@@ -93,7 +107,7 @@ def safe_torch_load(source: str | Path | IO[bytes], *, what: str) -> Any:
     import torch
 
     # safe_globals is a context manager, so the allow-list is not left on for other callers.
-    with torch.serialization.safe_globals(list(TORCH_LOAD_ALLOWED)):
+    with torch.serialization.safe_globals(torch_load_allowed()):
         try:
             return torch.load(source, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
@@ -114,9 +128,9 @@ def _last_line(exc: BaseException) -> str:
 
 Globals = Mapping[tuple[str, str], Any]
 
-# What torch's weights-only set and TORCH_LOAD_ALLOWED let through, by the names pickles use.
-CONFIG_GLOBALS: dict[tuple[str, str], Any] = {
-    **{(t.__module__, t.__qualname__): t for t in TORCH_LOAD_ALLOWED if t is not typing.Any},
+# What torch's weights-only set and torch_load_allowed() let through, by the names pickles use.
+_PLAIN_GLOBALS: dict[tuple[str, str], Any] = {
+    **{(t.__module__, t.__qualname__): t for t in _PLAIN_ALLOWED if t is not typing.Any},
     ("typing", "Any"): typing.Any,
     # Paths pickle under the module that defines them, which moved in Python 3.13.
     ("pathlib", "Path"): pathlib.Path,
@@ -127,6 +141,19 @@ CONFIG_GLOBALS: dict[tuple[str, str], Any] = {
     ("builtins", "frozenset"): frozenset,
     ("builtins", "bytearray"): bytearray,
 }
+
+
+@functools.cache
+def _omegaconf_globals() -> dict[tuple[str, str], Any]:
+    return {(t.__module__, t.__qualname__): t for t in _omegaconf_allowed()}
+
+
+def config_global(module: str, name: str) -> Any:
+    """The allowed object a config pickle names (``module``, ``name``); None to refuse it."""
+    if module.partition(".")[0] == "omegaconf":
+        return _omegaconf_globals().get((module, name))
+    return _PLAIN_GLOBALS.get((module, name))
+
 
 # torch_dist ``.metadata``: torch's records, as stand-ins. StorageMeta.checkpoint_id is the
 # writer's path (a PosixPath when the writer was given a Path).

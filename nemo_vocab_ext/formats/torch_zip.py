@@ -34,7 +34,7 @@ from .region import (
     tensor_bytes,
     write_order,
 )
-from .safe_pickle import CONFIG_GLOBALS, restricted_loads
+from .safe_pickle import config_global, restricted_loads
 from .torch_pickle import TORCH_OBJECTS, TORCH_UTILS, StorageType
 
 _LOCAL_HEADER = struct.Struct("<4s5H3I2H")  # a zip local file header, before its name and extra field
@@ -139,13 +139,18 @@ def _stored_tensor(storage: Any, offset: Any, size: Any, stride: Any, dtype: Any
 
 # What a torch.save pickle may name: torch's objects as stand-ins, the tensor rebuilders, config types.
 TORCH_FILE_GLOBALS: dict[tuple[str, str], Any] = {
-    **CONFIG_GLOBALS,
     **TORCH_OBJECTS,
     (TORCH_UTILS, "_rebuild_tensor_v2"): _rebuild_tensor_v2,
     (TORCH_UTILS, "_rebuild_tensor_v3"): _rebuild_tensor_v3,
     (TORCH_UTILS, "_rebuild_parameter"): _rebuild_parameter,
     (TORCH_UTILS, "_rebuild_parameter_with_state"): _rebuild_parameter,
 }
+
+
+def _torch_file_global(module: str, name: str) -> Any:
+    return TORCH_FILE_GLOBALS.get((module, name)) or config_global(module, name)
+
+
 torch_pickle.register_name(_rebuild_tensor_v2, TORCH_UTILS, "_rebuild_tensor_v2")
 torch_pickle.register_name(_rebuild_tensor_v3, TORCH_UTILS, "_rebuild_tensor_v3")
 
@@ -169,7 +174,7 @@ def read_torch_file(container: FileRegion, *, what: str) -> Any:
         return _Storage(region, dtype)
 
     data = regions[prefix + "data.pkl"].read()
-    return restricted_loads(data, TORCH_FILE_GLOBALS, what=what, persistent_load=persistent_load)
+    return restricted_loads(data, _torch_file_global, what=what, persistent_load=persistent_load)
 
 
 def load_all(value: Any) -> Any:

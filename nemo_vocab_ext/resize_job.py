@@ -6,6 +6,7 @@ import tempfile
 from pathlib import Path
 
 from .atomic import refuse_existing
+from .beside import start_beside
 from .core.rows import Init
 from .errors import TokenizerError
 from .io import Format, Stage, load_checkpoint, no_stage, save_checkpoint
@@ -37,7 +38,7 @@ def run_resize(
     stage: Stage = no_stage,
 ) -> list[str]:
     """Resize ``src`` into ``dst`` (a .nemo) and return the report lines; ``dry_run`` writes nothing."""
-    from .tokenizer import load_tokenizer, pieces_under, tokenizer_size
+    from .tokenizer import tokenizer_size
 
     if not dry_run:
         refuse_existing(dst, force=force)
@@ -50,8 +51,13 @@ def run_resize(
                 f"--init {init} needs the checkpoint's own tokenizer and --tokenizer (the new one); "
                 "pass --init mean (or zeros) to resize without them"
             )
-        # The plan needs only the two sizes; the tokenizers are read whole and checked on the resize
-        # thread, while the copy runs (a failed check stops it at the next entry).
+        # The plan needs only the two sizes. The tokenizers are read whole and checked beside this
+        # process while it plans and copies (a failed check stops the copy at the next entry).
+        checked_pieces = (
+            start_beside(_checked_pieces, own_files, tokenizer, init.needs_pieces)
+            if tokenizer is not None
+            else lambda: None
+        )
         new_vocab = tokenizer_size(tokenizer) if tokenizer else vocab_size
         assert new_vocab is not None
         plan = plan_resize(
@@ -64,17 +70,6 @@ def run_resize(
             padding_init=padding_init,
             allow_shrink=allow_shrink,
         )
-
-        def checked_pieces() -> list[list[int]] | None:
-            """Read and check both tokenizers; fvt's pieces of each new token under the old one."""
-            own = load_tokenizer(own_files) if own_files else None
-            new = load_tokenizer(tokenizer) if tokenizer else None
-            if own is None or new is None:
-                return None
-            check_tokenizer_fits(own, new, str(tokenizer))
-            if init.needs_pieces and plan.rows.new_vocab > plan.rows.old_vocab:
-                return pieces_under(own, new, range(plan.rows.old_vocab, plan.rows.new_vocab))
-            return None
 
         if dry_run:
             checked_pieces()
@@ -91,3 +86,18 @@ def run_resize(
             resized.config["tensor_model_parallel_size"] = tensor_parallel
         save_checkpoint(resized, dst, Format.NEMO, force=force, verify=verify, stage=stage)
     return [f"wrote {dst}", *plan.lines(finished())]
+
+
+def _checked_pieces(own_files: Path | None, tokenizer: Path, needs_pieces: bool) -> list[list[int]] | None:
+    """Read both tokenizers whole and check that the new one keeps the old one's ids; with
+    ``needs_pieces``, fvt's pieces of each new token under the old tokenizer."""
+    from .tokenizer import load_tokenizer, pieces_under
+
+    new = load_tokenizer(tokenizer)
+    if own_files is None:
+        return None
+    own = load_tokenizer(own_files)
+    check_tokenizer_fits(own, new, str(tokenizer))
+    if needs_pieces and new.vocab_size > own.vocab_size:
+        return pieces_under(own, new, range(own.vocab_size, new.vocab_size))
+    return None

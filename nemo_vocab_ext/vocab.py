@@ -45,6 +45,8 @@ REPORT_TP_SIZES = (1, 2, 4, 8)
 # Optimizer entries of a distributed training checkpoint that follow a parameter's rows.
 OPTIMIZER_MOMENTS = ("optimizer.state.exp_avg.", "optimizer.state.exp_avg_sq.")
 OPTIMIZER_MASTER = "optimizer.state.fp32_param."
+# fvt's pieces of each new token, or what computes them (see resize_tables).
+Pieces = Sequence[Sequence[int]] | Callable[[], Sequence[Sequence[int]] | None] | None
 
 
 def model_config_int(config: dict[str, Any], key: str, default: int) -> int:
@@ -219,34 +221,44 @@ def _resize_rows_only(t: torch.Tensor, rows: RowPlan) -> torch.Tensor:
 
 
 def resize_tables(
-    ckpt: Checkpoint, plan: ResizePlan, *, pieces: Sequence[Sequence[int]] | None = None, seed: int = 0
+    ckpt: Checkpoint,
+    plan: ResizePlan,
+    *,
+    pieces: Pieces = None,
+    seed: int = 0,
 ) -> tuple[dict[str, np.ndarray], list[TensorResize]]:
     """The resized vocab tables (global, keyed as stored, as numpy arrays of their stored elements; tied
-    copies resized once) and what was done."""
+    copies resized once) and what was done.
+
+    ``pieces`` (fvt's) may be a callable that reads and checks tokenizers: it is called once the old
+    tables are read and hashed, which holds the GIL the least while a caller's copy starts beside it.
+    """
     import numpy as np
 
     from .core.resize import resize_in_place, room_rows
 
     dtypes = {key: dtype for key, (_, dtype) in vocab_table_shapes(ckpt).items()}
+    # Each table is read into an array with room for the new one and resized where it lies.
+    rooms = vocab_tables(ckpt, room=room_rows(plan.rows))
+    firsts: dict[Hashable, str] = {}  # one storage under two names (tied copies): resized once
+    for key in rooms:
+        firsts.setdefault(_identity(ckpt, key), key)
+    hashes = {key: rows_hash(rooms[key], plan.rows.kept) for key in firsts.values()}
+    resolved = pieces() if callable(pieces) else pieces
     rng = np.random.default_rng(seed)
     new_tables: dict[str, np.ndarray] = {}
     done: list[TensorResize] = []
-    resized_once: dict[Hashable, np.ndarray] = {}
-    # Each table is read into an array with room for the new one and resized where it lies.
-    for key, room in vocab_tables(ckpt, room=room_rows(plan.rows)).items():
-        identity = _identity(ckpt, key)
-        if identity in resized_once:  # one storage under two names (tied copies): resize once
-            new_tables[key] = resized_once[identity]
+    for key, room in rooms.items():
+        first = firsts[_identity(ckpt, key)]
+        if first != key:
+            new_tables[key] = new_tables[first]
             continue
         old_shape = (plan.rows.old_rows, *room.shape[1:])
         new, stats = resize_in_place(
-            room, plan.rows, plan.init, dtype=dtypes[key], padding_init=plan.padding_init, pieces=pieces, rng=rng
+            room, plan.rows, plan.init, dtype=dtypes[key], padding_init=plan.padding_init, pieces=resolved, rng=rng
         )
-        resized_once[identity] = new
         new_tables[key] = new
-        done.append(
-            TensorResize(key, old_shape, tuple(new.shape), rows_hash(room, plan.rows.kept), stats.fvt_fallbacks)
-        )
+        done.append(TensorResize(key, old_shape, tuple(new.shape), hashes[key], stats.fvt_fallbacks))
     return new_tables, done
 
 
@@ -288,11 +300,11 @@ def apply_resize(
     ckpt: Checkpoint,
     plan: ResizePlan,
     *,
-    pieces: Sequence[Sequence[int]] | None = None,
+    pieces: Pieces = None,
     seed: int = 0,
 ) -> tuple[Checkpoint, list[TensorResize]]:
     """A new Checkpoint whose vocab tables (torch tensors, and their optimizer state) follow ``plan``,
-    and what was done."""
+    and what was done. ``pieces``: as for :func:`resize_tables`."""
     new_tables, done = resize_tables(ckpt, plan, pieces=pieces, seed=seed)
     shapes = vocab_table_shapes(ckpt)
     tensors = {key: array_as_torch(table, shapes[key][1]) for key, table in new_tables.items()}
@@ -318,10 +330,10 @@ def apply_resize_while_writing(
         p + k in ckpt.tensors for k in ckpt.vocab_keys().all() for p in (*OPTIMIZER_MOMENTS, OPTIMIZER_MASTER)
     )
     if ckpt.rank_tensors is not None or follows:
-        resized, done = apply_resize(ckpt, plan, pieces=pieces(), seed=seed)
+        resized, done = apply_resize(ckpt, plan, pieces=pieces, seed=seed)
         return resized, lambda: done
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="resize")
-    future = pool.submit(lambda: resize_tables(ckpt, plan, pieces=pieces(), seed=seed))
+    future = pool.submit(lambda: resize_tables(ckpt, plan, pieces=pieces, seed=seed))
     pool.shutdown(wait=False)  # the thread ends with its one task
     deferred: dict[Hashable, Deferred] = {}
     tables: dict[str, Any] = {}

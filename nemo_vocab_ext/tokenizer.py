@@ -358,10 +358,14 @@ def load_tokenizer(path: str | Path) -> TokenizerInfo:
     raise TokenizerError(f"{p}: not a tokenizer file this tool reads; {_LOAD_HINT}")
 
 
-def _tokens_from_vocab(vocab: Any, path: Path) -> list[str]:
+def _require_mapping(vocab: Any, path: Path) -> dict[str, Any]:
     if not isinstance(vocab, dict):
         raise TokenizerError(f"{path}: expected a JSON object mapping tokens to ids")
-    n = len(vocab)
+    return vocab
+
+
+def _tokens_from_vocab(vocab: Any, path: Path) -> list[str]:
+    n = len(_require_mapping(vocab, path))
     # Whole-dict checks first: integer ids that are exactly 0..n-1 (a resize reads two 50k-token
     # vocabularies); the loop below only runs to name the first bad entry.
     if set(map(type, vocab.values())) <= {int}:
@@ -448,9 +452,7 @@ def _read_gpt2_vocab(vocab_path: Path) -> dict[str, int]:
         vocab = read_vocab_json(vocab_path)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise TokenizerError(f"{vocab_path}: cannot read ({e}); expected GPT-2 vocab.json") from None
-    if not isinstance(vocab, dict):
-        raise TokenizerError(f"{vocab_path}: expected a JSON object mapping tokens to ids")
-    return vocab
+    return _require_mapping(vocab, vocab_path)
 
 
 def tokenizer_size(path: str | Path) -> int:

@@ -230,8 +230,8 @@ def resize_tables(
     """The resized vocab tables (global, keyed as stored, as numpy arrays of their stored elements; tied
     copies resized once) and what was done.
 
-    ``pieces`` (fvt's) may be a callable that reads and checks tokenizers: it is called once the old
-    tables are read and hashed, which holds the GIL the least while a caller's copy starts beside it.
+    ``pieces`` (fvt's) may be a callable that computes them, or waits for them, after checking the
+    tokenizers; it is called once the old tables are read and hashed, and its error is raised.
     """
     import numpy as np
 
@@ -318,7 +318,7 @@ def apply_resize_while_writing(
     pieces: Callable[[], Sequence[Sequence[int]] | None] = lambda: None,
     seed: int = 0,
 ) -> tuple[Checkpoint, Callable[[], list[TensorResize]]]:
-    """:func:`apply_resize` with the new tables computed on a thread (``pieces`` too) while the caller
+    """:func:`apply_resize` with the new tables computed on a thread (``pieces`` called there) while the caller
     writes the result: the tables are :class:`~.formats.region.Deferred` entries, which writers take
     last, so the computation overlaps the copy of everything else. The second value waits for the
     computation and returns what was done (or raises what it raised).

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from nemo_vocab_ext.checkpoint import DISTRIBUTED, SINGLE, Checkpoint
 from nemo_vocab_ext.core.dtypes import dtype_of
 from nemo_vocab_ext.errors import CheckpointFormatError, ResizeError
-from nemo_vocab_ext.formats import torch_zip
+from nemo_vocab_ext.formats import region, torch_zip
 from nemo_vocab_ext.formats.folder import tar_out
 from nemo_vocab_ext.formats.region import Deferred, FileRegion, OutFile, Stored, torch_as_array
 from nemo_vocab_ext.formats.safetensors_io import read_safetensors
@@ -276,3 +276,22 @@ def test_linked_folder_writes_only_what_changed(tmp_path: Path) -> None:
     assert torch.equal(back.tensors["model.embedding.word_embeddings.weight"], torch.ones(16, 256))
     for i in range(4):
         assert torch.equal(back.tensors[f"model.decoder.layers.{i}.weight"], torch.full((256, 256), float(i)))
+
+
+@pytest.mark.parametrize("fallocate", ["missing", "refused"])
+def test_outputs_are_whole_where_blocks_cannot_be_reserved(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fallocate: str
+) -> None:
+    """Writers reserve a file's blocks before large writes and copies; without fallocate(2), or on a file
+    system that refuses it, they write the same bytes."""
+    tensors = {"big": torch.arange(MB // 2, dtype=torch.float32), "small": torch.ones(3)}
+    save_file(tensors, tmp_path / "src.safetensors")
+    src, _ = load_checkpoint(tmp_path / "src.safetensors")
+    save_checkpoint(src, tmp_path / "reserved.safetensors", Format.SAFETENSORS)
+    monkeypatch.setattr(region, "_fallocate", lambda: None if fallocate == "missing" else (lambda *_: -1))
+    save_checkpoint(src, tmp_path / "plain.safetensors", Format.SAFETENSORS)
+    save_checkpoint(src, tmp_path / "plain.nemo", Format.NEMO)
+    reserved, plain = ((tmp_path / f"{n}.safetensors").read_bytes() for n in ("reserved", "plain"))
+    assert plain == reserved
+    back, _ = load_checkpoint(tmp_path / "plain.nemo")
+    assert all(torch.equal(back.tensors[k], v) for k, v in tensors.items())

@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -179,24 +180,14 @@ def init_rows(
 
 
 def resize_table(
-    table: np.ndarray,
-    plan: RowPlan,
-    init: Init = Init.ZEROS,
-    *,
-    dtype: DType,
-    padding_init: Init = Init.MEAN,
-    pieces: Sequence[Sequence[int]] | None = None,
-    rng: np.random.Generator | None = None,
+    table: np.ndarray, plan: RowPlan, init: Init = Init.ZEROS, **options: Any
 ) -> tuple[np.ndarray, ResizeStats]:
-    """Return the resized copy of a full (joined) vocabulary table and what was done to its rows.
-
-    ``table`` holds ``dtype``'s stored elements, and so does the result. ``pieces[i]`` are the old
-    tokenizer's ids for new token ``plan.old_vocab + i`` (inits that ``needs_pieces``).
-    """
+    """Return the resized copy of a full (joined) vocabulary table and what was done to its rows
+    (``options``: those of :func:`resize_in_place`, which it calls on a copy with room)."""
     _check_table(table, plan)
     room = np.empty((room_rows(plan), *table.shape[1:]), dtype=table.dtype)
     room[: plan.old_rows] = table
-    return resize_in_place(room, plan, init, dtype=dtype, padding_init=padding_init, pieces=pieces, rng=rng)
+    return resize_in_place(room, plan, init, **options)
 
 
 def room_rows(plan: RowPlan) -> int:
@@ -214,9 +205,14 @@ def resize_in_place(
     pieces: Sequence[Sequence[int]] | None = None,
     rng: np.random.Generator | None = None,
 ) -> tuple[np.ndarray, ResizeStats]:
-    """:func:`resize_table` of the table in ``room[: plan.old_rows]`` (``room`` has :func:`room_rows`
-    rows), made where it lies: kept rows stay, the other rows are computed and written after them.
-    Returns ``room[: plan.new_rows]``. A table read straight into ``room`` is never copied whole."""
+    """Resize the full (joined) vocabulary table in ``room[: plan.old_rows]`` where it lies (``room`` has
+    :func:`room_rows` rows): kept rows stay, the other rows are computed and written after them.
+    Returns ``room[: plan.new_rows]`` and what was done to its rows. A table read straight into
+    ``room`` is never copied whole.
+
+    ``room`` holds ``dtype``'s stored elements. ``pieces[i]`` are the old tokenizer's ids for new
+    token ``plan.old_vocab + i`` (inits that ``needs_pieces``).
+    """
     _check_table(room[: plan.old_rows], plan)
     if room.shape[0] < room_rows(plan):
         raise ValueError(f"room for {room.shape[0]} rows; the resize needs {room_rows(plan)}")

@@ -164,25 +164,28 @@ def read_array(value: Stored | torch.Tensor, out: np.ndarray | None = None) -> n
     stored is read straight into it, without torch."""
     import numpy as np
 
-    if isinstance(value, Stored) and (raw := value.raw()) is not None:
-        assert value.shape is not None and value.dtype is not None
+    if not (isinstance(value, Stored) and (raw := value.raw()) is not None):
+        values = torch_as_array(value.load() if isinstance(value, Stored) else value)  # type: ignore[arg-type]
         if out is None:
-            out = np.empty(value.shape, dtype=value.dtype.numpy)
-        elif out.shape != value.shape or out.dtype != value.dtype.numpy or not out.flags.c_contiguous:
-            raise ValueError(f"cannot read a {value.dtype} {value.shape} entry into a {out.dtype} {out.shape} array")
-        view = array_bytes(out)
-        done = 0
-        for region in raw:
-            region.read_into(view[done : done + region.length])
-            done += region.length
+            return values
+        _check_fits(out, values.shape, values.dtype)
+        out[...] = values
         return out
-    values = torch_as_array(value.load() if isinstance(value, Stored) else value)  # type: ignore[arg-type]
+    assert value.shape is not None and value.dtype is not None
     if out is None:
-        return values
-    if out.shape != values.shape or out.dtype != values.dtype:
-        raise ValueError(f"cannot read a {values.dtype} {values.shape} tensor into a {out.dtype} {out.shape} array")
-    out[...] = values
+        out = np.empty(value.shape, dtype=value.dtype.numpy)
+    _check_fits(out, value.shape, np.dtype(value.dtype.numpy))
+    view = array_bytes(out)
+    done = 0
+    for region in raw:
+        region.read_into(view[done : done + region.length])
+        done += region.length
     return out
+
+
+def _check_fits(out: np.ndarray, shape: tuple[int, ...], dtype: np.dtype[Any]) -> None:
+    if out.shape != tuple(shape) or out.dtype != dtype or not out.flags.c_contiguous:
+        raise ValueError(f"cannot read {dtype} values of shape {tuple(shape)} into a {out.dtype} {out.shape} array")
 
 
 class OutFile:

@@ -1,0 +1,65 @@
+"""Work started beside the main thread (a resize's tokenizer checks): a forked process, or a thread."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+# Run in a fresh interpreter: whether a fork is safe depends on the threads the process already has.
+SCRIPT = textwrap.dedent(
+    """
+    import os, threading
+    from nemo_vocab_ext.beside import start_beside
+    from nemo_vocab_ext.errors import TokenizerError
+
+    def pid_and_double(x):
+        return os.getpid(), 2 * x
+
+    def fail(message):
+        raise TokenizerError(message)
+
+    result = start_beside(pid_and_double, 21)
+    pid, value = result()
+    assert value == 42 and pid != os.getpid(), (pid, value)
+    assert result() == (pid, 42)  # asked again: the same answer
+
+    failed = start_beside(fail, "tokens moved")
+    for _ in range(2):
+        try:
+            failed()
+        except TokenizerError as e:
+            assert str(e) == "tokens moved"
+        else:
+            raise AssertionError("no error")
+
+    died = start_beside(os._exit, 3)
+    try:
+        died()
+    except RuntimeError as e:
+        assert "exit code 3" in str(e), e
+    else:
+        raise AssertionError("no error")
+
+    # Another thread running: a fork would copy none of it, so the work runs on a thread.
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)
+    other.start()
+    try:
+        pid, value = start_beside(pid_and_double, 1)()
+        assert (pid, value) == (os.getpid(), 2)
+        try:
+            start_beside(fail, "on a thread")()
+        except TokenizerError as e:
+            assert str(e) == "on a thread"
+    finally:
+        stop.set()
+        other.join()
+    print("ok")
+    """
+)
+
+
+def test_work_beside_runs_in_a_child_process_or_on_a_thread_and_returns_or_raises_as_called() -> None:
+    done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr

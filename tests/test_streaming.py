@@ -285,7 +285,7 @@ def test_outputs_are_whole_where_blocks_cannot_be_reserved(
     """Writers reserve a file's blocks before large writes and copies; without fallocate(2), or on a file
     system that refuses it, they write the same bytes."""
     tensors = {"big": torch.arange(MB // 2, dtype=torch.float32), "small": torch.ones(3)}
-    save_file(tensors, tmp_path / "src.safetensors")
+    save_file(tensors, tmp_path / "src.safetensors", metadata={"nemo_vocab_ext.config": "{}"})
     src, _ = load_checkpoint(tmp_path / "src.safetensors")
     save_checkpoint(src, tmp_path / "reserved.safetensors", Format.SAFETENSORS)
     monkeypatch.setattr(region, "_fallocate", lambda: None if fallocate == "missing" else (lambda *_: -1))

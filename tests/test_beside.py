@@ -9,7 +9,7 @@ import textwrap
 # Run in a fresh interpreter: whether a fork is safe depends on the threads the process already has.
 SCRIPT = textwrap.dedent(
     """
-    import os, threading
+    import os, sys, threading
     from nemo_vocab_ext.beside import start_beside
     from nemo_vocab_ext.errors import TokenizerError
 
@@ -19,6 +19,7 @@ SCRIPT = textwrap.dedent(
     def fail(message):
         raise TokenizerError(message)
 
+    sys.stdout.write("once ")  # buffered: a child that flushed its copy would print it again
     result = start_beside(pid_and_double, 21)
     pid, value = result()
     assert value == 42 and pid != os.getpid(), (pid, value)
@@ -62,4 +63,4 @@ SCRIPT = textwrap.dedent(
 
 def test_work_beside_runs_in_a_child_process_or_on_a_thread_and_returns_or_raises_as_called() -> None:
     done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+    assert done.returncode == 0 and done.stdout == "once ok\n", (done.stdout, done.stderr)

@@ -396,21 +396,21 @@ def _read_merges_txt(path: Path) -> list[tuple[str, str]]:
         raise TokenizerError(f"{path}: cannot read ({e})") from None
     if not text:
         return []
-    lines = text.split("\n")
-    if not lines[0].startswith("#version"):
+    header, _, body = text.partition("\n")
+    if not header.startswith("#version"):
         raise TokenizerError(
-            f"{path}: line 1 is {lines[0]!r}, not a '#version' header; NeMo's GPT2BPETokenizer skips line 1 "
+            f"{path}: line 1 is {header!r}, not a '#version' header; NeMo's GPT2BPETokenizer skips line 1 "
             f"and would lose that merge; add '{MERGES_HEADER}' as the first line"
         )
-    if len(lines) > 1 and lines[-1].strip():
+    last = text[text.rfind("\n") + 1 :]
+    if "\n" in text and last.strip():
         raise TokenizerError(
             f"{path}: does not end with a newline; NeMo's GPT2BPETokenizer would drop the last merge "
-            f"{lines[-1]!r}; add a final newline"
+            f"{last!r}; add a final newline"
         )
-    # Whole-file checks first (a resize reads two 50k-line files before it can start copying): when
-    # every line is two tokens and a space, the words pair up. The line-by-line pass below only runs
-    # to name the first bad line.
-    body = text[len(lines[0]) + 1 :]
+    # Whole-file checks first (a resize reads two 50k-line files beside its copy): when every line
+    # is two tokens and a space, the words pair up. The line-by-line pass below only runs to name
+    # the first bad line.
     if _MERGE_LINES.fullmatch(body):
         words = body.split()
         merges = list(zip(words[0::2], words[1::2], strict=True))
@@ -418,7 +418,7 @@ def _read_merges_txt(path: Path) -> list[tuple[str, str]]:
             return merges
     merges = []
     seen: dict[tuple[str, str], int] = {}
-    for lineno, line in enumerate(lines[1:], 2):
+    for lineno, line in enumerate(body.split("\n"), 2):
         line = line.rstrip("\r")
         if not line.strip():
             continue
@@ -690,11 +690,14 @@ def check_ids_preserved(base: TokenizerInfo, merged: TokenizerInfo) -> IdCheck:
         merged_tokens=merged.vocab_size,
         base_merges=len(base.merges),
     )
-    for i, tok in enumerate(base.tokens):
-        if i < merged.vocab_size and merged.tokens[i] == tok:
-            continue
-        check.moved.append(MovedId(tok, i, merged.token_to_id(tok)))
-    if base.merges:
+    # Whole-list comparisons first (a resize checks two 50k-token tokenizers beside its copy); the
+    # loops only run to name what moved.
+    if merged.tokens[: len(base.tokens)] != base.tokens:
+        for i, tok in enumerate(base.tokens):
+            if i < merged.vocab_size and merged.tokens[i] == tok:
+                continue
+            check.moved.append(MovedId(tok, i, merged.token_to_id(tok)))
+    if merged.merges[: len(base.merges)] != base.merges:
         merged_rank = {m: r for r, m in enumerate(merged.merges)}
         for r, m in enumerate(base.merges):
             if r < len(merged.merges) and merged.merges[r] == m:

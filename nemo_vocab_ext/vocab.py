@@ -78,13 +78,18 @@ def vocab_tables(ckpt: Checkpoint, room: int = 0) -> dict[str, np.ndarray]:
 
     ``room``: each table is read into the first rows of an array of at least that many rows (what
     :func:`~.core.resize.resize_in_place` works in); the rows after the table are uninitialised.
+    Tied copies (one storage under two names) are read once and share their array.
     """
     import numpy as np
 
     from .core.resize import join_vocab_shards
 
     out: dict[str, np.ndarray] = {}
+    read: dict[Hashable, np.ndarray] = {}
     for key, (shape, dtype) in vocab_table_shapes(ckpt).items():
+        if (identity := _identity(ckpt, key)) in read:
+            out[key] = read[identity]
+            continue
         table = np.empty((max(shape[0], room), *shape[1:]), dtype=dtype.numpy)
         if ckpt.rank_tensors is None:
             read_array(held(ckpt.tensors, key), table[: shape[0]])
@@ -96,7 +101,7 @@ def vocab_tables(ckpt: Checkpoint, room: int = 0) -> dict[str, np.ndarray]:
                 if key in state and is_tensor(state[key])
             ]
             table[: shape[0]] = join_vocab_shards(shards)
-        out[key] = table if room else table[: shape[0]]
+        out[key] = read[identity] = table if room else table[: shape[0]]
     return out
 
 
@@ -238,19 +243,17 @@ def resize_tables(
     from .core.resize import resize_in_place, room_rows
 
     dtypes = {key: dtype for key, (_, dtype) in vocab_table_shapes(ckpt).items()}
-    # Each table is read into an array with room for the new one and resized where it lies.
+    # Each table is read into an array with room for the new one and resized where it lies; tied
+    # copies share one array, resized once.
     rooms = vocab_tables(ckpt, room=room_rows(plan.rows))
-    firsts: dict[Hashable, str] = {}  # one storage under two names (tied copies): resized once
-    for key in rooms:
-        firsts.setdefault(_identity(ckpt, key), key)
+    firsts = {id(room): key for key, room in reversed(rooms.items())}  # each array's first key
     hashes = {key: rows_hash(rooms[key], plan.rows.kept) for key in firsts.values()}
     resolved = pieces() if callable(pieces) else pieces
     rng = np.random.default_rng(seed)
     new_tables: dict[str, np.ndarray] = {}
     done: list[TensorResize] = []
     for key, room in rooms.items():
-        first = firsts[_identity(ckpt, key)]
-        if first != key:
+        if (first := firsts[id(room)]) != key:
             new_tables[key] = new_tables[first]
             continue
         old_shape = (plan.rows.old_rows, *room.shape[1:])

@@ -21,7 +21,7 @@ from nemo_vocab_ext.core.resize import (
 from nemo_vocab_ext.core.rows import Init, ShrinkRefusedError, plan_rows
 from nemo_vocab_ext.core.sizes import padded_vocab_size, tp_row_range
 from nemo_vocab_ext.formats.region import Deferred, held, torch_as_array
-from nemo_vocab_ext.vocab import apply_resize_while_writing, plan_resize
+from nemo_vocab_ext.vocab import apply_resize_while_writing, plan_resize, resize_tables, vocab_tables
 
 
 @pytest.mark.parametrize(
@@ -247,3 +247,16 @@ def test_all_finite_agrees_with_isfinite_on_every_kind_of_value(dtype: torch.dty
             t[at] = bad
             assert not all_finite(t) and not all_finite(t, block=3)  # found in any block
     assert all_finite(finite, block=3)
+
+
+def test_tied_copies_are_read_and_resized_once() -> None:
+    # A legacy checkpoint saves the tied output layer as a second name for the embedding's storage.
+    table = torch.arange(16, dtype=torch.float32).reshape(8, 2)
+    emb, head = "model.language_model.embedding.word_embeddings.weight", "model.word_embeddings_for_head.weight"
+    ckpt = Checkpoint({emb: table, head: table}, {}, DISTRIBUTED)
+    tables = vocab_tables(ckpt, room=12)
+    assert tables[emb] is tables[head] and tables[emb].shape == (12, 2)
+    plan = plan_resize(ckpt, 5, 7, divisible_by=4, init=Init.MEAN)
+    new, done = resize_tables(ckpt, plan)
+    assert new[emb] is new[head] and new[emb].shape == (8, 2) and [t.key for t in done] == [emb]
+    assert np.array_equal(new[emb][:5], torch_as_array(table)[:5])

@@ -53,11 +53,11 @@ def _receive(receive: Connection, child: Any, name: str) -> tuple[bool, Any]:
     try:
         return receive.recv()  # type: ignore[no-any-return]
     except EOFError:  # killed, or ended without sending
-        child.join()
-        return False, RuntimeError(f"{name} ended without a result (exit code {child.exitcode})")
+        pass
     finally:
         receive.close()
         child.join()
+    return False, RuntimeError(f"{name} ended without a result (exit code {child.exitcode})")
 
 
 def _run_and_send(send: Connection, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:

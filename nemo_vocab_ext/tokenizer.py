@@ -448,11 +448,19 @@ def _check_merges_in_vocab(merges: list[tuple[str, str]], tokens: Iterable[str],
 
 
 def _read_gpt2_vocab(vocab_path: Path) -> dict[str, int]:
+    """vocab.json's mapping, shared by every reader of the same unchanged file: callers must not modify
+    it. A resize counts both vocabularies before it plans, then reads them whole in a forked process
+    beside the copy; the child inherits them parsed (50k entries: about 40 ms each)."""
     try:
-        vocab = read_vocab_json(vocab_path)
+        st = vocab_path.stat()
+        return _parsed_vocab(vocab_path.resolve(), (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise TokenizerError(f"{vocab_path}: cannot read ({e}); expected GPT-2 vocab.json") from None
-    return _require_mapping(vocab, vocab_path)
+
+
+@lru_cache(maxsize=4)
+def _parsed_vocab(vocab_path: Path, _version: tuple[int, ...]) -> dict[str, int]:
+    return _require_mapping(read_vocab_json(vocab_path), vocab_path)
 
 
 def tokenizer_size(path: str | Path) -> int:

@@ -9,8 +9,8 @@ import textwrap
 # Run in a fresh interpreter: whether a fork is safe depends on the threads the process already has.
 SCRIPT = textwrap.dedent(
     """
-    import os, sys, threading
-    from nemo_vocab_ext.beside import start_beside
+    import os, sys, threading, time
+    from nemo_vocab_ext.beside import end_children, start_beside
     from nemo_vocab_ext.errors import TokenizerError
 
     def pid_and_double(x):
@@ -41,6 +41,30 @@ SCRIPT = textwrap.dedent(
         assert "exit code 3" in str(e), e
     else:
         raise AssertionError("no error")
+
+    # failed() never waits: None while the work runs, its error once it has failed.
+    slow = start_beside(time.sleep, 0.3)
+    assert slow.failed() is None and slow() is None and slow.failed() is None
+    failing = start_beside(fail, "found later")
+    deadline = time.monotonic() + 60
+    while failing.failed() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert str(failing.failed()) == "found later"
+
+    # A command that fails first ends the work still running beside it.
+    endless = start_beside(time.sleep, 600)
+    end_children()
+    try:
+        endless()
+    except RuntimeError as e:
+        assert "exit code -15" in str(e), e
+    else:
+        raise AssertionError("no error")
+
+    # torch imported: its native threads make a fork unsafe, so the work runs on a thread.
+    sys.modules["torch"] = None
+    assert start_beside(pid_and_double, 2)() == (os.getpid(), 4)
+    del sys.modules["torch"]
 
     # Another thread running: a fork would copy none of it, so the work runs on a thread.
     stop = threading.Event()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import uuid
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -329,6 +328,8 @@ def write_torch_dist(
         assert isinstance(folder, DirOut)
         for target, name in links.items():
             (folder.path / name).symlink_to(target.resolve())
+    import uuid  # only here: it imports platform (5 ms of every command's start-up)
+
     metadata = Metadata(
         state_dict_metadata=state,  # type: ignore[arg-type]
         storage_data=storage,

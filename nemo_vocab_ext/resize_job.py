@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from .atomic import refuse_existing
-from .beside import start_beside
 from .core.rows import Init
 from .errors import TokenizerError
 from .io import Format, Stage, load_checkpoint, no_stage, save_checkpoint
@@ -51,13 +52,9 @@ def run_resize(
                 f"--init {init} needs the checkpoint's own tokenizer and --tokenizer (the new one); "
                 "pass --init mean (or zeros) to resize without them"
             )
-        # The plan needs only the two sizes. The tokenizers are read whole and checked beside this
-        # process while it plans and copies (a failed check stops the copy at the next entry).
-        checked_pieces = (
-            start_beside(_checked_pieces, own_files, tokenizer, init.needs_pieces)
-            if tokenizer is not None
-            else lambda: None
-        )
+        # The plan needs only the two sizes. The tokenizers are then read whole and checked, and the
+        # new rows computed, beside this process while it copies (a failed check stops the copy at
+        # the next entry).
         new_vocab = tokenizer_size(tokenizer) if tokenizer else vocab_size
         assert new_vocab is not None
         plan = plan_resize(
@@ -70,13 +67,15 @@ def run_resize(
             padding_init=padding_init,
             allow_shrink=allow_shrink,
         )
-
+        checked_pieces: Callable[[], list[list[int]] | None] = (
+            functools.partial(_checked_pieces, own_files, tokenizer, init.needs_pieces)
+            if tokenizer is not None
+            else lambda: None
+        )
         if dry_run:
             checked_pieces()
             return ["plan (dry run, nothing written):", *plan.lines()]
         stage("resizing")
-        # The new tables (and the pieces fvt reads) are computed while everything else is copied;
-        # writers take them last.
         resized, finished = apply_resize_while_writing(ckpt, plan, pieces=checked_pieces, seed=seed)
         if tokenizer is not None:
             resized = embed_tokenizer(resized, tokenizer_config_files(tokenizer))

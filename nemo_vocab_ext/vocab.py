@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 from collections.abc import Callable, Hashable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
+from .beside import Beside, start_beside
 from .checkpoint import Checkpoint, Value
 from .core.dtypes import DType, dtype_of
 from .core.keys import VocabKeys
@@ -22,10 +23,14 @@ from .errors import CheckpointFormatError, ConfigError, ResizeError, TokenizerEr
 from .formats.region import (
     Deferred,
     Entries,
+    FileRegion,
+    Stored,
     array_as_torch,
     array_bytes,
+    byte_prefix,
     held,
     is_tensor,
+    mapped_array,
     read_array,
     same_bytes_key,
     tensor_meta,
@@ -34,8 +39,12 @@ from .formats.region import (
 from .tokenizer import TokenizerInfo, check_ids_preserved, load_tokenizer
 
 if TYPE_CHECKING:
+    import mmap
+
     import numpy as np
     import torch
+
+    from .core.resize import Pieces
 
 # Tables are read and computed as numpy arrays: a resize to a file never imports torch (about 3 s).
 # torch is imported only where torch tensors are made (the plugin, optimizer state, rank files).
@@ -45,8 +54,6 @@ REPORT_TP_SIZES = (1, 2, 4, 8)
 # Optimizer entries of a distributed training checkpoint that follow a parameter's rows.
 OPTIMIZER_MOMENTS = ("optimizer.state.exp_avg.", "optimizer.state.exp_avg_sq.")
 OPTIMIZER_MASTER = "optimizer.state.fp32_param."
-# fvt's pieces of each new token, or what computes them (see resize_tables).
-Pieces = Sequence[Sequence[int]] | Callable[[], Sequence[Sequence[int]] | None] | None
 
 
 def model_config_int(config: dict[str, Any], key: str, default: int) -> int:
@@ -72,36 +79,35 @@ def expected_rows(
     return padded_vocab_size(vocab_size, divisible_by or divisible_by_of(config), tp or tensor_parallel_of(config))
 
 
-def vocab_tables(ckpt: Checkpoint, room: int = 0) -> dict[str, np.ndarray]:
+def vocab_tables(ckpt: Checkpoint) -> dict[str, np.ndarray]:
     """Global vocab-sized tables keyed as stored (tensor-parallel rank files joined), as numpy arrays
-    of their stored elements (:func:`~.formats.region.read_array`).
-
-    ``room``: each table is read into the first rows of an array of at least that many rows (what
-    :func:`~.core.resize.resize_in_place` works in); the rows after the table are uninitialised.
-    Tied copies (one storage under two names) are read once and share their array.
+    of their stored elements (:func:`~.formats.region.read_array`). A table stored as one region of a
+    file is mapped, read-only, where it lies (:func:`~.formats.region.mapped_array`): a resize reads
+    it without copying 200 MB into memory first. Tied copies (one storage under two names) share one
+    array.
     """
-    import numpy as np
-
     from .core.resize import join_vocab_shards
 
     out: dict[str, np.ndarray] = {}
     read: dict[Hashable, np.ndarray] = {}
-    for key, (shape, dtype) in vocab_table_shapes(ckpt).items():
+    for key in vocab_table_shapes(ckpt):
         if (identity := _identity(ckpt, key)) in read:
             out[key] = read[identity]
             continue
-        table = np.empty((max(shape[0], room), *shape[1:]), dtype=dtype.numpy)
         if ckpt.rank_tensors is None:
-            read_array(held(ckpt.tensors, key), table[: shape[0]])
+            stored = held(ckpt.tensors, key)
+            mapped = mapped_array(stored) if isinstance(stored, Stored) else None
+            table = read_array(stored) if mapped is None else mapped
         else:
             # Legacy rank files list TP ranks of one pipeline stage; a key lives on one stage.
-            shards = [
-                read_array(state[key])  # type: ignore[arg-type]
-                for (_, _), state in sorted(ckpt.rank_tensors.items())
-                if key in state and is_tensor(state[key])
-            ]
-            table[: shape[0]] = join_vocab_shards(shards)
-        out[key] = read[identity] = table if room else table[: shape[0]]
+            table = join_vocab_shards(
+                [
+                    read_array(state[key])  # type: ignore[arg-type]
+                    for (_, _), state in sorted(ckpt.rank_tensors.items())
+                    if key in state and is_tensor(state[key])
+                ]
+            )
+        out[key] = read[identity] = table
     return out
 
 
@@ -225,44 +231,56 @@ def _resize_rows_only(t: torch.Tensor, rows: RowPlan) -> torch.Tensor:
     return out
 
 
+class ResizedTable(NamedTuple):
+    """A resized vocab table: the old table's first ``kept`` rows, then ``tail`` (the computed rows)."""
+
+    old: np.ndarray
+    kept: int
+    tail: np.ndarray
+
+    def array(self) -> np.ndarray:
+        import numpy as np
+
+        return np.concatenate([self.old[: self.kept], self.tail])
+
+
 def resize_tables(
     ckpt: Checkpoint,
     plan: ResizePlan,
     *,
     pieces: Pieces = None,
     seed: int = 0,
-) -> tuple[dict[str, np.ndarray], list[TensorResize]]:
-    """The resized vocab tables (global, keyed as stored, as numpy arrays of their stored elements; tied
-    copies resized once) and what was done.
+) -> tuple[dict[str, ResizedTable], list[TensorResize]]:
+    """The resized vocab tables (global, keyed as stored; tied copies resized once, into one object) and
+    what was done. Each is its old table (read-only where it is mapped from its file) and the rows
+    computed after its kept ones, numpy arrays of stored elements.
 
     ``pieces`` (fvt's) may be a callable that computes them, or waits for them, after checking the
-    tokenizers; it is called once the old tables are read and hashed, and its error is raised.
+    tokenizers; it is called once the old tables are hashed and their statistics taken, and its
+    error is raised.
     """
     import numpy as np
 
-    from .core.resize import resize_in_place, room_rows
+    from .core.resize import rows_after_kept
 
     dtypes = {key: dtype for key, (_, dtype) in vocab_table_shapes(ckpt).items()}
-    # Each table is read into an array with room for the new one and resized where it lies; tied
-    # copies share one array, resized once.
-    rooms = vocab_tables(ckpt, room=room_rows(plan.rows))
-    firsts = {id(room): key for key, room in reversed(rooms.items())}  # each array's first key
-    hashes = {key: rows_hash(rooms[key], plan.rows.kept) for key in firsts.values()}
-    resolved = pieces() if callable(pieces) else pieces
+    tables = vocab_tables(ckpt)
+    firsts = {id(table): key for key, table in reversed(tables.items())}  # each array's first key
+    hashes = {key: rows_hash(tables[key], plan.rows.kept) for key in firsts.values()}
     rng = np.random.default_rng(seed)
-    new_tables: dict[str, np.ndarray] = {}
+    resized: dict[str, ResizedTable] = {}
     done: list[TensorResize] = []
-    for key, room in rooms.items():
-        if (first := firsts[id(room)]) != key:
-            new_tables[key] = new_tables[first]
+    for key, old in tables.items():
+        if (first := firsts[id(old)]) != key:
+            resized[key] = resized[first]
             continue
-        old_shape = (plan.rows.old_rows, *room.shape[1:])
-        new, stats = resize_in_place(
-            room, plan.rows, plan.init, dtype=dtypes[key], padding_init=plan.padding_init, pieces=resolved, rng=rng
+        tail, stats = rows_after_kept(
+            old, plan.rows, plan.init, dtype=dtypes[key], padding_init=plan.padding_init, pieces=pieces, rng=rng
         )
-        new_tables[key] = new
-        done.append(TensorResize(key, old_shape, tuple(new.shape), hashes[key], stats.fvt_fallbacks))
-    return new_tables, done
+        resized[key] = ResizedTable(old, plan.rows.kept, tail)
+        new_shape = (plan.rows.new_rows, *old.shape[1:])
+        done.append(TensorResize(key, tuple(old.shape), new_shape, hashes[key], stats.fvt_fallbacks))
+    return resized, done
 
 
 def _identity(ckpt: Checkpoint, key: str) -> Hashable:
@@ -308,9 +326,13 @@ def apply_resize(
 ) -> tuple[Checkpoint, list[TensorResize]]:
     """A new Checkpoint whose vocab tables (torch tensors, and their optimizer state) follow ``plan``,
     and what was done. ``pieces``: as for :func:`resize_tables`."""
-    new_tables, done = resize_tables(ckpt, plan, pieces=pieces, seed=seed)
+    resized, done = resize_tables(ckpt, plan, pieces=pieces, seed=seed)
     shapes = vocab_table_shapes(ckpt)
-    tensors = {key: array_as_torch(table, shapes[key][1]) for key, table in new_tables.items()}
+    made: dict[int, torch.Tensor] = {}  # tied copies: one tensor under both names, written once
+    for key, table in resized.items():
+        if id(table) not in made:
+            made[id(table)] = array_as_torch(table.array(), shapes[key][1])
+    tensors = {key: made[id(table)] for key, table in resized.items()}
     return with_tables(ckpt, plan, tensors), done
 
 
@@ -321,41 +343,81 @@ def apply_resize_while_writing(
     pieces: Callable[[], Sequence[Sequence[int]] | None] = lambda: None,
     seed: int = 0,
 ) -> tuple[Checkpoint, Callable[[], list[TensorResize]]]:
-    """:func:`apply_resize` with the new tables computed on a thread (``pieces`` called there) while the caller
-    writes the result: the tables are :class:`~.formats.region.Deferred` entries, which writers take
-    last, so the computation overlaps the copy of everything else. The second value waits for the
+    """:func:`apply_resize` with the new rows computed beside this process (in a forked process where
+    it can be, :func:`~.beside.start_beside`; ``pieces`` is called there) while the caller writes the
+    result. The tables are :class:`~.formats.region.Deferred` entries, which writers take last, so the
+    computation overlaps the copy of everything else; their kept rows are copied from the file where
+    they lie, the computed rows come back through shared memory. The second value waits for the
     computation and returns what was done (or raises what it raised).
 
     Checkpoints whose resize touches more than the tables (optimizer state, per-rank files) are resized
     before returning, as by :func:`apply_resize`.
     """
+    import mmap
+
     follows = any(
         p + k in ckpt.tensors for k in ckpt.vocab_keys().all() for p in (*OPTIMIZER_MOMENTS, OPTIMIZER_MASTER)
     )
     if ckpt.rank_tensors is not None or follows:
         resized, done = apply_resize(ckpt, plan, pieces=pieces, seed=seed)
         return resized, lambda: done
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="resize")
-    future = pool.submit(lambda: resize_tables(ckpt, plan, pieces=pieces, seed=seed))
-    pool.shutdown(wait=False)  # the thread ends with its one task
-    deferred: dict[Hashable, Deferred] = {}
-    tables: dict[str, Any] = {}
+    jobs: dict[Hashable, _TableJob] = {}  # tied copies: one job, one entry written once
     for key, (shape, dtype) in vocab_table_shapes(ckpt).items():
-        identity = _identity(ckpt, key)
-        if identity not in deferred:  # tied copies: one entry, written once
-            new_shape = (plan.rows.new_rows, *shape[1:])
-            deferred[identity] = Deferred(
-                new_shape,
-                dtype,
-                functools.partial(_table_of, future, key),
-                failure=lambda: future.exception() if future.done() else None,
-            )
-        tables[key] = deferred[identity]
-    return with_tables(ckpt, plan, tables), lambda: future.result()[1]
+        if (identity := _identity(ckpt, key)) in jobs:
+            continue
+        row_bytes = math.prod(shape[1:]) * dtype.itemsize
+        stored = held(ckpt.tensors, key)
+        raw = stored.raw() if isinstance(stored, Stored) else None
+        # Kept rows are a prefix of the stored bytes; where they are not stored as read, the whole
+        # new table is computed.
+        kept = None if raw is None else byte_prefix(raw, plan.rows.kept * row_bytes)
+        computed = (plan.rows.new_rows - (plan.rows.kept if kept is not None else 0)) * row_bytes
+        offset = sum(job.nbytes for job in jobs.values())
+        jobs[identity] = _TableJob(key, (plan.rows.new_rows, *shape[1:]), dtype, kept, offset, computed)
+    shared = mmap.mmap(-1, max(sum(job.nbytes for job in jobs.values()), 1))  # shared with a forked child
+    work = start_beside(_compute_rows, ckpt, plan, pieces, seed, list(jobs.values()), shared)
+    entries = {
+        identity: Deferred(
+            job.shape, job.dtype, functools.partial(_computed_rows, work, job, shared), work.failed, job.kept or ()
+        )
+        for identity, job in jobs.items()
+    }
+    tables = {key: entries[_identity(ckpt, key)] for key in vocab_table_shapes(ckpt)}
+    return with_tables(ckpt, plan, tables), work
 
 
-def _table_of(future: Future[tuple[dict[str, np.ndarray], list[TensorResize]]], key: str) -> np.ndarray:
-    return future.result()[0][key]
+@dataclass(frozen=True)
+class _TableJob:
+    """One table a resize computes beside the writer, and where its computed rows go in shared memory."""
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: DType
+    kept: list[FileRegion] | None  # the kept rows where they lie; None: every row is computed
+    offset: int
+    nbytes: int
+
+
+def _compute_rows(
+    ckpt: Checkpoint,
+    plan: ResizePlan,
+    pieces: Callable[[], Sequence[Sequence[int]] | None],
+    seed: int,
+    jobs: list[_TableJob],
+    shared: mmap.mmap,
+) -> list[TensorResize]:
+    import numpy as np
+
+    resized, done = resize_tables(ckpt, plan, pieces=pieces, seed=seed)
+    for job in jobs:
+        rows = resized[job.key].tail if job.kept is not None else resized[job.key].array()
+        np.frombuffer(shared, rows.dtype, rows.size, job.offset).reshape(rows.shape)[...] = rows
+    return done
+
+
+def _computed_rows(work: Beside[list[TensorResize]], job: _TableJob, shared: mmap.mmap) -> list[memoryview]:
+    work()  # waits for the computation (or raises its error)
+    return [memoryview(shared)[job.offset : job.offset + job.nbytes]]
 
 
 def _split_into_ranks(

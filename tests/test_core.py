@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 import torch
@@ -12,9 +14,8 @@ from nemo_vocab_ext.core.keys import UnknownKeysError, find_vocab_keys, normaliz
 from nemo_vocab_ext.core.resize import (
     from_float64,
     join_vocab_shards,
-    resize_in_place,
     resize_table,
-    room_rows,
+    rows_after_kept,
     split_vocab_rows,
     widen,
 )
@@ -137,23 +138,32 @@ def test_shrink_is_refused_unless_allowed() -> None:
     assert np.array_equal(out[:5], _table(5))
 
 
-def test_resize_in_place_keeps_rows_where_they_lie_and_takes_statistics_before_writing() -> None:
-    # Shrinking 6 tokens to 4 in 8 rows: the padding rows land on old rows 4 and 5, whose values
-    # (40, 50) are still in the mean of the old tokens: (0 + 10 + ... + 50) / 6 = 25.
+def test_rows_after_kept_are_the_whole_difference_and_the_old_table_is_only_read() -> None:
+    # Shrinking 6 tokens to 4 in 8 rows: after the 4 kept rows come 4 padding rows, the mean of the
+    # 6 old tokens (0 + 10 + ... + 50) / 6 = 25 (the dropped tokens 4 and 5 are still in it).
+    old = _table(8)
+    old.setflags(write=False)  # as a table mapped from its file
     plan = plan_rows(6, 8, 4, 8, allow_shrink=True)
-    room = _table(room_rows(plan))
-    out, stats = resize_in_place(room, plan, Init.ZEROS, dtype=F32, padding_init=Init.MEAN)
-    assert np.shares_memory(out, room) and out.shape == (8, 2)
-    assert np.array_equal(out[:4], _table(4)) and np.array_equal(out[4:], np.full((4, 2), [25.0, 26.0]))
-    assert (stats.copied, stats.padding) == (4, 4)
-    # Growing 5 tokens in 8 rows to 7 in 12: the room has 12 rows, the old table its first 8.
-    grow = plan_rows(5, 8, 7, 12)
-    room = np.full((room_rows(grow), 2), np.nan, dtype=np.float32)
-    room[:8] = _table(8)
-    out, _ = resize_in_place(room, grow, Init.MEAN, dtype=F32)
-    assert np.array_equal(out[:5], _table(5)) and np.array_equal(out[5:], np.full((7, 2), [20.0, 21.0]))
-    with pytest.raises(ValueError, match="room for 8 rows; the resize needs 12"):
-        resize_in_place(_table(8), grow, Init.MEAN, dtype=F32)
+    tail, stats = rows_after_kept(old, plan, Init.ZEROS, dtype=F32, padding_init=Init.MEAN)
+    assert np.array_equal(tail, np.full((4, 2), [25.0, 26.0])) and (stats.copied, stats.padding) == (4, 4)
+    # Growing 5 tokens in 8 rows to 7 in 12: 2 new tokens and 5 padding rows, all the mean of the 5 old tokens.
+    tail, stats = rows_after_kept(old, plan_rows(5, 8, 7, 12), Init.MEAN, dtype=F32)
+    assert np.array_equal(tail, np.full((7, 2), [20.0, 21.0])) and (stats.initialised, stats.padding) == (2, 5)
+    assert np.array_equal(old, _table(8))
+    # fvt's pieces may still be computing: they are asked for once the mean is taken, whatever the init.
+    asked: list[Init] = []
+
+    def pieces_asked_by(init: Init) -> Callable[[], list[list[int]]]:
+        def pieces() -> list[list[int]]:
+            asked.append(init)
+            return [[0, 2]]  # new token 5 is old tokens 0 and 2
+
+        return pieces
+
+    fvt, _ = rows_after_kept(old, plan_rows(5, 8, 6, 8), Init.FVT, dtype=F32, pieces=pieces_asked_by(Init.FVT))
+    zeros, _ = rows_after_kept(old, plan_rows(5, 8, 6, 8), Init.ZEROS, dtype=F32, pieces=pieces_asked_by(Init.ZEROS))
+    assert asked == [Init.FVT, Init.ZEROS]
+    assert np.array_equal(fvt[0], [10.0, 11.0]) and np.array_equal(zeros[0], [0.0, 0.0])
 
 
 def test_bf16_rows_stay_bit_exact() -> None:
@@ -256,9 +266,9 @@ def test_tied_copies_are_read_and_resized_once() -> None:
     table = torch.arange(16, dtype=torch.float32).reshape(8, 2)
     emb, head = "model.language_model.embedding.word_embeddings.weight", "model.word_embeddings_for_head.weight"
     ckpt = Checkpoint({emb: table, head: table}, {}, DISTRIBUTED)
-    tables = vocab_tables(ckpt, room=12)
-    assert tables[emb] is tables[head] and tables[emb].shape == (12, 2)
+    tables = vocab_tables(ckpt)
+    assert tables[emb] is tables[head] and tables[emb].shape == (8, 2)
     plan = plan_resize(ckpt, 5, 7, divisible_by=4, init=Init.MEAN)
     new, done = resize_tables(ckpt, plan)
-    assert new[emb] is new[head] and new[emb].shape == (8, 2) and [t.key for t in done] == [emb]
-    assert np.array_equal(new[emb][:5], torch_as_array(table)[:5])
+    assert new[emb] is new[head] and new[emb].array().shape == (8, 2) and [t.key for t in done] == [emb]
+    assert np.array_equal(new[emb].array()[:5], torch_as_array(table)[:5])

@@ -126,30 +126,39 @@ def test_deferred_entries_are_written_after_everything_else(
     tmp_path: Path, fmt: Format, layout: str, name: str
 ) -> None:
     """A table still being computed (a resize's) is written last, so its computation overlaps the copy of the
-    rest; the entries keep their order."""
+    rest; the entries keep their order. Its rows kept where they lie in another file are copied before
+    the computed rows are asked for, and both are written end to end."""
     table = torch.arange(MB // 2, dtype=torch.bfloat16).reshape(-1, 256)
+    kept = tmp_path / "source" / "kept.bin"  # a resize's kept rows, as stored in its source
+    kept.parent.mkdir()
+    kept.write_bytes(b"header" + torch_as_array(table[:100]).tobytes())
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
     size_when_asked: list[int] = []
 
-    def compute() -> np.ndarray:
-        tmp_outputs = [p for p in tmp_path.rglob("*") if p.is_file() and p.name != "src.safetensors"]
-        size_when_asked.append(sum(p.stat().st_size for p in tmp_outputs))
-        return torch_as_array(table)  # a resize computes in numpy
+    def compute() -> list[np.ndarray]:
+        size_when_asked.append(sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file()))
+        return [torch_as_array(table[100:])]  # a resize computes in numpy
 
+    kept_rows = FileRegion(kept, 6, 100 * 256 * 2)
     tensors = {
-        "model.embedding.word_embeddings.weight": Deferred(tuple(table.shape), dtype_of(table.dtype), compute),
+        "model.embedding.word_embeddings.weight": Deferred(
+            tuple(table.shape), dtype_of(table.dtype), compute, ready=[kept_rows]
+        ),
         "model.decoder.final_layernorm.weight": torch.ones(MB // 4),
         "model.decoder.layers.0.mlp.linear_fc1.weight": torch.full((MB // 4,), 2.0),
     }
-    save_checkpoint(Checkpoint(tensors, {"hidden_size": 256}, layout), tmp_path / name, fmt)
-    assert size_when_asked and size_when_asked[0] >= 2 * MB  # both 1 MB entries were already on disk
-    back, _ = load_checkpoint(tmp_path / name)
+    save_checkpoint(Checkpoint(tensors, {"hidden_size": 256}, layout), out_dir / name, fmt)
+    # Both 1 MB entries and the kept rows were already on disk.
+    assert size_when_asked and size_when_asked[0] >= 2 * MB + kept_rows.length
+    back, _ = load_checkpoint(out_dir / name)
     assert list(back.tensors) == list(tensors)
     assert torch.equal(back.tensors["model.embedding.word_embeddings.weight"], table)
     assert torch.equal(back.tensors["model.decoder.layers.0.mlp.linear_fc1.weight"], torch.full((MB // 4,), 2.0))
 
 
 def test_a_failed_computation_leaves_no_output(tmp_path: Path) -> None:
-    def compute() -> np.ndarray:
+    def compute() -> list[np.ndarray]:
         raise ResizeError("the computation failed")
 
     tensors = {"a": torch.ones(4), "b": Deferred((4,), dtype_of(torch.float32), compute)}
@@ -186,11 +195,52 @@ def test_a_computation_that_has_failed_stops_the_copy(tmp_path: Path, fmt: Forma
 
 
 def test_a_computed_tensor_must_match_its_plan(tmp_path: Path) -> None:
-    for wrong in (np.ones(5, dtype=np.float32), np.ones(4, dtype=np.float64)):
+    source = tmp_path / "kept.bin"
+    source.write_bytes(bytes(8))
+    wrong_parts = (
+        [np.ones(5, dtype=np.float32)],  # a row too many
+        [FileRegion(source, 0, 8), np.ones(3, dtype=np.float32)],  # kept and computed rows overlap
+        [np.ones(4, dtype=np.float64)],  # the wrong element type
+    )
+    for wrong in wrong_parts:
         tensors = {"b": Deferred((4,), dtype_of(torch.float32), lambda w=wrong: w)}
-        with pytest.raises(CheckpointFormatError, match=r"values of shape \(\d,\); torch.float32 \(4,\) was planned"):
+        with pytest.raises(CheckpointFormatError, match=r"^computed (\d+ bytes|float64 values) for a torch.float32"):
             save_checkpoint(Checkpoint(tensors, {}, DISTRIBUTED), tmp_path / "out.safetensors", Format.SAFETENSORS)
-    assert list(tmp_path.iterdir()) == []
+    assert list(tmp_path.iterdir()) == [source]
+
+
+def test_tables_are_mapped_where_they_lie_read_only(tmp_path: Path) -> None:
+    """A resize reads a table stored as one region through a read-only mapping of its file (offsets need
+    not fall on a page); entries stored otherwise, and regions the file does not hold, are not mapped."""
+    table = torch.arange(5000 * 3, dtype=torch.int16).reshape(5000, 3)  # 30,000 bytes: past one page
+    stored = Checkpoint({"odd": torch.ones(3, dtype=torch.int8), "t": table}, {}, DISTRIBUTED)
+    save_checkpoint(stored, tmp_path / "m.safetensors", Format.SAFETENSORS)
+    entry = read_safetensors(tmp_path / "m.safetensors").tensors.stored("t")
+    assert entry.raw()[0].offset % 4096  # the header and the 3-byte entry put the table off a page boundary
+    mapped = region.mapped_array(entry)
+    assert mapped is not None and not mapped.flags.writeable and np.array_equal(mapped, table.numpy())
+
+    class TwoRegions(Stored):
+        shape, dtype = (2,), dtype_of(torch.int16)
+
+        def raw(self) -> list[FileRegion]:
+            return [FileRegion(tmp_path / "m.safetensors", 0, 2), FileRegion(tmp_path / "m.safetensors", 8, 2)]
+
+        def load(self) -> torch.Tensor:
+            raise AssertionError("not read")
+
+    assert region.mapped_array(TwoRegions()) is None
+    with open(tmp_path / "m.safetensors", "r+b") as f:
+        f.truncate(entry.raw()[0].offset + 10)
+    assert region.mapped_array(entry) is None  # read_array then names the truncation
+
+
+def test_byte_prefix_takes_whole_regions_then_part_of_the_last() -> None:
+    a, b = FileRegion(Path("a"), 100, 10), FileRegion(Path("b"), 0, 10)
+    assert region.byte_prefix([a, b], 15) == [a, FileRegion(Path("b"), 0, 5)]
+    assert region.byte_prefix([a, b], 10) == [a] and region.byte_prefix([a, b], 0) == []
+    with pytest.raises(ValueError, match="5 bytes short"):
+        region.byte_prefix([a, b], 25)
 
 
 def test_tar_stream_is_a_plain_tar(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ untied output layer uses its own rows, and a tensor-parallel table must be joine
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +25,8 @@ _BLOCK_ROWS = 1024  # float64 statistics are taken this many rows at a time: a w
 # piece position is added in; 1024 tokens ran 1.9x slower at 1.3B. The sums do not depend on it.
 _FVT_BLOCK_TOKENS = 128
 _BF16_NAN = np.uint16(0x7FC0)  # the quiet NaN torch writes
+# fvt's pieces of each new token, or what gives them (see rows_after_kept).
+Pieces = Sequence[Sequence[int]] | Callable[[], Sequence[Sequence[int]] | None] | None
 
 
 def _not_floating(dtype: DType) -> ValueError:
@@ -104,11 +106,10 @@ def _normal_rows(rows: np.ndarray, dtype: DType, count: int, rng: np.random.Gene
 
 
 def _fvt_rows(
-    rows: np.ndarray, dtype: DType, pieces: Sequence[Sequence[int]], mean: np.ndarray
-) -> tuple[np.ndarray, int]:
-    """Mean of each new token's piece rows, stored as ``dtype``; tokens with no usable pieces get ``mean``.
-    Returns rows and fallbacks."""
-    out = np.empty((len(pieces), rows.shape[1]), dtype=rows.dtype)
+    rows: np.ndarray, dtype: DType, pieces: Sequence[Sequence[int]], mean: np.ndarray, out: np.ndarray
+) -> int:
+    """Fill ``out`` with the mean of each new token's piece rows, stored as ``dtype``; tokens with no
+    usable pieces get ``mean``. Returns the fallbacks."""
     out[:] = from_float64(mean, dtype)
     lengths = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
     ids = np.fromiter(itertools.chain.from_iterable(pieces), dtype=np.int64, count=int(lengths.sum()))
@@ -135,7 +136,7 @@ def _fvt_rows(
             sums[:have] += widen(gathered[:have], dtype, scratch)  # pieces added in order, in float64
         sums /= counts[:, None]
         out[chunk] = from_float64(sums, dtype)
-    return out, len(pieces) - len(tokens)
+    return len(pieces) - len(tokens)
 
 
 @dataclass
@@ -148,90 +149,81 @@ class ResizeStats:
 
 def init_rows(
     old_real: np.ndarray,
-    count: int,
+    out: np.ndarray,
     init: Init,
     *,
     dtype: DType,
     pieces: Sequence[Sequence[int]] | None = None,
     rng: np.random.Generator | None = None,
     mean: np.ndarray | None = None,
-) -> tuple[np.ndarray, int]:
-    """``count`` new rows made from the old real rows (stored elements of ``dtype``) by ``init``,
-    computed in float64 and returned as ``dtype``'s stored elements; also the FVT fallback count.
-    ``mean``: the old rows' float64 mean, if already taken; ``rng``: the normal init's draws."""
-    width = old_real.shape[1]
+) -> int:
+    """Fill ``out`` (new rows) from the old real rows by ``init``, computed in float64; both hold
+    ``dtype``'s stored elements. Returns the FVT fallback count. ``mean``: the old rows' float64 mean,
+    if already taken; ``rng``: the normal init's draws."""
+    count = out.shape[0]
     if count == 0 or init is Init.ZEROS:
-        return np.zeros((count, width), dtype=old_real.dtype), 0
+        out.fill(0)
+        return 0
     if old_real.shape[0] == 0:
         raise ValueError(f"init '{init}' needs old rows to take statistics from; the table has none")
     if mean is None:
         mean = _row_mean(old_real, dtype)
     if init is Init.MEAN:
-        return np.broadcast_to(from_float64(mean, dtype), (count, width)), 0
+        out[...] = from_float64(mean, dtype)
+        return 0
     if init is Init.NORMAL:
-        drawn = _normal_rows(old_real, dtype, count, rng or np.random.default_rng(0), mean)
-        return from_float64(drawn, dtype), 0
+        out[...] = from_float64(_normal_rows(old_real, dtype, count, rng or np.random.default_rng(0), mean), dtype)
+        return 0
     if init.needs_pieces:
         if pieces is None or len(pieces) != count:
             have = "none" if pieces is None else str(len(pieces))
             raise ValueError(f"{init} needs the old tokenizer's pieces of each of the {count} new tokens, got {have}")
-        return _fvt_rows(old_real, dtype, pieces, mean)
+        return _fvt_rows(old_real, dtype, pieces, mean, out)
     raise ValueError(f"unknown init {init!r}")
 
 
 def resize_table(
     table: np.ndarray, plan: RowPlan, init: Init = Init.ZEROS, **options: Any
 ) -> tuple[np.ndarray, ResizeStats]:
-    """Return the resized copy of a full (joined) vocabulary table and what was done to its rows
-    (``options``: those of :func:`resize_in_place`, which it calls on a copy with room)."""
-    _check_table(table, plan)
-    room = np.empty((room_rows(plan), *table.shape[1:]), dtype=table.dtype)
-    room[: plan.old_rows] = table
-    return resize_in_place(room, plan, init, **options)
+    """The resized copy of a full (joined) vocabulary table and what was done to its rows
+    (``options``: those of :func:`rows_after_kept`)."""
+    tail, stats = rows_after_kept(table, plan, init, **options)
+    return np.concatenate([table[: plan.kept], tail]), stats
 
 
-def room_rows(plan: RowPlan) -> int:
-    """Rows an array needs to hold both the old table and the resized one (:func:`resize_in_place`)."""
-    return max(plan.old_rows, plan.new_rows)
-
-
-def resize_in_place(
-    room: np.ndarray,
+def rows_after_kept(
+    old: np.ndarray,
     plan: RowPlan,
     init: Init = Init.ZEROS,
     *,
     dtype: DType,
     padding_init: Init = Init.MEAN,
-    pieces: Sequence[Sequence[int]] | None = None,
+    pieces: Pieces = None,
     rng: np.random.Generator | None = None,
 ) -> tuple[np.ndarray, ResizeStats]:
-    """Resize the full (joined) vocabulary table in ``room[: plan.old_rows]`` where it lies (``room`` has
-    :func:`room_rows` rows): kept rows stay, the other rows are computed and written after them.
-    Returns ``room[: plan.new_rows]`` and what was done to its rows. A table read straight into
-    ``room`` is never copied whole.
+    """Rows ``[plan.kept, plan.new_rows)`` of the resized table, and what was done to its rows.
 
-    ``room`` holds ``dtype``'s stored elements. ``pieces[i]`` are the old tokenizer's ids for new
-    token ``plan.old_vocab + i`` (inits that ``needs_pieces``).
+    The resized table is ``old[: plan.kept]`` followed by these rows, so the kept rows need never be
+    copied in memory: a writer copies their stored bytes as they lie. ``old`` is the full (joined) old
+    table of ``dtype``'s stored elements, only read. ``pieces[i]`` are the old tokenizer's ids for new
+    token ``plan.old_vocab + i`` (inits that ``needs_pieces``); a callable that gives them (or raises)
+    is called, whatever the init, once the old rows' statistics are taken: they may still be computing.
     """
-    _check_table(room[: plan.old_rows], plan)
-    if room.shape[0] < room_rows(plan):
-        raise ValueError(f"room for {room.shape[0]} rows; the resize needs {room_rows(plan)}")
+    _check_table(old, plan)
     if padding_init.needs_pieces:
         raise ValueError(f"padding rows have no tokens: padding_init cannot be '{padding_init}'")
-    old_real = room[: plan.old_vocab]
+    old_real = old[: plan.old_vocab]
     new_count = max(plan.new_vocab - plan.old_vocab, 0)
     pad_count = plan.new_rows - plan.new_vocab
     # One pass over the old rows for their mean, which both row classes may use.
     wants_mean = any(i is not Init.ZEROS and n for i, n in ((init, new_count), (padding_init, pad_count)))
     mean = _row_mean(old_real, dtype) if wants_mean and old_real.shape[0] else None
-    # Each class's rows are computed whole before they are written: when shrinking, the padding rows
-    # land on old rows that its statistics read.
-    new_rows, fallbacks = init_rows(old_real, new_count, init, dtype=dtype, pieces=pieces, rng=rng, mean=mean)
-    room[plan.kept : plan.kept + new_count] = new_rows  # growing, kept == old_vocab: after old_real
-    del new_rows
-    pad_rows, _ = init_rows(old_real, pad_count, padding_init, dtype=dtype, rng=rng, mean=mean)
-    room[plan.kept + new_count : plan.new_rows] = pad_rows
-    return room[: plan.new_rows], ResizeStats(plan.kept, new_count, pad_count, fallbacks)
+    if callable(pieces):
+        pieces = pieces()
+    tail = np.empty((plan.new_rows - plan.kept, *old.shape[1:]), dtype=old.dtype)
+    fallbacks = init_rows(old_real, tail[:new_count], init, dtype=dtype, pieces=pieces, rng=rng, mean=mean)
+    init_rows(old_real, tail[new_count:], padding_init, dtype=dtype, rng=rng, mean=mean)
+    return tail, ResizeStats(plan.kept, new_count, pad_count, fallbacks)
 
 
 def _check_table(table: np.ndarray, plan: RowPlan) -> None:

@@ -13,7 +13,7 @@ import functools
 import math
 import os
 import sys
-from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
@@ -68,6 +68,9 @@ class FileRegion:
 
     def open(self) -> RegionReader:
         return RegionReader(self)
+
+
+Part = FileRegion | memoryview  # what OutFile.put appends: a file's bytes where they lie, or bytes in memory
 
 
 class RegionReader:
@@ -207,6 +210,18 @@ class OutFile:
     def tell(self) -> int:
         return self._f.tell() - self._base
 
+    def put(self, parts: Iterable[Part]) -> int:
+        """Append each part: a file's region (copied in the kernel when it can be) or bytes in memory.
+        Returns the bytes appended."""
+        appended = 0
+        for part in parts:
+            if isinstance(part, FileRegion):
+                self.copy_from(part)
+            else:
+                self.write(part)
+            appended += part_length(part)
+        return appended
+
     def copy_from(self, region: FileRegion) -> None:
         """Append ``region``'s bytes: in the kernel when it can, else through a bounded buffer."""
         self._f.flush()
@@ -284,6 +299,12 @@ class Stored(abc.ABC):
         """Regions that, concatenated, are the entry's bytes (a tensor's in C order); None if it must be decoded."""
         return None
 
+    def parts(self) -> Iterable[Part]:
+        """What a writer appends, in order, to write the entry's bytes (:meth:`OutFile.put`): its
+        regions where it lies as stored, else its bytes in memory."""
+        raw = self.raw()
+        return raw if raw is not None else [self.data()]
+
     @property
     def nbytes(self) -> int:
         assert self.shape is not None and self.dtype is not None
@@ -316,10 +337,12 @@ class InRegion(Stored):
 
 
 class Deferred(Stored):
-    """A tensor computed elsewhere (on another thread) while the checkpoint is written: its shape and
-    dtype are known now, its values (a numpy array, as :func:`torch_as_array` gives them) when
-    ``result`` returns them. Writers write every other entry first, so the computation overlaps their
-    copying; between entries they ask ``failure`` whether it has already failed, and stop if so."""
+    """A tensor computed elsewhere (another process or thread) while the checkpoint is written: its
+    shape and dtype are known now, its bytes as parts: ``ready``, regions of other files known now
+    (rows kept as they are stored), then what ``result`` returns once computed: bytes, regions, or
+    numpy arrays in C order (as :func:`torch_as_array` gives them). Writers write every other entry
+    first, so the computation overlaps their copying, then copy the ready parts before they wait;
+    between entries they ask ``failure`` whether the computation has already failed, and stop if so."""
 
     shape: tuple[int, ...]
     dtype: DType
@@ -328,31 +351,98 @@ class Deferred(Stored):
         self,
         shape: tuple[int, ...],
         dtype: DType,
-        result: Callable[[], np.ndarray],
+        result: Callable[[], Sequence[FileRegion | memoryview | np.ndarray]],
         failure: Callable[[], BaseException | None] = lambda: None,
+        ready: Sequence[FileRegion] = (),
     ):
         self.shape = shape
         self.dtype = dtype
         self._result = result
         self._failure = failure
+        self._ready = list(ready)
 
-    def array(self) -> np.ndarray:
-        value = self._result()
-        if tuple(value.shape) != self.shape or value.dtype != self.dtype.numpy:
-            raise CheckpointFormatError(
-                f"computed {value.dtype} values of shape {tuple(value.shape)}; {self.dtype} {self.shape} was planned"
-            )
-        return value
+    def parts(self) -> Iterator[Part]:
+        yield from self._ready
+        computed: list[Part] = []
+        for part in self._result():
+            if isinstance(part, FileRegion | memoryview):
+                computed.append(part)
+            elif part.dtype == self.dtype.numpy:
+                computed.append(array_bytes(part))
+            else:
+                raise CheckpointFormatError(f"computed {part.dtype} values for a {self.dtype} tensor")
+        if (got := sum(map(part_length, [*self._ready, *computed]))) != self.nbytes:
+            raise CheckpointFormatError(f"computed {got} bytes for a {self.dtype} tensor of shape {self.shape}")
+        yield from computed
 
     def failed(self) -> BaseException | None:
         """The computation's error if it has already failed; None while it runs or once it succeeded."""
         return self._failure()
 
     def data(self) -> memoryview:
-        return array_bytes(self.array())
+        out = bytearray(self.nbytes)
+        view, done = memoryview(out), 0
+        for part in self.parts():
+            n = part_length(part)
+            if isinstance(part, FileRegion):
+                part.read_into(view[done : done + n])
+            else:
+                view[done : done + n] = part
+            done += n
+        return view
 
     def load(self) -> torch.Tensor:
-        return array_as_torch(self.array(), self.dtype)
+        import numpy as np
+
+        return array_as_torch(np.frombuffer(self.data(), dtype=self.dtype.numpy).reshape(self.shape), self.dtype)
+
+
+def entry_parts(value: Stored | torch.Tensor | bytes) -> Iterable[Part]:
+    """What a writer appends for an entry as held: a stored one's :meth:`Stored.parts`, else its bytes."""
+    if isinstance(value, Stored):
+        return value.parts()
+    if isinstance(value, bytes | bytearray):
+        return [memoryview(value)]
+    return [tensor_bytes(value.detach().cpu())]
+
+
+def part_length(part: Part) -> int:
+    return part.length if isinstance(part, FileRegion) else part.nbytes
+
+
+def byte_prefix(regions: Iterable[FileRegion], length: int) -> list[FileRegion]:
+    """The regions holding the first ``length`` bytes of ``regions`` joined end to end."""
+    out = []
+    for region in regions:
+        if length <= 0:
+            break
+        out.append(region.sub(0, min(length, region.length)))
+        length -= region.length
+    if length > 0:
+        raise ValueError(f"{length} bytes short of the requested prefix")
+    return out
+
+
+def mapped_array(value: Stored) -> np.ndarray | None:
+    """A read-only array over a tensor entry's bytes where they lie in the file (one region), mapped
+    into memory: pages are the page cache's own and only those used are touched. None when the entry
+    is not stored so, or cannot be mapped (:func:`read_array` reads it)."""
+    import mmap
+
+    import numpy as np
+
+    raw = value.raw()
+    if raw is None or len(raw) != 1 or value.shape is None or value.dtype is None or not raw[0].length:
+        return None
+    region = raw[0]
+    start = region.offset - region.offset % mmap.ALLOCATIONGRANULARITY
+    try:
+        with open(region.path, "rb") as f:
+            mapped = mmap.mmap(f.fileno(), region.offset + region.length - start, access=mmap.ACCESS_READ, offset=start)
+    except (OSError, ValueError):  # shorter than its index says, or a file system without mmap
+        return None
+    values = np.frombuffer(mapped, dtype=value.dtype.numpy, count=math.prod(value.shape), offset=region.offset - start)
+    return values.reshape(value.shape)
 
 
 def write_order(items: Iterable[T], value_of: Callable[[T], object]) -> Iterator[T]:

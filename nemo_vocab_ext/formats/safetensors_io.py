@@ -28,10 +28,10 @@ from .region import (
     InRegion,
     OutFile,
     Stored,
+    entry_parts,
     held,
     is_tensor,
     same_bytes_key,
-    tensor_bytes,
     tensor_meta,
     write_order,
 )
@@ -132,19 +132,9 @@ def _write_file(path: Path, planned: list[_Planned], tensors: Mapping[str, Value
         out.write(struct.pack("<Q", len(text)))
         out.write(text)
         for p in write_order(order, lambda p: held(tensors, p.key)):  # the same order, checked as it goes
-            value = held(tensors, p.key)
-            raw = value.raw() if isinstance(value, Stored) else None
-            if raw is not None and sum(r.length for r in raw) == p.nbytes:
-                for region in raw:  # the stored bytes are already what we write
-                    out.copy_from(region)
-                continue
-            if isinstance(value, Stored):
-                data = value.data()
-            else:
-                data = memoryview(value) if isinstance(value, bytes) else tensor_bytes(value)
-            if len(data) != p.nbytes:
+            # Stored bytes that are already what we write are copied, not decoded.
+            if out.put(entry_parts(held(tensors, p.key))) != p.nbytes:
                 raise CheckpointFormatError(f"entry '{p.key}' changed size while it was written")
-            out.write(data)
 
 
 def write_safetensors(ckpt: Checkpoint, dst: Path, *, max_shard_bytes: int | None = None) -> None:

@@ -297,8 +297,7 @@ def write_torch_dist(
                 continue
             if isinstance(value, Stored) and value.shape is None:
                 start = out.tell()
-                for region in value.raw() or []:
-                    out.copy_from(region)
+                out.put(value.parts())
                 storage[MetadataIndex(key)] = StorageInfo(DATA_FILE, start, out.tell() - start)
                 state[key] = BytesStorageMetadata()
                 continue

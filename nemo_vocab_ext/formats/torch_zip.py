@@ -28,10 +28,10 @@ from .region import (
     FileRegion,
     OutFile,
     Stored,
+    entry_parts,
     is_tensor,
     read_tensor,
     same_bytes_key,
-    tensor_bytes,
     write_order,
 )
 from .safe_pickle import config_global, restricted_loads
@@ -355,12 +355,7 @@ def torch_file_bytes(obj: Any) -> bytes:
 
 
 def _write_tensor(value: Any, out: OutFile) -> None:
-    raw = value.raw() if isinstance(value, Stored) else None
-    if raw is not None:
-        for region in raw:
-            out.copy_from(region)
-        return
-    out.write(value.data() if isinstance(value, Stored) else tensor_bytes(value.detach().cpu()))
+    out.put(entry_parts(value))
 
 
 def map_leaves(value: Any, fn: Any) -> Any:

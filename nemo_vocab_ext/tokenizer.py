@@ -161,15 +161,18 @@ def bytes_to_unicode() -> dict[int, str]:
 
 
 @lru_cache(maxsize=1)
-def _unicode_to_bytes() -> dict[str, int]:
-    return {c: b for b, c in bytes_to_unicode().items()}
+def _unicode_to_latin1() -> dict[int, int]:
+    """str.translate's table from GPT-2's byte alphabet to the Latin-1 character of each byte; the
+    Latin-1 characters outside the alphabet go to one that Latin-1 cannot encode."""
+    table = {ord(c): b for b, c in bytes_to_unicode().items()}
+    return {**dict.fromkeys(range(256), 0xFFFF), **table}
 
 
 def _byte_level_bytes(token: str) -> bytes | None:
-    table = _unicode_to_bytes()
+    """The bytes a byte-level token stands for; None when it holds a character outside the alphabet."""
     try:
-        return bytes(table[c] for c in token)
-    except KeyError:
+        return token.translate(_unicode_to_latin1()).encode("latin-1")
+    except UnicodeEncodeError:
         return None
 
 

@@ -20,6 +20,7 @@ from nemo_vocab_ext.tokenizer import (
     KIND_GPT2_BPE,
     KIND_SENTENCEPIECE,
     KIND_TOKENIZER_JSON,
+    _byte_level_bytes,
     bytes_to_unicode,
     check_ids_preserved,
     fertility,
@@ -109,6 +110,11 @@ def test_byte_alphabet_matches_tokenizers() -> None:
     assert len(set(table.values())) == 256
     assert set(table.values()) == set(ByteLevel.alphabet())
     assert table[ord(" ")] == "Ġ" and table[ord("a")] == "a"
+    # A byte-level token's bytes: every character of the alphabet is one byte, any other is refused.
+    assert _byte_level_bytes("".join(table[b] for b in range(256))) == bytes(range(256))
+    assert _byte_level_bytes("Ġthe") == b" the" and _byte_level_bytes("") == b""
+    for outside in (" ", "\n", "\x7f", "\xad", "中"):  # Latin-1 the alphabet moved away, and beyond Latin-1
+        assert _byte_level_bytes(f"ab{outside}") is None
 
 
 def test_load_gpt2_folder(base_dir: Path) -> None:

@@ -246,8 +246,9 @@ def make_ops(inp: Inputs, out: Path) -> list[Op]:
         return Op(name, [*cli, "convert", str(src), str(dst)], [src], dst, [src], extra=extra)
 
     ops = [
-        # What every checkpoint command pays before it touches a file (its imports; torch is not among
-        # them: a resize imports it on a thread while it copies): part of each ratio below.
+        # What every checkpoint command pays before it touches a file (its imports; neither torch nor
+        # numpy is among them: a resize imports numpy in the process computing beside the copy): part
+        # of each ratio below.
         Op(
             "start-up: the CLI and the checkpoint library imported",
             [sys.executable, "-c", "import nemo_vocab_ext.cli, nemo_vocab_ext.io, nemo_vocab_ext.resize_job"],

@@ -58,9 +58,9 @@ Examples:
 @click.version_option(package_name="nemo_vocab_ext")
 def main(debug: bool, quiet: bool) -> None:
     """Inspect, validate, convert and resize NeMo Megatron GPT checkpoints (.nemo, .ckpt, safetensors)."""
-    # Commands copy in the kernel on one thread while others compute (a resize's new rows, a .nemo's
-    # config). Between two kernel copies the copying thread waits for the GIL, up to Python's 5 ms
-    # default each time: with the tokenizers read on a thread, a 1.3B resize copied a third slower.
+    # Where a resize cannot fork (beside.py), its computation runs on a thread beside the copy, and
+    # between two kernel copies the copying thread waits for the GIL, up to Python's 5 ms default
+    # each time: with the tokenizers read on a thread, a 1.3B resize copied a third slower.
     sys.setswitchinterval(SWITCH_INTERVAL_S)
 
 

@@ -375,7 +375,7 @@ def apply_resize_while_writing(
         offset = sum(job.nbytes for job in jobs.values())
         jobs[identity] = _TableJob(key, (plan.rows.new_rows, *shape[1:]), dtype, kept, offset, computed)
     shared = mmap.mmap(-1, max(sum(job.nbytes for job in jobs.values()), 1))  # shared with a forked child
-    work = start_beside(_compute_rows, ckpt, plan, pieces, seed, list(jobs.values()), shared)
+    work = start_beside(_resize_into_shared, ckpt, plan, pieces, seed, list(jobs.values()), shared)
     entries = {
         identity: Deferred(
             job.shape, job.dtype, functools.partial(_computed_rows, work, job, shared), work.failed, job.kept or ()
@@ -398,7 +398,7 @@ class _TableJob:
     nbytes: int
 
 
-def _compute_rows(
+def _resize_into_shared(
     ckpt: Checkpoint,
     plan: ResizePlan,
     pieces: Callable[[], Sequence[Sequence[int]] | None],

@@ -228,3 +228,18 @@ def test_tar_gz_and_zarr(tmp_path: Path) -> None:
 
     with pytest.raises(UnsupportedError, match="convert_zarr_to_torch_dist"):
         load_checkpoint(zarr)
+
+
+def test_config_is_dumped_as_omegaconf_dumps_it(nemo_tied_dist: Path, nemo_untied_single: Path) -> None:
+    """A .nemo's config is written by libyaml, byte for byte what NeMo's OmegaConf.to_yaml writes for a
+    config NeMo saved; a config holding OmegaConf's own containers is dumped by OmegaConf."""
+    from omegaconf import OmegaConf
+
+    from nemo_vocab_ext.formats.nemo import dump_config, parse_config
+
+    for nemo in (nemo_tied_dist, nemo_untied_single):
+        config = load_checkpoint(nemo)[0].config
+        assert dump_config(config) == OmegaConf.to_yaml(OmegaConf.create(config)).encode()
+    with_containers = {"tokenizer": OmegaConf.create({"library": "megatron"}), "precision": "bf16-mixed"}
+    dumped = dump_config(with_containers)
+    assert parse_config(dumped, "test") == {"tokenizer": {"library": "megatron"}, "precision": "bf16-mixed"}

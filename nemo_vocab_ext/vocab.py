@@ -362,6 +362,7 @@ def apply_resize_while_writing(
         resized, done = apply_resize(ckpt, plan, pieces=pieces, seed=seed)
         return resized, lambda: done
     jobs: dict[Hashable, _TableJob] = {}  # tied copies: one job, one entry written once
+    offset = 0  # where the next table's computed rows go in shared memory
     for key, (shape, dtype) in vocab_table_shapes(ckpt).items():
         if (identity := _identity(ckpt, key)) in jobs:
             continue
@@ -372,9 +373,9 @@ def apply_resize_while_writing(
         # new table is computed.
         kept = None if raw is None else byte_prefix(raw, plan.rows.kept * row_bytes)
         computed = (plan.rows.new_rows - (plan.rows.kept if kept is not None else 0)) * row_bytes
-        offset = sum(job.nbytes for job in jobs.values())
         jobs[identity] = _TableJob(key, (plan.rows.new_rows, *shape[1:]), dtype, kept, offset, computed)
-    shared = mmap.mmap(-1, max(sum(job.nbytes for job in jobs.values()), 1))  # shared with a forked child
+        offset += computed
+    shared = mmap.mmap(-1, max(offset, 1))  # shared with a forked child
     work = start_beside(_resize_into_shared, ckpt, plan, pieces, seed, list(jobs.values()), shared)
     entries = {
         identity: Deferred(

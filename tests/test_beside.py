@@ -19,6 +19,13 @@ SCRIPT = textwrap.dedent(
     def fail(message):
         raise TokenizerError(message)
 
+    def error_of(call):
+        try:
+            call()
+        except BaseException as e:
+            return e
+        raise AssertionError("no error")
+
     sys.stdout.write("once ")  # buffered: a child that flushed its copy would print it again
     result = start_beside(pid_and_double, 21)
     pid, value = result()
@@ -27,20 +34,11 @@ SCRIPT = textwrap.dedent(
 
     failed = start_beside(fail, "tokens moved")
     for _ in range(2):
-        try:
-            failed()
-        except TokenizerError as e:
-            assert str(e) == "tokens moved"
-        else:
-            raise AssertionError("no error")
+        e = error_of(failed)
+        assert isinstance(e, TokenizerError) and str(e) == "tokens moved", e
 
-    died = start_beside(os._exit, 3)
-    try:
-        died()
-    except RuntimeError as e:
-        assert "exit code 3" in str(e), e
-    else:
-        raise AssertionError("no error")
+    e = error_of(start_beside(os._exit, 3))
+    assert isinstance(e, RuntimeError) and "exit code 3" in str(e), e
 
     # failed() never waits: None while the work runs, its error once it has failed.
     slow = start_beside(time.sleep, 0.3)
@@ -54,12 +52,8 @@ SCRIPT = textwrap.dedent(
     # A command that fails first ends the work still running beside it.
     endless = start_beside(time.sleep, 600)
     end_children()
-    try:
-        endless()
-    except RuntimeError as e:
-        assert "exit code -15" in str(e), e
-    else:
-        raise AssertionError("no error")
+    e = error_of(endless)
+    assert isinstance(e, RuntimeError) and "exit code -15" in str(e), e
 
     # torch imported: its native threads make a fork unsafe, so the work runs on a thread.
     sys.modules["torch"] = None
@@ -73,10 +67,8 @@ SCRIPT = textwrap.dedent(
     try:
         pid, value = start_beside(pid_and_double, 1)()
         assert (pid, value) == (os.getpid(), 2)
-        try:
-            start_beside(fail, "on a thread")()
-        except TokenizerError as e:
-            assert str(e) == "on a thread"
+        e = error_of(start_beside(fail, "on a thread"))
+        assert isinstance(e, TokenizerError) and str(e) == "on a thread", e
     finally:
         stop.set()
         other.join()

@@ -18,7 +18,9 @@ _NEMO_MODULE = "nemo.collections.nlp.parts.nlp_overrides"
 
 
 def presets_location() -> str:
-    """Installed wheels carry the presets as ``nemo_vocab_ext.conf_overrides``; a source checkout has the folder."""
+    """The presets as the package ``nemo_vocab_ext.conf_overrides`` (a wheel, or an editable install in
+    setuptools' default and strict modes), else the checkout's folder: setuptools' ``compat`` editable mode and a
+    checkout on ``PYTHONPATH`` only put the checkout on ``sys.path``, where the presets are ``conf_overrides/``."""
     if importlib.util.find_spec("nemo_vocab_ext.conf_overrides") is not None:
         return "pkg://nemo_vocab_ext.conf_overrides"
     spec = importlib.util.find_spec("nemo_vocab_ext")

@@ -285,6 +285,7 @@ def install() -> None:
         return original_load(self, checkpoint_path, *args, **kwargs)
 
     NLPDDPStrategy.load_checkpoint = load_checkpoint  # type: ignore[method-assign]
+    _log(f"plugin loaded from {Path(__file__).parent}: model.vocab_extension is applied at restore")
 
 
 def refuse_mismatched_training_checkpoint(path: Path, module: Any) -> None:

@@ -30,13 +30,15 @@ class InFolder:
     it, and a FIFO never ends.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, *, shown_as: Path | None = None):
         self.path = path
+        self.shown_as = shown_as or path  # what messages name: a temporary folder stands for its archive
         self._sizes: dict[str, int] = {}
 
         def fail(error: OSError) -> None:
             raise CheckpointFormatError(f"{path}: cannot list the folder ({error.strerror})") from None
 
+        shown = self.shown_as
         for root, dirs, files in os.walk(path, onerror=fail):
             for name in sorted(dirs + files):
                 full = Path(root, name)
@@ -44,12 +46,14 @@ class InFolder:
                 mode = full.lstat().st_mode
                 if stat.S_ISLNK(mode):
                     raise UnsafeCheckpointError(
-                        f"{path}: '{rel}' is a link (to '{os.readlink(full)}'); refusing the folder"
+                        f"{shown}: '{rel}' is a link (to '{os.readlink(full)}'); refusing the folder"
                     )
                 if stat.S_ISREG(mode):
-                    self._sizes[plain_member_name(rel, path)] = full.stat().st_size
+                    self._sizes[plain_member_name(rel, shown)] = full.stat().st_size
                 elif not stat.S_ISDIR(mode):
-                    raise UnsafeCheckpointError(f"{path}: '{rel}' is not a regular file or folder; refusing the folder")
+                    raise UnsafeCheckpointError(
+                        f"{shown}: '{rel}' is not a regular file or folder; refusing the folder"
+                    )
 
     def __enter__(self) -> InFolder:
         return self
@@ -61,18 +65,18 @@ class InFolder:
         return sorted(self._sizes)
 
     def has(self, name: str) -> bool:
-        return plain_member_name(name, self.path) in self._sizes
+        return plain_member_name(name, self.shown_as) in self._sizes
 
     def _known(self, name: str) -> str:
-        plain = plain_member_name(name, self.path)
+        plain = plain_member_name(name, self.shown_as)
         if plain not in self._sizes:
-            raise CheckpointFormatError(f"{self.path}: '{name}' is missing")
+            raise CheckpointFormatError(f"{self.shown_as}: '{name}' is missing")
         return plain
 
     def read(self, name: str, *, max_bytes: int | None = None) -> bytes:
         region = self.region(name)
         if max_bytes is not None and region.length > max_bytes:
-            raise CheckpointFormatError(f"{self.path}: '{name}' is {region.length} bytes, over {max_bytes}")
+            raise CheckpointFormatError(f"{self.shown_as}: '{name}' is {region.length} bytes, over {max_bytes}")
         return region.read()
 
     def region(self, name: str) -> FileRegion:

@@ -26,7 +26,7 @@ from .torch_dist import (
     write_torch_dist,
 )
 from .torch_zip import load_all, read_torch_file, torch_file_bytes, write_torch_file
-from .untrusted import MAX_CONFIG_BYTES, check_config, check_config_text
+from .untrusted import MAX_CONFIG_BYTES, check_config, check_config_text, plain_member_name
 
 CONFIG = "model_config.yaml"
 WEIGHTS_FILE = "model_weights.ckpt"
@@ -102,7 +102,7 @@ def open_nemo(path: str | Path) -> Iterator[Source]:
     elif path.is_file() and is_gzip(path):
         with tempfile.TemporaryDirectory(prefix="nemo_vocab_ext.") as tmp:
             extract_gzip(path, Path(tmp), _needed)
-            yield InFolder(Path(tmp))
+            yield InFolder(Path(tmp), shown_as=path)
     else:
         with NemoArchive(path) as archive:
             yield archive
@@ -150,7 +150,9 @@ def _entries(source: Source, path: Path) -> Checkpoint:
             )
         where = f"{path}:{WEIGHTS_DIR}"
         metadata = parse_metadata(source.read(f"{WEIGHTS_DIR}/{METADATA_FILE}"), where)
-        entries = dist_entries(metadata, lambda name: source.region(f"{WEIGHTS_DIR}/{name}"), where)
+        entries = dist_entries(
+            metadata, lambda name: source.region(f"{WEIGHTS_DIR}/{plain_member_name(name, where)}"), where
+        )
         common_name = f"{WEIGHTS_DIR}/{COMMON_FILE}"
         common = source.read(common_name) if source.has(common_name) else b""
         state = {"dist_common": common, "dist_metadata": metadata_json}

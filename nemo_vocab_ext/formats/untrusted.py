@@ -63,13 +63,9 @@ def _children(value: object) -> list[Any] | None:
     if type(value).__module__.startswith("omegaconf"):
         # Pickled hyper-parameters: their nodes, read without resolving anything (converting expands aliases).
         content = getattr(value, "_content", None)
-        return (
-            list(content.values())
-            if isinstance(content, dict)
-            else list(content)
-            if isinstance(content, list)
-            else None
-        )
+        if isinstance(content, dict):
+            return list(content.values())
+        return list(content) if isinstance(content, list) else None
     if isinstance(value, Mapping):
         return list(value.values())
     if isinstance(value, list | tuple):

@@ -31,6 +31,8 @@ def detect_format(path: str | Path) -> Format:
         raise CheckpointFormatError(
             f"{p}: a folder that is neither sharded safetensors nor a NeMo distributed checkpoint"
         )
+    if not p.is_file():  # a FIFO or device would block or never end
+        raise CheckpointFormatError(f"{p}: not a regular file or folder")
     if p.suffix == ".safetensors":
         return Format.SAFETENSORS
     if p.suffix == ".ckpt":

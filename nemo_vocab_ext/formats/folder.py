@@ -1,4 +1,4 @@
-"""Where writers put files: a folder on disk, or a folder inside a tar archive written as a stream.
+"""Checkpoint folders: read from disk (:class:`InFolder`), or written to disk or into a tar archive as a stream.
 
 Writing a .nemo straight into its tar (instead of into a folder that is then archived) writes every
 byte once. A member's size is only known once its data is written, so its header is written with
@@ -8,15 +8,80 @@ size 0 first and rewritten in place afterwards (the GNU header's length does not
 from __future__ import annotations
 
 import abc
+import os
+import stat
 import tarfile
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-from .region import OutFile
+from ..errors import CheckpointFormatError, UnsafeCheckpointError
+from .region import FileRegion, OutFile
+from .untrusted import plain_member_name
 
 _BLOCK = tarfile.BLOCKSIZE
+
+
+class InFolder:
+    """A checkpoint folder on disk, read like an archive: its regular files by plain member name.
+
+    A link or special file anywhere in it refuses the whole folder: a link's target can lie outside
+    it, and a FIFO never ends.
+    """
+
+    def __init__(self, path: Path, *, shown_as: Path | None = None):
+        self.path = path
+        self.shown_as = shown_as or path  # what messages name: a temporary folder stands for its archive
+        self._sizes: dict[str, int] = {}
+
+        def fail(error: OSError) -> None:
+            raise CheckpointFormatError(f"{path}: cannot list the folder ({error.strerror})") from None
+
+        shown = self.shown_as
+        for root, dirs, files in os.walk(path, onerror=fail):
+            for name in sorted(dirs + files):
+                full = Path(root, name)
+                rel = full.relative_to(path).as_posix()
+                mode = full.lstat().st_mode
+                if stat.S_ISLNK(mode):
+                    raise UnsafeCheckpointError(
+                        f"{shown}: '{rel}' is a link (to '{os.readlink(full)}'); refusing the folder"
+                    )
+                if stat.S_ISREG(mode):
+                    self._sizes[plain_member_name(rel, shown)] = full.stat().st_size
+                elif not stat.S_ISDIR(mode):
+                    raise UnsafeCheckpointError(
+                        f"{shown}: '{rel}' is not a regular file or folder; refusing the folder"
+                    )
+
+    def __enter__(self) -> InFolder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def names(self) -> list[str]:
+        return sorted(self._sizes)
+
+    def has(self, name: str) -> bool:
+        return plain_member_name(name, self.shown_as) in self._sizes
+
+    def _known(self, name: str) -> str:
+        plain = plain_member_name(name, self.shown_as)
+        if plain not in self._sizes:
+            raise CheckpointFormatError(f"{self.shown_as}: '{name}' is missing")
+        return plain
+
+    def read(self, name: str, *, max_bytes: int | None = None) -> bytes:
+        region = self.region(name)
+        if max_bytes is not None and region.length > max_bytes:
+            raise CheckpointFormatError(f"{self.shown_as}: '{name}' is {region.length} bytes, over {max_bytes}")
+        return region.read()
+
+    def region(self, name: str) -> FileRegion:
+        plain = self._known(name)
+        return FileRegion(self.path / plain, 0, self._sizes[plain])
 
 
 class OutFolder(abc.ABC):

@@ -13,9 +13,11 @@ from typing import Any
 
 from ..checkpoint import DISTRIBUTED, SINGLE, Checkpoint
 from ..errors import CheckpointFormatError, ConfigError
+from .folder import InFolder
 from .region import Entries, FileRegion, OutFile, held
-from .torch_dist import open_torch_dist, write_torch_dist
+from .torch_dist import COMMON_FILE, METADATA_FILE, dist_entries, parse_metadata, write_torch_dist
 from .torch_zip import read_torch_file, torch_file_bytes, write_torch_file
+from .untrusted import check_artifacts, check_config
 
 ARTIFACTS_KEY = "nemo_vocab_ext_artifacts"
 MODEL_PREFIX = "model."
@@ -28,38 +30,52 @@ def _config_of(payload: dict[str, Any], source: Path) -> dict[str, Any]:
     hparams = payload.get("hyper_parameters")
     if hparams is None:
         raise ConfigError(f"{source}: no hyper_parameters in this checkpoint; the model config is missing")
-    cfg = hparams.get("cfg", hparams) if isinstance(hparams, (dict, DictConfig)) else None
-    if cfg is None:
+    if not isinstance(hparams, dict | DictConfig):
+        raise ConfigError(f"{source}: hyper_parameters is a {type(hparams).__name__}, not a mapping")
+    if "cfg" not in hparams:
         raise ConfigError(f"{source}: hyper_parameters holds no model config ('cfg')")
-    container = OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, DictConfig) else dict(cfg)
-    assert isinstance(container, dict)
-    return container  # type: ignore[return-value]
+    cfg = hparams._get_node("cfg") if isinstance(hparams, DictConfig) else hparams["cfg"]
+    where = f"{source}: hyper_parameters.cfg"
+    if not isinstance(cfg, DictConfig):
+        return check_config(cfg, where)
+    check_config(cfg, where)  # bounded before OmegaConf expands it
+    try:
+        container = OmegaConf.to_container(cfg, resolve=False)
+    except (ValueError, RecursionError) as e:  # omegaconf's errors are ValueErrors
+        raise ConfigError(f"{where}: not a model config OmegaConf reads ({e})") from None
+    return check_config(container, where)
+
+
+def _artifacts_of(payload: dict[str, Any], source: Path) -> dict[str, bytes]:
+    return check_artifacts(payload.pop(ARTIFACTS_KEY, None) or {}, f"{source}: {ARTIFACTS_KEY}")
 
 
 def is_dist_checkpoint_dir(path: Path) -> bool:
-    return path.is_dir() and (path / ".metadata").is_file() and (path / "common.pt").is_file()
+    return path.is_dir() and (path / METADATA_FILE).is_file() and (path / COMMON_FILE).is_file()
 
 
 def read_lightning(path: str | Path) -> Checkpoint:
     path = Path(path)
     if is_dist_checkpoint_dir(path):
-        common_pt = path / "common.pt"
-        common = read_torch_file(FileRegion(common_pt, 0, common_pt.stat().st_size), what=str(common_pt))
+        folder = InFolder(path)
+        common = read_torch_file(folder.region(COMMON_FILE), what=str(path / COMMON_FILE))
         if not isinstance(common, dict):
-            raise CheckpointFormatError(f"{path}/common.pt: expected a dict, found {type(common).__name__}")
-        artifacts = common.pop(ARTIFACTS_KEY, {}) or {}
+            raise CheckpointFormatError(f"{path}/{COMMON_FILE}: expected a dict, found {type(common).__name__}")
+        artifacts = _artifacts_of(common, path)
         config = _config_of(common, path)
-        return Checkpoint(Entries(open_torch_dist(path)), config, DISTRIBUTED, dict(artifacts), training_state=common)
+        metadata = parse_metadata(folder.read(METADATA_FILE), str(path / METADATA_FILE))
+        entries = dist_entries(metadata, folder.region, str(path))
+        return Checkpoint(Entries(entries), config, DISTRIBUTED, artifacts, training_state=common)
     if not path.is_file():
         raise CheckpointFormatError(f"{path}: neither a Lightning .ckpt file nor a distributed checkpoint folder")
     # Tensors stay in the file until used, optimizer states included (written back as stored).
     payload = read_torch_file(FileRegion(path, 0, path.stat().st_size), what=str(path))
-    if not isinstance(payload, dict) or "state_dict" not in payload:
+    if not isinstance(payload, dict) or not isinstance(payload.get("state_dict"), dict):
         raise CheckpointFormatError(f"{path}: not a Lightning checkpoint (no 'state_dict')")
     state = Entries(payload.pop("state_dict"))
-    artifacts = payload.pop(ARTIFACTS_KEY, {}) or {}
+    artifacts = _artifacts_of(payload, path)
     config = _config_of(payload, path)
-    return Checkpoint(state, config, SINGLE, dict(artifacts), training_state=payload)
+    return Checkpoint(state, config, SINGLE, artifacts, training_state=payload)
 
 
 def _lightning_payload(ckpt: Checkpoint) -> dict[str, Any]:

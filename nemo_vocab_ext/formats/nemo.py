@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +13,8 @@ import yaml
 
 from ..checkpoint import DISTRIBUTED, MP_RANK, SINGLE, TP_PP_RANK, Checkpoint, Value
 from ..errors import CheckpointFormatError, ConfigError, UnsupportedError
-from .archive import NemoArchive
-from .folder import DirOut, OutFolder, tar_out
+from .archive import NemoArchive, extract_gzip, is_gzip
+from .folder import DirOut, InFolder, OutFolder, tar_out
 from .region import Entries, FileRegion, held
 from .torch_dist import (
     COMMON_FILE,
@@ -24,6 +26,7 @@ from .torch_dist import (
     write_torch_dist,
 )
 from .torch_zip import load_all, read_torch_file, torch_file_bytes, write_torch_file
+from .untrusted import MAX_CONFIG_BYTES, check_config, check_config_text, plain_member_name
 
 CONFIG = "model_config.yaml"
 WEIGHTS_FILE = "model_weights.ckpt"
@@ -56,13 +59,12 @@ _SAFE_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
 
 def parse_config(data: bytes, source: str) -> dict[str, Any]:
+    text = check_config_text(data, f"{source}: {CONFIG}")
     try:
-        config = yaml.load(data.decode("utf-8"), Loader=_SAFE_LOADER)  # noqa: S506 - a safe loader
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{source}: model_config.yaml is not valid YAML ({e})") from e
-    if not isinstance(config, dict):
-        raise ConfigError(f"{source}: model_config.yaml does not hold a mapping")
-    return config
+        config = yaml.load(text, Loader=_SAFE_LOADER)  # noqa: S506 - a safe loader
+    except (yaml.YAMLError, RecursionError) as e:
+        raise ConfigError(f"{source}: {CONFIG} is not valid YAML ({' '.join(str(e).split())})") from None
+    return check_config(config, f"{source}: {CONFIG}")
 
 
 def dump_config(config: dict[str, Any]) -> bytes:
@@ -78,43 +80,39 @@ def dump_config(config: dict[str, Any]) -> bytes:
     return text.encode("utf-8")
 
 
-class ExtractedNemo:
-    """An extracted .nemo folder (what NeMo's ``model_extracted_dir`` points at), read like an archive."""
-
-    compressed = False
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __enter__(self) -> ExtractedNemo:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
-    def names(self) -> list[str]:
-        return sorted(p.relative_to(self.path).as_posix() for p in self.path.rglob("*") if p.is_file())
-
-    def read(self, name: str) -> bytes:
-        return self.region(name).read()
-
-    def region(self, name: str) -> FileRegion:
-        member = self.path / name
-        if not member.is_file():
-            raise CheckpointFormatError(f"{self.path}: '{name}' is missing")
-        return FileRegion(member, 0, member.stat().st_size)
+Source = NemoArchive | InFolder
 
 
-def open_nemo(path: str | Path) -> NemoArchive | ExtractedNemo:
+def _needed(name: str) -> bool:
+    """The members a reader uses (the config, artifacts and weights); a tar.gz's other members are skipped."""
+    return (
+        name in (CONFIG, WEIGHTS_FILE)
+        or name.startswith(f"{WEIGHTS_DIR}/")
+        or any(p.match(name) for p in (_ARTIFACT, _MP_RANK, _TP_PP_RANK))
+    )
+
+
+@contextmanager
+def open_nemo(path: str | Path) -> Iterator[Source]:
+    """A .nemo archive or an extracted .nemo folder, read in place; a tar.gz archive (before NeMo 1.7) has no
+    byte offsets into its compressed stream, so the members a reader uses are streamed into a temporary folder."""
     path = Path(path)
-    return ExtractedNemo(path) if path.is_dir() else NemoArchive(path)
+    if path.is_dir():
+        yield InFolder(path)
+    elif path.is_file() and is_gzip(path):
+        with tempfile.TemporaryDirectory(prefix="nemo_vocab_ext.") as tmp:
+            extract_gzip(path, Path(tmp), _needed)
+            yield InFolder(Path(tmp), shown_as=path)
+    else:
+        with NemoArchive(path) as archive:
+            yield archive
 
 
-def _header(source: NemoArchive | ExtractedNemo, path: Path) -> tuple[dict[str, Any], dict[str, bytes], str]:
+def _header(source: Source, path: Path) -> tuple[dict[str, Any], dict[str, bytes], str]:
     names = source.names()
     if CONFIG not in names:
         raise ConfigError(f"{path}: {CONFIG} is missing; this is not a NeMo model archive")
-    config = parse_config(source.read(CONFIG), str(path))
+    config = parse_config(source.read(CONFIG, max_bytes=MAX_CONFIG_BYTES), str(path))
     artifacts = {n: source.read(n) for n in names if _ARTIFACT.match(n)}
     return config, artifacts, detect_layout(names, path)
 
@@ -141,7 +139,7 @@ def _state_dict(region: FileRegion, what: str) -> dict[str, Value]:
     return state
 
 
-def _entries(source: NemoArchive | ExtractedNemo, path: Path) -> Checkpoint:
+def _entries(source: Source, path: Path) -> Checkpoint:
     config, artifacts, layout = _header(source, path)
     if layout == DISTRIBUTED:
         metadata_json = source.read(f"{WEIGHTS_DIR}/{METADATA_JSON}")
@@ -152,9 +150,11 @@ def _entries(source: NemoArchive | ExtractedNemo, path: Path) -> Checkpoint:
             )
         where = f"{path}:{WEIGHTS_DIR}"
         metadata = parse_metadata(source.read(f"{WEIGHTS_DIR}/{METADATA_FILE}"), where)
-        entries = dist_entries(metadata, lambda name: source.region(f"{WEIGHTS_DIR}/{name}"), where)
+        entries = dist_entries(
+            metadata, lambda name: source.region(f"{WEIGHTS_DIR}/{plain_member_name(name, where)}"), where
+        )
         common_name = f"{WEIGHTS_DIR}/{COMMON_FILE}"
-        common = source.read(common_name) if common_name in source.names() else b""
+        common = source.read(common_name) if source.has(common_name) else b""
         state = {"dist_common": common, "dist_metadata": metadata_json}
         return Checkpoint(Entries(entries), config, layout, artifacts, training_state=state)
     if layout == SINGLE:
@@ -174,15 +174,10 @@ def read_nemo(path: str | Path) -> Checkpoint:
     """A .nemo archive or an extracted .nemo folder; weights are read when first used."""
     path = Path(path)
     with open_nemo(path) as source:
-        if not source.compressed:
-            return _entries(source, path)
-        assert isinstance(source, NemoArchive)
-        # tar.gz (before NeMo 1.7): no byte offsets into a compressed stream, so read it all now.
-        with tempfile.TemporaryDirectory() as tmp:
-            source.extract_all(Path(tmp))
-            ckpt = _entries(ExtractedNemo(Path(tmp)), path)
+        ckpt = _entries(source, path)
+        if isinstance(source, InFolder) and not path.is_dir():  # a tar.gz's temporary folder: read it all now
             ckpt.tensors = {k: ckpt.tensors[k] for k in ckpt.tensors}
-            return ckpt
+        return ckpt
 
 
 def _write_nemo_to(ckpt: Checkpoint, out: OutFolder, *, link_unchanged: bool = False) -> None:

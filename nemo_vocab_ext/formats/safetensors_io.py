@@ -14,14 +14,15 @@ import base64
 import json
 import math
 import struct
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
-from ..checkpoint import Checkpoint, Value
+from ..checkpoint import DISTRIBUTED, MP_RANK, SINGLE, TP_PP_RANK, Checkpoint, Value
 from ..core.dtypes import BY_SAFETENSORS, UINT8, DType
-from ..errors import CheckpointFormatError
+from ..errors import CheckpointFormatError, ConfigError
+from .folder import InFolder
 from .region import (
     Entries,
     FileRegion,
@@ -35,6 +36,7 @@ from .region import (
     tensor_meta,
     write_order,
 )
+from .untrusted import MAX_CONFIG_BYTES, check_artifacts, check_config
 
 INDEX = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -169,41 +171,81 @@ def write_safetensors(ckpt: Checkpoint, dst: Path, *, max_shard_bytes: int | Non
     (dst / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True))
 
 
+_MAX_ENTRIES = 100_000  # tensors in one model, all shards together; a 70B model's headers list about a thousand
+_LAYOUTS = (SINGLE, DISTRIBUTED, MP_RANK, TP_PP_RANK)
+
+
+def _json(data: bytes, what: str) -> object:
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as e:  # RecursionError: nested too deep to parse
+        raise CheckpointFormatError(f"{what}: not valid JSON ({str(e)[:200]})") from None
+
+
 def _shard_files(src: Path) -> list[Path]:
+    """The files holding the model: ``src`` itself, or the shards its index names (plain names in the folder)."""
     if src.is_file():
         return [src]
-    index = src / INDEX
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError) as e:
-            raise CheckpointFormatError(f"{index}: not a safetensors index ({e})") from e
-        return [src / name for name in sorted(set(weight_map.values()))]
-    if (src / SINGLE_NAME).is_file():
-        return [src / SINGLE_NAME]
+    folder = InFolder(src)
+    if folder.has(INDEX):
+        index = _json(folder.read(INDEX, max_bytes=_MAX_HEADER), str(src / INDEX))
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointFormatError(f"{src / INDEX}: not a safetensors index (no weight_map of file names)")
+        if len(weight_map) > _MAX_ENTRIES:
+            raise CheckpointFormatError(f"{src / INDEX}: {len(weight_map)} entries, over the limit of {_MAX_ENTRIES}")
+        names = sorted(set(weight_map.values()))
+        for name in names:
+            if not folder.has(name):
+                raise CheckpointFormatError(f"{src / name}: shard listed in the index is missing")
+        return [folder.region(name).path for name in names]
+    if folder.has(SINGLE_NAME):
+        return [folder.region(SINGLE_NAME).path]
     raise CheckpointFormatError(f"{src}: no {INDEX} or {SINGLE_NAME} in this folder")
 
 
+def _json_field(meta: Mapping[str, str], key: str, default: str, kind: type, source: Path) -> Any:
+    """A metadata value that holds JSON text of type ``kind``."""
+    value = _json(meta.get(key, default).encode(), f"{source}: metadata '{key}'")
+    if not isinstance(value, kind):
+        raise CheckpointFormatError(f"{source}: metadata '{key}' holds a {type(value).__name__}, not a {kind.__name__}")
+    return value
+
+
+def _strings(value: Iterable[object], what: str, source: Path, stored: Mapping[str, object] | None = None) -> list[str]:
+    """Entry names the metadata lists: text, and where ``stored`` is given, each one of its entries."""
+    bad = [v for v in value if not isinstance(v, str) or (stored is not None and v not in stored)]
+    if bad:
+        kind = "a stored entry" if stored is not None else "an entry name"
+        raise CheckpointFormatError(f"{source}: metadata '{what}' lists {bad[0]!r}, which is not {kind}")
+    return list(value)  # type: ignore[arg-type]
+
+
 def _decode_metadata(
-    meta: dict[str, str], source: Path
+    meta: Mapping[str, str], entries: Mapping[str, SafetensorsEntry], source: Path
 ) -> tuple[dict[str, Any], str, dict[str, bytes], list[str], list[str], dict[str, str]]:
     if META_CONFIG not in meta:
         raise CheckpointFormatError(
             f"{source}: no NeMo model config in the safetensors metadata; it was not written by nemo-vocab-ext "
             "(a Hugging Face checkpoint needs NeMo's HF importers instead)"
         )
+    if len(meta[META_CONFIG]) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{source}: the model config is over the {MAX_CONFIG_BYTES}-byte limit")
+    config = check_config(_json_field(meta, META_CONFIG, "", dict, source), f"{source}: metadata '{META_CONFIG}'")
+    layout = meta.get(META_LAYOUT, SINGLE)
+    if layout not in _LAYOUTS:
+        raise CheckpointFormatError(f"{source}: metadata '{META_LAYOUT}' is {layout!r}, not one of {list(_LAYOUTS)}")
+    encoded = _json_field(meta, META_ARTIFACTS, "{}", dict, source)
     try:
-        artifacts = {k: base64.b64decode(v) for k, v in json.loads(meta.get(META_ARTIFACTS, "{}")).items()}
-        return (
-            json.loads(meta[META_CONFIG]),
-            meta.get(META_LAYOUT, "single"),
-            artifacts,
-            json.loads(meta.get(META_BLOBS, "[]")),
-            json.loads(meta.get(META_NONE, "[]")),
-            json.loads(meta.get(META_ALIASES, "{}")),
-        )
-    except ValueError as e:
-        raise CheckpointFormatError(f"{source}: corrupt nemo_vocab_ext metadata ({e})") from e
+        artifacts = {k: base64.b64decode(v, validate=True) for k, v in encoded.items()}
+    except (TypeError, ValueError) as e:
+        raise CheckpointFormatError(f"{source}: metadata '{META_ARTIFACTS}' holds a value that is not base64") from e
+    blobs = _strings(_json_field(meta, META_BLOBS, "[]", list, source), META_BLOBS, source, entries)
+    nones = _strings(_json_field(meta, META_NONE, "[]", list, source), META_NONE, source)
+    aliases = _json_field(meta, META_ALIASES, "{}", dict, source)
+    _strings(aliases, META_ALIASES, source)
+    _strings(aliases.values(), META_ALIASES, source, entries)
+    return config, layout, check_artifacts(artifacts, source), blobs, nones, aliases
 
 
 def _read_header(path: Path) -> tuple[dict[str, Any], int]:
@@ -216,50 +258,62 @@ def _read_header(path: Path) -> tuple[dict[str, Any], int]:
         (length,) = struct.unpack("<Q", head)
         if length > min(_MAX_HEADER, size - 8):
             raise CheckpointFormatError(f"{path}: not a safetensors file (header length {length})")
-        try:
-            header = json.loads(f.read(length))
-        except ValueError as e:
-            raise CheckpointFormatError(f"{path}: not a safetensors file (header: {e})") from None
+        header = _json(f.read(length), f"{path}: not a safetensors file, its header")
     if not isinstance(header, dict):
         raise CheckpointFormatError(f"{path}: not a safetensors file (header is not an object)")
+    if len(header) > _MAX_ENTRIES:
+        raise CheckpointFormatError(f"{path}: the header lists {len(header)} entries, over the limit of {_MAX_ENTRIES}")
     return header, 8 + length
 
 
+def _naturals(value: object) -> TypeGuard[list[int]]:
+    return isinstance(value, list) and all(type(v) is int and v >= 0 for v in value)
+
+
 def _file_entries(path: Path) -> tuple[dict[str, SafetensorsEntry], dict[str, str]]:
+    """Every entry, checked as safetensors checks them: a known dtype, a shape, and data offsets inside the file
+    that hold exactly that many bytes, no two entries sharing a byte."""
     header, data_start = _read_header(path)
     container = FileRegion(path, data_start, path.stat().st_size - data_start)
     meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CheckpointFormatError(f"{path}: the header's __metadata__ is not a table of strings")
     entries: dict[str, SafetensorsEntry] = {}
     for key, info in header.items():
-        try:
-            dtype = BY_SAFETENSORS[info["dtype"]]
-            shape = tuple(int(s) for s in info["shape"])
-            begin, end = (int(x) for x in info["data_offsets"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointFormatError(f"{path}: entry '{key}' has a malformed header ({e})") from None
-        if end - begin != math.prod(shape) * dtype.itemsize:
-            raise CheckpointFormatError(f"{path}: entry '{key}' has {end - begin} bytes for shape {list(shape)}")
-        region = container.sub(begin, end - begin)
-        entries[key] = SafetensorsEntry(region, dtype, shape)
+        fields = info if isinstance(info, dict) else {}
+        name, shape, offsets = fields.get("dtype"), fields.get("shape"), fields.get("data_offsets")
+        dtype = BY_SAFETENSORS.get(name) if isinstance(name, str) else None
+        if dtype is None or not _naturals(shape) or not (_naturals(offsets) and len(offsets) == 2):
+            raise CheckpointFormatError(
+                f"{path}: entry {key!r} has a malformed header (expected a known dtype, a shape and two data offsets)"
+            )
+        begin, end = offsets
+        if end < begin or end - begin != math.prod(shape) * dtype.itemsize:
+            raise CheckpointFormatError(f"{path}: entry {key!r} has {end - begin} bytes for shape {shape}")
+        entries[key] = SafetensorsEntry(container.sub(begin, end - begin), dtype, tuple(shape))
+    # Sorted by start, two entries overlap only if two neighbours do.
+    ranges = sorted((r.offset, r.offset + r.length, k) for k, e in entries.items() if (r := e.region).length)
+    for (_, end, first), (begin, _, second) in zip(ranges, ranges[1:], strict=False):
+        if begin < end:
+            raise CheckpointFormatError(f"{path}: entries {first!r} and {second!r} overlap; the header is damaged")
     return entries, meta
 
 
 def read_safetensors(src: str | Path) -> Checkpoint:
     """Entries are read when used; byte blobs, None entries and aliases are restored from the metadata."""
     src = Path(src)
-    entries: dict[str, Stored | None] = {}
-    meta: dict[str, str] | None = None
+    stored: dict[str, SafetensorsEntry] = {}
+    meta: dict[str, str] = {}
     for f in _shard_files(src):
-        if not f.is_file():
-            raise CheckpointFormatError(f"{f}: shard listed in the index is missing")
         found, file_meta = _file_entries(f)
-        entries.update(found)
+        stored.update(found)
+        if len(stored) > _MAX_ENTRIES:
+            raise CheckpointFormatError(f"{src}: the shards list over {_MAX_ENTRIES} entries")
         meta = meta or file_meta
-    config, layout, artifacts, blobs, nones, aliases = _decode_metadata(meta or {}, src)
+    config, layout, artifacts, blobs, nones, aliases = _decode_metadata(meta, stored, src)
+    entries: dict[str, Stored | None] = dict(stored)
     for key in blobs:
-        entry = entries[key]
-        assert isinstance(entry, SafetensorsEntry)
-        entries[key] = SafetensorsEntry(entry.region, None, None)
+        entries[key] = SafetensorsEntry(stored[key].region, None, None)
     for key in nones:
         entries[key] = None
     for key, target in aliases.items():

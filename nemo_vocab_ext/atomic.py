@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import OutputExistsError
+from .errors import CheckpointFormatError, OutputExistsError
 from .formats.detect import detect_format
 
 SCRATCH_STEM = "nemo_vocab_ext"  # this package's folders in the system's temporary folder
@@ -83,24 +83,26 @@ def scratch_dir() -> Iterator[Path]:
 def refuse_existing(dst: Path, *, force: bool) -> None:
     """Fail before any work when ``dst`` exists and may not be replaced.
 
-    ``--force`` replaces a file, or a folder that holds a checkpoint; never another folder, whose
-    contents would be deleted.
+    ``--force`` replaces a file, or a folder that holds a checkpoint or a tokenizer (what this package
+    writes as folders); never another folder, whose contents would be deleted.
     """
     if not os.path.lexists(dst):
         return
     if not force:
         raise OutputExistsError(f"{dst} exists; pass --force to overwrite it")
-    if dst.is_dir() and not dst.is_symlink() and not _holds_checkpoint(dst):
+    if dst.is_dir() and not dst.is_symlink() and not _holds_ours(dst):
         raise OutputExistsError(
-            f"{dst} is a folder that holds no checkpoint; --force replaces only checkpoints: "
+            f"{dst} is a folder that holds no checkpoint or tokenizer; --force replaces only those: "
             "remove it or pick another name"
         )
 
 
-def _holds_checkpoint(folder: Path) -> bool:
+def _holds_ours(folder: Path) -> bool:
+    if any(folder.glob("*.model")) or any((folder / name).is_file() for name in ("vocab.json", "tokenizer.json")):
+        return True
     try:
         detect_format(folder)
-    except Exception:  # noqa: BLE001 - anything unrecognised is not a checkpoint
+    except CheckpointFormatError:
         return False
     return True
 

@@ -81,7 +81,7 @@ def cli_env(tmpdir: Path) -> dict[str, str]:
 def cli(*args: object, tmpdir: Path, cwd: Path | None = None, **kw: object) -> subprocess.CompletedProcess[str]:
     """``nemo-vocab-ext ARGS`` as the console script runs it, with its own temporary folder."""
     command = [sys.executable, "-m", "nemo_vocab_ext.cli", *map(str, args)]
-    return subprocess.run(command, capture_output=True, text=True, env=cli_env(tmpdir), cwd=cwd, **kw)  # type: ignore[call-overload, no-any-return]
+    return subprocess.run(command, capture_output=True, text=True, env=cli_env(tmpdir), cwd=cwd, **kw)
 
 
 def assert_refused(done: subprocess.CompletedProcess[str], *messages: str) -> None:
@@ -102,7 +102,7 @@ def tmpdir_(tmp_path: Path) -> Path:
 # Kills.
 
 
-def wait_for(found: Callable[[], bool], proc: subprocess.Popen[str], what: str, timeout: float = 120) -> None:
+def wait_for(found: Callable[[], bool], proc: subprocess.Popen, what: str, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while not found():
         assert proc.poll() is None, f"the command ended before {what}: {proc.communicate()}"
@@ -152,7 +152,7 @@ def test_a_later_run_removes_what_sigkill_left(large: Path, tmpdir_: Path) -> No
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    wait_for(lambda: bool(temporaries_beside(dst)) and any(tmpdir_.iterdir()), proc, "temporaries")  # type: ignore[arg-type]
+    wait_for(lambda: bool(temporaries_beside(dst)) and any(tmpdir_.iterdir()), proc, "temporaries")
     proc.kill()
     proc.wait()
     assert temporaries_beside(dst) and any(tmpdir_.iterdir())  # nothing could remove them
@@ -169,7 +169,7 @@ def test_a_later_run_removes_what_sigkill_left(large: Path, tmpdir_: Path) -> No
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in folder.iterdir()) == sorted([large.name, "out.nemo", live.name, other.name])
     assert list(tmpdir_.iterdir()) == [live_scratch]
-    assert load_checkpoint(dst)[0].tensors[EMBEDDING].shape == (70016, 256)  # type: ignore[union-attr]
+    assert load_checkpoint(dst)[0].tensors[EMBEDDING].shape == (70016, 256)
     assert snapshot(folder)[large.name] == source
 
 
@@ -252,7 +252,7 @@ def test_force_never_replaces_a_folder_that_holds_no_checkpoint(base: Path, tmpd
         assert cli("convert", base, folder / name, tmpdir=tmpdir_).returncode == 0
         again = cli("resize", base, folder / name, "--vocab-size", 700, "--init", "mean", "--force", tmpdir=tmpdir_)
         assert again.returncode == 0, again.stderr
-        assert load_checkpoint(folder / name)[0].tensors[EMBEDDING].shape == (768, HIDDEN)  # type: ignore[union-attr]
+        assert load_checkpoint(folder / name)[0].tensors[EMBEDDING].shape == (768, HIDDEN)
     assert snapshot(folder)[base.name] == before[base.name]
 
 
@@ -266,7 +266,7 @@ def test_resize_writes_the_format_its_destination_names(base: Path, tmpdir_: Pat
     assert done.returncode == 0, done.stderr
     assert dst.is_dir() or not tarfile.is_tarfile(dst)  # not a .nemo under another name
     out, read_as = load_checkpoint(dst)
-    assert read_as is fmt and out.tensors[EMBEDDING].shape == (768, HIDDEN)  # type: ignore[union-attr]
+    assert read_as is fmt and out.tensors[EMBEDDING].shape == (768, HIDDEN)
     assert len(out.artifacts) == 2  # the tokenizer travels with it
 
 

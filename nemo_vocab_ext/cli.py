@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import tempfile
 from pathlib import Path
+from types import FrameType
 from typing import NoReturn
 
 import click
@@ -122,12 +125,15 @@ def validate(
     sys.exit(0 if report.ok else 1)
 
 
+TO_OPTION = click.option(
+    "--to", "to", type=click.Choice([f.value for f in Format]), help="Output format (default: from DST's suffix)."
+)
+
+
 @main.command()
 @click.argument("src", type=click.Path(exists=True, path_type=Path))
 @click.argument("dst", type=click.Path(path_type=Path))
-@click.option(
-    "--to", "to", type=click.Choice([f.value for f in Format]), help="Output format (default: from DST's suffix)."
-)
+@TO_OPTION
 @click.option(
     "--layout",
     type=click.Choice(["distributed", "single"]),
@@ -138,15 +144,16 @@ def validate(
 @report_errors
 def convert(src: Path, dst: Path, to: str | None, layout: str | None, force: bool, verify: bool) -> None:
     """Convert between .nemo, .ckpt and safetensors, one tensor at a time; the output is read back and checked."""
-    from .io import load_checkpoint, save_checkpoint, select
+    from .atomic import refuse_existing, refuse_overlap
+    from .io import load_checkpoint, save_checkpoint, weights_for
 
     fmt = format_for_destination(dst, Format(to) if to else None)
+    refuse_overlap(src, dst)
+    refuse_existing(dst, force=force)
     with stages(4) as stage:
         stage("reading")
         loaded, src_fmt = load_checkpoint(src)
-        if fmt is not Format.CKPT:
-            # Weights only: optimizer state belongs to training checkpoints.
-            loaded = select(loaded, lambda key: not key.startswith("optimizer."))
+        loaded = weights_for(loaded, fmt)
         if layout is not None:
             from .layout import change_layout  # torch: layers are stacked or split
 
@@ -164,6 +171,7 @@ def convert(src: Path, dst: Path, to: str | None, layout: str | None, force: boo
     type=click.Path(exists=True, path_type=Path),
     help="The merged tokenizer (vocab.json+merges.txt folder, tokenizer.json or .model).",
 )
+@TO_OPTION
 @click.option("--vocab-size", type=click.IntRange(min=1), help="New tokenizer size, when no tokenizer is given.")
 @click.option(
     "--init",
@@ -193,6 +201,7 @@ def resize(
     src: Path,
     dst: Path,
     tokenizer: Path | None,
+    to: str | None,
     vocab_size: int | None,
     init: str,
     padding_init: str,
@@ -204,15 +213,17 @@ def resize(
     force: bool,
     verify: bool,
 ) -> None:
-    """Grow (or, with --allow-shrink, shrink) the vocabulary of SRC into a new .nemo DST."""
+    """Grow (or, with --allow-shrink, shrink) the vocabulary of SRC into DST (.nemo, .ckpt or safetensors)."""
     from .resize_job import run_resize
 
     if (tokenizer is None) == (vocab_size is None):
         raise click.UsageError("give exactly one of --tokenizer and --vocab-size")
+    fmt = format_for_destination(dst, Format(to) if to else None)
     with stages(1 if dry_run else 5) as stage:
         lines = run_resize(
             src,
             dst,
+            fmt=fmt,
             tokenizer=tokenizer,
             vocab_size=vocab_size,
             init=Init(init),
@@ -229,31 +240,61 @@ def resize(
     click.echo("\n".join(lines))
 
 
+class Terminated(BaseException):
+    """SIGTERM (``kill``, ``timeout``), raised where the command is so that its clean-ups run, as for Ctrl-C."""
+
+
+def _stop_on_sigterm(main_pid: int) -> None:
+    def handler(signum: int, _: FrameType | None) -> None:
+        if os.getpid() != main_pid:  # a forked child computing beside a resize: nothing of its own to clean up
+            os._exit(128 + signum)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the clean-ups run once, uninterrupted
+        _end_work_beside()  # not waited for: the command stops now
+        raise Terminated
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def run() -> NoReturn:
     """The ``nemo-vocab-ext`` console script: :func:`main`, then exit without the interpreter's teardown.
 
     Teardown frees every object one by one (0.1 to 0.2 s after a resize: numpy, two parsed
     vocabularies) and has nothing left to do: outputs are published and temporary files removed by
     then, and no thread has work left. A child process still computing for a command that failed
-    is ended, as at a normal exit.
+    is ended, as at a normal exit. SIGTERM ends a command as Ctrl-C does, its temporaries removed
+    (exit code 143). Every temporary file of the command lies in one folder of its own (named with
+    its process id, so that a later run removes it if this one is killed outright).
     """
+    from .atomic import scratch_dir
+
+    _stop_on_sigterm(os.getpid())
     try:
-        main()
+        with scratch_dir() as scratch:
+            tempfile.tempdir = str(scratch)
+            main()
         code = 0
     except SystemExit as e:  # click ends every run this way
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         if isinstance(e.code, str):
             print(e.code, file=sys.stderr)
+    except Terminated:
+        code = 128 + signal.SIGTERM
+        print("Error: terminated by SIGTERM; unfinished outputs and temporary files removed", file=sys.stderr)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the command is over: nothing left to stop
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except OSError:  # a closed pipe: the output is lost, as Python reports at exit
             code = code or 120
-    if "nemo_vocab_ext.beside" in sys.modules:  # work still running beside a command that failed
+    _end_work_beside()  # work still running beside a command that failed
+    os._exit(code)
+
+
+def _end_work_beside() -> None:
+    if "nemo_vocab_ext.beside" in sys.modules:
         from .beside import end_children
 
         end_children()
-    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import sys
 from collections.abc import Callable, Iterator
@@ -29,8 +30,19 @@ def _root_flag(name: str) -> bool:
     return bool(ctx and ctx.find_root().params.get(name, False))
 
 
+def error_message(e: BaseException) -> str:
+    """One line for an error; memory and OS errors (a full disk, a denied permission) name what they can."""
+    if isinstance(e, MemoryError) or isinstance(e, OSError) and e.errno == errno.ENOMEM:
+        detail = f" ({e})" if isinstance(e, MemoryError) and str(e) else ""  # often without a message of its own
+        return f"out of memory{detail}; free memory or run on a machine with more"
+    if isinstance(e, OSError) and e.strerror:
+        where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+        return f"{where}: {e.strerror}" if where else e.strerror
+    return str(e) or type(e).__name__
+
+
 def report_errors(fn: F) -> F:
-    """Map this package's errors (and OS errors such as a full disk) to one line."""
+    """Map this package's errors (and memory and OS errors such as a full disk) to one line."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -39,7 +51,7 @@ def report_errors(fn: F) -> F:
         except (VocabExtError, UnknownKeysError, OSError, MemoryError) as e:
             if _root_flag("debug"):
                 raise
-            raise OneLineError(str(e), getattr(e, "exit_code", 1)) from e
+            raise OneLineError(error_message(e), getattr(e, "exit_code", 1)) from e
 
     return wrapper  # type: ignore[return-value]
 

@@ -3,22 +3,28 @@
 from __future__ import annotations
 
 import math
-import tempfile
-from pathlib import Path
 from typing import Any
 
+from .atomic import scratch_dir
 from .checkpoint import Checkpoint
 from .errors import VocabExtError
 from .formats.region import tensor_meta
-from .vocab import divisible_by_of, expected_rows, load_checkpoint_tokenizer, tensor_parallel_of, vocab_table_shapes
+from .vocab import (
+    divisible_by_of,
+    expected_rows,
+    load_checkpoint_tokenizer,
+    pipeline_parallel_of,
+    tensor_parallel_of,
+    vocab_table_shapes,
+)
 
 
 def describe(ckpt: Checkpoint, fmt: str) -> dict[str, Any]:
     keys = ckpt.vocab_keys()
     embedding_shape, embedding_dtype = vocab_table_shapes(ckpt)[keys.embedding]
-    with tempfile.TemporaryDirectory() as tmp:
+    with scratch_dir() as tmp:
         try:
-            tok = load_checkpoint_tokenizer(ckpt, Path(tmp))
+            tok = load_checkpoint_tokenizer(ckpt, tmp)
         except VocabExtError:
             tok = None
     vocab = tok.vocab_size if tok is not None else None
@@ -41,7 +47,7 @@ def describe(ckpt: Checkpoint, fmt: str) -> dict[str, Any]:
         "padded_vocab_size": expected_rows(vocab, ckpt.config) if vocab is not None else None,
         "make_vocab_size_divisible_by": divisible_by_of(ckpt.config),
         "tensor_model_parallel_size": tensor_parallel_of(ckpt.config),
-        "pipeline_model_parallel_size": int(ckpt.config.get("pipeline_model_parallel_size") or 1),
+        "pipeline_model_parallel_size": pipeline_parallel_of(ckpt.config),
         "num_tensors": len(shapes),
         "num_parameters": sum(math.prod(shape) for shape in shapes),
     }

@@ -109,6 +109,13 @@ def save_checkpoint(
         verify_written(ckpt, written, Path(dst), bitwise=verify)
 
 
+def weights_for(ckpt: Checkpoint, fmt: Format) -> Checkpoint:
+    """What a file of ``fmt`` keeps of ``ckpt``: optimizer state belongs to training checkpoints (.ckpt) only."""
+    if fmt is Format.CKPT:
+        return ckpt
+    return select(ckpt, lambda key: not key.startswith("optimizer."))
+
+
 def select(ckpt: Checkpoint, keep: Callable[[str], bool]) -> Checkpoint:
     """The same checkpoint with only the entries whose key passes ``keep`` (nothing is read)."""
     return dataclasses.replace(ckpt, tensors=Entries({k: held(ckpt.tensors, k) for k in ckpt.tensors if keep(k)}))

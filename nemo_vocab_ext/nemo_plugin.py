@@ -34,6 +34,7 @@ from .vocab import (
     embed_tokenizer,
     expected_rows,
     plan_resize,
+    refuse_training_checkpoint_of_another_size,
     vocab_table_shapes,
 )
 
@@ -290,17 +291,4 @@ def install() -> None:
 
 def refuse_mismatched_training_checkpoint(path: Path, module: Any) -> None:
     """Megatron would silently zero-fill or truncate the table (and its optimizer moments): refuse."""
-    from .formats.torch_dist import read_tensor_infos
-
-    if not (path / ".metadata").is_file():
-        return
-    shapes = {k: tuple(v.shape) for k, v in read_tensor_infos(path).items()}
-    stored = shapes[find_vocab_keys(k for k in shapes if k.startswith("model.")).embedding][0]
-    built = int(module.padded_vocab_size)
-    if stored != built:
-        raise ResizeError(
-            f"{path}: training checkpoint has {stored} embedding rows but the model has {built} for the configured "
-            f"tokenizer; resume it with the tokenizer it was trained with, or export its weights "
-            f"(`nemo-vocab-ext convert {path} weights.nemo`) and continue with model.restore_from_path=weights.nemo "
-            f"+model.vocab_extension.init=..."
-        )
+    refuse_training_checkpoint_of_another_size(path, int(module.padded_vocab_size))

@@ -1,16 +1,15 @@
-"""``resize``: read, plan, resize, embed the new tokenizer, write a verified .nemo."""
+"""``resize``: read, plan, resize, embed the new tokenizer, write a verified checkpoint."""
 
 from __future__ import annotations
 
 import functools
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from .atomic import refuse_existing
+from .atomic import refuse_existing, refuse_overlap, scratch_dir
 from .core.rows import Init
-from .errors import TokenizerError
-from .io import Format, Stage, load_checkpoint, no_stage, save_checkpoint
+from .errors import ResizeError, TokenizerError
+from .io import Format, Stage, load_checkpoint, no_stage, save_checkpoint, weights_for
 from .vocab import (
     apply_resize_while_writing,
     check_tokenizer_fits,
@@ -25,6 +24,7 @@ def run_resize(
     src: Path,
     dst: Path,
     *,
+    fmt: Format = Format.NEMO,
     tokenizer: Path | None,
     vocab_size: int | None,
     init: Init = Init.ZEROS,
@@ -38,15 +38,23 @@ def run_resize(
     verify: bool = False,
     stage: Stage = no_stage,
 ) -> list[str]:
-    """Resize ``src`` into ``dst`` (a .nemo) and return the report lines; ``dry_run`` writes nothing."""
+    """Resize ``src`` into ``dst`` (written as ``fmt``) and return the report lines; ``dry_run`` writes nothing."""
     from .tokenizer import tokenizer_size
 
     if not dry_run:
+        refuse_overlap(src, dst)
         refuse_existing(dst, force=force)
     stage("reading")
-    ckpt, _ = load_checkpoint(src)
-    with tempfile.TemporaryDirectory(prefix="nemo_vocab_ext.") as tmp:
-        own_files = checkpoint_tokenizer_files(ckpt, Path(tmp))
+    ckpt = weights_for(load_checkpoint(src)[0], fmt)
+    if fmt is Format.CKPT and ckpt.training_state.get("optimizer_states"):
+        # A Lightning file keeps its optimizer's moments by parameter index, not by name: they would
+        # keep the old table's shape and break the resumed run.
+        raise ResizeError(
+            f"{src}: a training checkpoint whose optimizer state cannot follow a resized table; "
+            "write a .nemo or .safetensors DST (weights only)"
+        )
+    with scratch_dir() as tmp:
+        own_files = checkpoint_tokenizer_files(ckpt, tmp)
         if init.needs_pieces and (own_files is None or tokenizer is None):
             raise TokenizerError(
                 f"--init {init} needs the checkpoint's own tokenizer and --tokenizer (the new one); "
@@ -83,7 +91,7 @@ def run_resize(
         resized.config = dict(resized.config, make_vocab_size_divisible_by=plan.divisible_by)
         if tensor_parallel is not None and resized.rank_tensors is None:
             resized.config["tensor_model_parallel_size"] = tensor_parallel
-        save_checkpoint(resized, dst, Format.NEMO, force=force, verify=verify, stage=stage)
+        save_checkpoint(resized, dst, fmt, force=force, verify=verify, stage=stage)
     return [f"wrote {dst}", *plan.lines(finished())]
 
 

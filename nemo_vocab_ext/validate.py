@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -10,6 +9,7 @@ from typing import Any
 
 import torch
 
+from .atomic import scratch_dir
 from .checkpoint import Checkpoint
 from .errors import VocabExtError
 from .vocab import divisible_by_of, expected_rows, load_checkpoint_tokenizer, tensor_parallel_of, vocab_table_shapes
@@ -123,9 +123,9 @@ def validate_checkpoint(
     rows = shapes[keys.embedding][0][0]
     tp = tensor_parallel or tensor_parallel_of(ckpt.config)
     multiple = divisible_by or divisible_by_of(ckpt.config)
-    with tempfile.TemporaryDirectory() as tmp:
+    with scratch_dir() as tmp:
         try:
-            own = load_checkpoint_tokenizer(ckpt, Path(tmp))
+            own = load_checkpoint_tokenizer(ckpt, tmp)
         except VocabExtError as e:
             own = None
             report.add("own tokenizer", False, str(e))

@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from .beside import Beside, start_beside
 from .checkpoint import Checkpoint, Value
 from .core.dtypes import DType, dtype_of
-from .core.keys import VocabKeys
+from .core.keys import UnknownKeysError, VocabKeys, find_vocab_keys
 from .core.rows import INIT_COSTS, INIT_DESCRIPTIONS, Init, RowPlan, ShrinkRefusedError, plan_rows
-from .core.sizes import padded_vocab_size
-from .errors import CheckpointFormatError, ConfigError, ResizeError, TokenizerError
+from .core.sizes import padded_vocab_size, positive_count
+from .errors import CheckpointFormatError, ConfigError, ResizeError, TokenizerError, VocabExtError
 from .formats.region import (
     Deferred,
     Entries,
@@ -57,8 +57,33 @@ OPTIMIZER_MASTER = "optimizer.state.fp32_param."
 
 
 def model_config_int(config: dict[str, Any], key: str, default: int) -> int:
+    """A positive whole number of the model config (``default`` when absent); anything else is a
+    :class:`ConfigError` naming the key and the value."""
     value = config.get(key)
-    return default if value is None else int(value)
+    if value is None:
+        return default
+    if isinstance(value, str) and "${" in value:
+        value = _resolve_interpolation(config, key)
+    try:
+        return positive_count(value, key)
+    except ValueError:
+        raise ConfigError(
+            f"model config: {key}={config[key]!r} is not a positive whole number; set it to one (as NeMo expects)"
+        ) from None
+
+
+def _resolve_interpolation(config: dict[str, Any], key: str) -> object:
+    """``key``'s value with its ``${...}`` resolved against the model config, as OmegaConf would."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return OmegaConf.create(config)[key]
+    except OmegaConfBaseException as e:
+        reason = str(e).splitlines()[0]
+        raise ConfigError(
+            f"model config: {key}={config[key]!r} is an interpolation that cannot be resolved ({reason})"
+        ) from None
 
 
 def divisible_by_of(config: dict[str, Any]) -> int:
@@ -69,13 +94,16 @@ def tensor_parallel_of(config: dict[str, Any]) -> int:
     return model_config_int(config, "tensor_model_parallel_size", 1)
 
 
+def pipeline_parallel_of(config: dict[str, Any]) -> int:
+    return model_config_int(config, "pipeline_model_parallel_size", 1)
+
+
 def expected_rows(
     vocab_size: int, config: dict[str, Any], *, tp: int | None = None, divisible_by: int | None = None
 ) -> int:
     """Rows NeMo builds for ``vocab_size`` under ``config`` (``override_vocab_size`` wins, as in NeMo)."""
-    override = config.get("override_vocab_size")
-    if override:
-        return int(override)
+    if config.get("override_vocab_size") is not None:
+        return model_config_int(config, "override_vocab_size", 0)
     return padded_vocab_size(vocab_size, divisible_by or divisible_by_of(config), tp or tensor_parallel_of(config))
 
 
@@ -474,6 +502,40 @@ def check_tokenizer_fits(own: TokenizerInfo, new: TokenizerInfo, what: str) -> N
         raise TokenizerError(
             f"{what}: {check.summary()}; the pretrained rows would be scrambled. "
             "Build the new tokenizer with `nemo-vocab-ext tokenizer merge`"
+        )
+
+
+def training_checkpoint_rows(path: Path) -> int | None:
+    """Embedding rows a training checkpoint stores: a distributed folder's (from its ``.metadata``) or a
+    Lightning file's (from its state dict, no tensor read); None for anything else, or a file this
+    package does not read (NeMo loads it as it would)."""
+    from .formats.lightning import is_dist_checkpoint_dir
+    from .io import Format, load_checkpoint
+
+    if is_dist_checkpoint_dir(path):
+        from .formats.torch_dist import read_tensor_infos
+
+        shapes = {k: tuple(v.shape) for k, v in read_tensor_infos(path).items()}
+        return shapes[find_vocab_keys(k for k in shapes if k.startswith("model.")).embedding][0]
+    if not path.is_file():
+        return None
+    try:
+        ckpt, _ = load_checkpoint(path, Format.CKPT)
+        return vocab_table_shapes(ckpt)[ckpt.vocab_keys().embedding][0][0]
+    except (VocabExtError, UnknownKeysError):
+        return None
+
+
+def refuse_training_checkpoint_of_another_size(path: Path, built_rows: int) -> None:
+    """A training checkpoint loads only into a table of its own size: megatron would silently zero-fill or
+    truncate a distributed one's table (and its optimizer moments), and fail on a single file's."""
+    stored = training_checkpoint_rows(path)
+    if stored is not None and stored != built_rows:
+        raise ResizeError(
+            f"{path}: training checkpoint has {stored} embedding rows but the model has {built_rows} for the "
+            f"configured tokenizer; resume it with the tokenizer it was trained with, or export its weights "
+            f"(`nemo-vocab-ext convert {path} weights.nemo`) and continue with model.restore_from_path=weights.nemo "
+            f"+model.vocab_extension.init=..."
         )
 
 

@@ -370,7 +370,7 @@ class Demo:
             raise DemoError("validate failed on something other than the embedding rows", self.p.cli_log)
         say(4, "expected FAILURE: base.nemo has rows for the base tokenizer only; the plugin grows them at restore")
         dst = self.p.root / "x.nemo"
-        self.cli(4, "resize", self.p.base_nemo, dst, "--tokenizer", self.p.merged_tok, "--init", "mean", "--dry-run")
+        self.cli(4, "resize", self.p.base_nemo, dst, "--tokenizer", self.p.merged_tok, "--dry-run")  # default init: fvt
         if dst.exists():
             raise DemoError("resize --dry-run wrote x.nemo", self.p.cli_log)
 
@@ -381,7 +381,7 @@ class Demo:
             f"model.tokenizer.vocab_file={self.p.merged_tok}/vocab.json",
             f"model.tokenizer.merge_file={self.p.merged_tok}/merges.txt",
             f"model.data.data_prefix=[1.0,{self.p.mixed_data}]",
-            "+model.vocab_extension.init=mean",
+            "+model.vocab_extension.init=fvt",  # the default, spelled out
             "+model.vocab_extension.check_data=true",
         ]
         job = stock_job(config, overrides, folder)
@@ -406,7 +406,8 @@ class Demo:
         say(
             5,
             f"before step 1: rows 0..{base_vocab - 1} bit-identical to base.nemo, "
-            f"rows {base_vocab}..{record['padded_vocab_size'] - 1} the mean of the old rows",
+            f"rows {base_vocab}..{merged_vocab - 1} each the mean of its pieces' rows under the base tokenizer (fvt), "
+            f"rows {merged_vocab}..{record['padded_vocab_size'] - 1} (padding) the mean of the old rows",
         )
         losses = read_probe(folder, job.log, self.continual_steps)
         if not mean(losses[-10:]) < mean(losses[:10]):
@@ -430,9 +431,17 @@ class Demo:
             )
         if not torch.equal(start[:base_vocab], old[:base_vocab]):
             raise DemoError("the extension changed old rows", log)
-        avg = old[:base_vocab].double().mean(0).to(old.dtype)
-        if not torch.allclose(start[base_vocab:], avg.expand(rows - base_vocab, -1), rtol=0, atol=1e-6):
-            raise DemoError("new rows are not the mean of the old rows", log)
+        # fvt, computed here on its own: each new token's row is the mean of the rows of the pieces the
+        # base tokenizer splits it into (the old rows' mean where it has none); padding rows the mean.
+        from nemo_vocab_ext.tokenizer import pieces_under
+
+        avg = old[:base_vocab].double().mean(0)
+        base_tok, merged_tok = load_tokenizer(self.p.base_tok), load_tokenizer(self.p.merged_tok)
+        pieces = pieces_under(base_tok, merged_tok, range(base_vocab, merged_vocab))
+        rows_of = [old[ids].double().mean(0) if ids and max(ids) < base_vocab else avg for ids in pieces]
+        expected = torch.stack([*rows_of, *[avg] * (rows - merged_vocab)]).to(old.dtype)
+        if not torch.allclose(start[base_vocab:], expected, rtol=0, atol=1e-6):
+            raise DemoError("new rows are not fvt's (the mean of each token's pieces' rows)", log)
 
     def step6_restore(self) -> None:
         folder = self.p.root / "restore_final"

@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
-import math
+import numbers
+
+
+def positive_count(value: object, what: str) -> int:
+    """``value`` as a count of tokens, rows or ranks: a positive whole number.
+
+    A bool, a float (NaN and infinities included) or a string is refused, not converted: NeMo would
+    compute with it as given, or fail later.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{what} must be a positive whole number, got {value!r}")
+    return int(value)
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int = 128, tensor_parallel: int = 1) -> int:
@@ -11,15 +22,11 @@ def padded_vocab_size(vocab_size: int, divisible_by: int = 128, tensor_parallel:
     Megatron pads to a multiple of ``divisible_by * tensor_parallel`` so that every tensor-parallel
     rank holds the same number of rows; the padded size therefore changes with TP.
     """
-    if vocab_size < 1:
-        raise ValueError(f"vocab_size must be positive, got {vocab_size}")
-    if divisible_by < 1 or tensor_parallel < 1:
-        raise ValueError(
-            f"make_vocab_size_divisible_by and tensor parallel size must be positive, "
-            f"got {divisible_by} and {tensor_parallel}"
-        )
-    multiple = divisible_by * tensor_parallel
-    return math.ceil(vocab_size / multiple) * multiple
+    vocab_size = positive_count(vocab_size, "vocab_size")
+    multiple = positive_count(divisible_by, "make_vocab_size_divisible_by") * positive_count(
+        tensor_parallel, "tensor parallel size"
+    )
+    return -(-vocab_size // multiple) * multiple  # whole numbers: exact at any size
 
 
 def tp_row_range(padded_rows: int, tensor_parallel: int, rank: int) -> tuple[int, int]:

@@ -2,8 +2,8 @@
 
 NeMo's ``examples/`` are not on PyPI: ``NEMO_EXAMPLES_DIR`` points at a NeMo checkout (2.4.x); it
 defaults to ``<repo>/../shared/nemo-v2.4.0`` (an unmodified copy of the script and its config, laid
-out as a checkout) when that folder exists. Without either the test is skipped and says why. The override set is the one a user passes, plus
-the CPU preset from ``conf_overrides`` (``+platform=cpu``).
+out as a checkout) when that folder exists. Without either the test is skipped and says why. The
+override set is the one a user passes, plus the CPU preset from ``conf_overrides`` (``+platform=cpu``).
 """
 
 from __future__ import annotations

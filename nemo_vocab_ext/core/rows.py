@@ -41,6 +41,7 @@ INIT_DESCRIPTIONS: dict[Init, str] = {
     Init.FVT: "mean of the rows of the token's pieces under the old tokenizer (fallback: mean)",
 }
 
+
 class ShrinkRefusedError(ValueError):
     """The new table would drop trained rows."""
 

@@ -17,7 +17,7 @@ from .beside import Beside, start_beside
 from .checkpoint import Checkpoint, Value
 from .core.dtypes import DType, dtype_of
 from .core.keys import UnknownKeysError, VocabKeys, find_vocab_keys
-from .core.rows import INIT_COSTS, INIT_DESCRIPTIONS, Init, RowPlan, ShrinkRefusedError, plan_rows
+from .core.rows import INIT_DESCRIPTIONS, Init, RowPlan, ShrinkRefusedError, plan_rows
 from .core.sizes import padded_vocab_size, positive_count
 from .errors import CheckpointFormatError, ConfigError, ResizeError, TokenizerError, VocabExtError
 from .formats.region import (
@@ -36,6 +36,7 @@ from .formats.region import (
     tensor_meta,
     torch_as_array,
 )
+from .init_costs import expected_cost
 from .tokenizer import TokenizerInfo, check_ids_preserved, load_tokenizer
 
 if TYPE_CHECKING:
@@ -213,7 +214,7 @@ class ResizePlan:
             if rc.rows:
                 out.append(f"  rows [{rc.start:,}, {rc.stop:,}) {rc.name}: {rc.action} ({rc.rows:,} rows)")
         out.append(f"init '{self.init}': {INIT_DESCRIPTIONS[self.init]}")
-        out.append(f"expected cost of '{self.init}': {INIT_COSTS[self.init]}")
+        out.append(f"expected cost of '{self.init}': {expected_cost(self.init)}")
         for t in done:
             extra = f", fvt fallbacks to mean: {t.fvt_fallbacks}" if self.init.needs_pieces else ""
             out.append(f"{t.key}: {list(t.old_shape)} -> {list(t.new_shape)}, old rows sha256 {t.old_rows_hash}{extra}")

@@ -8,13 +8,17 @@ test process. Tests that use the ``.nemo`` fixtures or ``restore_nemo`` are mark
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner, Result
 
+from nemo_vocab_ext.cli import main
 from nemo_vocab_ext.testing.tiny import ForkServer, NemoRunError, cpu_env, offline_hf_home
 from nemo_vocab_ext.tokenizer import train_bpe
 
@@ -42,6 +46,33 @@ def english_texts() -> list[str]:
 def saved_state_path(nemo: Path) -> Path:
     """Where a fixture model's ``make_model --dump`` (its tensors as saved) lies."""
     return nemo.with_name(nemo.stem + ".saved.pt")
+
+
+def tree_digest(path: Path) -> dict[str, str]:
+    """sha256 of a file, or of every file under a folder, by path relative to ``path``."""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return {str(f.relative_to(path)): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+
+
+@contextmanager
+def sources_unchanged(*paths: Path) -> Iterator[None]:
+    """Fails when a byte of ``paths`` (files or folders) differs after the block, or one is gone or added."""
+    before = {p: tree_digest(p) for p in paths}
+    yield
+    for path, digest in before.items():
+        assert path.exists() and tree_digest(path) == digest, f"{path} was modified"
+
+
+CLI_WRITERS = ("convert", "resize")  # commands whose second argument is their output
+
+
+def invoke_cli(*args: object, catch_exceptions: bool = True) -> Result:
+    """The CLI in this process; every existing path it is given, other than its output, is checked
+    unchanged afterwards (the source of a write is never modified)."""
+    output = args[2] if args[0] in CLI_WRITERS else None
+    sources = [a for a in args[1:] if isinstance(a, Path) and a.exists() and a != output]
+    with sources_unchanged(*sources):
+        return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=catch_exceptions)
 
 
 def _raise_first(errors: Sequence[NemoRunError | None]) -> None:

@@ -6,11 +6,13 @@ import hashlib
 import json
 import os
 import pickle
+import zipfile
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner, Result
+from conftest import invoke_cli, sources_unchanged
 
 from nemo_vocab_ext.checkpoint import DISTRIBUTED, Checkpoint
 from nemo_vocab_ext.cli import main
@@ -58,7 +60,7 @@ def make_nemo(path: Path, tokenizer: Path, *, rows: int = 512, tied: bool = True
 
 
 def run(*args: object) -> Result:
-    return CliRunner().invoke(main, [str(a) for a in args])
+    return invoke_cli(*args)
 
 
 @pytest.fixture()
@@ -208,10 +210,28 @@ def test_pickle_that_would_run_code_is_refused(tmp_path: Path) -> None:
     result = run("inspect", complex_ckpt)  # torch's own inert names: unsupported, not unsafe
     assert result.exit_code == 1 and "holds torch.ComplexFloatStorage tensors" in result.output
     assert "would run code" not in result.output
-    raw = tmp_path / "raw.ckpt"  # a bare pickle, not torch's zip format
+    # A torch zip written by hand (not by torch.save) whose pickle names os.system itself: the zip is
+    # read, and the restricted unpickler refuses the name before anything is called.
+    by_hand = tmp_path / "by_hand.ckpt"
+    call = f"touch {marker}".encode()
+    data = b"\x80\x02cos\nsystem\nX" + len(call).to_bytes(4, "little") + call + b"\x85R."
+    with zipfile.ZipFile(by_hand, "w") as archive:
+        archive.writestr("archive/data.pkl", data)
+        archive.writestr("archive/version", "3\n")
+    result = run("inspect", by_hand)
+    assert result.exit_code == 1 and "references os.system" in result.output and "would run code" in result.output
+    raw = tmp_path / "raw.ckpt"  # a bare pickle, not torch's zip format: refused as such, never unpickled
     raw.write_bytes(pickle.dumps({"state_dict": {}, "hyper_parameters": Evil()}))
-    assert run("inspect", raw).exit_code == 1
+    result = run("inspect", raw)
+    assert result.exit_code == 1 and "not a torch.save file" in result.output
     assert not marker.exists()
+
+
+def test_a_changed_source_byte_is_noticed(base_nemo: Path) -> None:
+    with pytest.raises(AssertionError, match="was modified"), sources_unchanged(base_nemo, base_nemo.parent):
+        data = bytearray(base_nemo.read_bytes())
+        data[-1] ^= 1
+        base_nemo.write_bytes(bytes(data))
 
 
 def test_usage_errors_exit_2_and_debug_shows_traceback(base_nemo: Path, tmp_path: Path) -> None:
@@ -256,12 +276,14 @@ def test_cli_never_imports_nemo_or_megatron(base_nemo: Path, tokenizers: dict[st
         (["validate", str(tmp_path / "b.nemo")], True),  # reads tensor values with torch
     ]
     outputs = []
-    for args, needs_torch in commands:
-        blocked = nemo_stack if needs_torch else (*nemo_stack, "torch", "omegaconf")
-        run_cli = (
-            f"import sys; sys.modules.update(dict.fromkeys({blocked!r})); from nemo_vocab_ext.cli import main; main()"
-        )
-        done = subprocess.run([sys.executable, "-c", run_cli, *args], capture_output=True, text=True)
-        assert done.returncode == 0, (args, done.stderr)
-        outputs.append(done.stdout)
+    with sources_unchanged(base_nemo, tokenizers["large"]):
+        for args, needs_torch in commands:
+            blocked = nemo_stack if needs_torch else (*nemo_stack, "torch", "omegaconf")
+            run_cli = (
+                f"import sys; sys.modules.update(dict.fromkeys({blocked!r})); "
+                "from nemo_vocab_ext.cli import main; main()"
+            )
+            done = subprocess.run([sys.executable, "-c", run_cli, *args], capture_output=True, text=True)
+            assert done.returncode == 0, (args, done.stderr)
+            outputs.append(done.stdout)
     assert "init 'fvt'" in outputs[2] and "fvt fallbacks to mean: 0" in outputs[2]  # the CLI's default init

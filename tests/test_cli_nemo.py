@@ -10,10 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
-from conftest import BASE_VOCAB, LARGER_VOCAB, NEMO_MODELS, NemoRestorer
+from conftest import BASE_VOCAB, LARGER_VOCAB, NEMO_MODELS, NemoRestorer, invoke_cli
 
-from nemo_vocab_ext.cli import main
 from nemo_vocab_ext.io import load_checkpoint, verify_written
 
 pytestmark = pytest.mark.nemo
@@ -23,7 +21,7 @@ OUTPUT_LAYER = "model.output_layer.weight"
 
 
 def cli(*args: str | Path) -> str:
-    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    result = invoke_cli(*args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return result.output
 
@@ -142,7 +140,7 @@ def test_inspect_and_validate_on_nemo_files(
         info["layout"] == "distributed" and info["embedding_rows"] == 512 and info["tokenizer_vocab_size"] == BASE_VOCAB
     )
     assert info["tied"] is True and info["has_output_layer"] is False
-    result = CliRunner().invoke(main, ["validate", str(nemo_tied_dist), "--tokenizer", str(larger_tokenizer), "--json"])
+    result = invoke_cli("validate", nemo_tied_dist, "--tokenizer", larger_tokenizer, "--json")
     report = json.loads(result.output)
     assert result.exit_code == 1 and report["ok"] is False
     failed = [c["name"] for c in report["checks"] if not c["ok"]]

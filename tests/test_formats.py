@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 from pathlib import Path
 
@@ -60,6 +61,24 @@ def test_round_trip_is_bit_exact(tmp_path: Path, layout: str, fmt: Format, name:
     assert detected is fmt and back.layout == layout
     verify_written(ckpt, back, dst, bitwise=True)
     assert back.artifacts == ckpt.artifacts and back.config == ckpt.config
+
+
+@pytest.mark.parametrize(
+    "key", ["model.embedding.word_embeddings.weight", "model.output_layer.weight", "model.counter"]
+)
+def test_verify_written_notices_one_changed_byte(tmp_path: Path, key: str) -> None:
+    ckpt = synthetic(SINGLE)
+    dst = tmp_path / "m.safetensors"
+    save_checkpoint(ckpt, dst, Format.SAFETENSORS)
+    data = bytearray(dst.read_bytes())
+    header_len = int.from_bytes(data[:8], "little")
+    start, _ = json.loads(data[8 : 8 + header_len])[key]["data_offsets"]
+    data[8 + header_len + start] ^= 0x01  # the lowest bit of the entry's first byte
+    dst.write_bytes(bytes(data))
+    back, _ = load_checkpoint(dst)
+    verify_written(ckpt, back, dst, bitwise=False)  # shapes and dtypes alone cannot see it
+    with pytest.raises(CheckpointFormatError, match=f"entry '{key}' differs after writing"):
+        verify_written(ckpt, back, dst, bitwise=True)
 
 
 def test_sharded_safetensors_splits_and_indexes(tmp_path: Path) -> None:

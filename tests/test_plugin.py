@@ -16,15 +16,20 @@ import pytest
 import torch
 from conftest import BASE_VOCAB, LARGER_VOCAB, NemoRestorer, english_texts
 
+from nemo_vocab_ext.checkpoint import Checkpoint
+from nemo_vocab_ext.core.rows import Init
 from nemo_vocab_ext.testing.runs import PROBE_ENV, stock_job, write_pretraining_config
 from nemo_vocab_ext.testing.tiny import NemoRunError, run_concurrently
 from nemo_vocab_ext.tokenizer import load_tokenizer, pieces_under, train_bpe
+from nemo_vocab_ext.vocab import apply_resize, plan_resize
 
 pytestmark = pytest.mark.nemo
 
 EMBEDDING = "model.embedding.word_embeddings.weight"
 OUTPUT_LAYER = "model.output_layer.weight"
 STEPS = 3
+NORMAL_SEED = 7
+SMALLER_VOCAB = 300  # padded to 384 rows
 
 
 def tokenizer_args(vocab_dir: Path) -> list[str]:
@@ -52,9 +57,11 @@ def runs(
     bad_data: str,
 ) -> dict[str, tuple[Path, NemoRunError | None]]:
     root = tmp_path_factory.mktemp("plugin_runs")
-    smaller = train_bpe(english_texts(), root / "tok_smaller", 300)
+    smaller = train_bpe(english_texts(), root / "tok_smaller", SMALLER_VOCAB)
     foreign = train_bpe([t[::-1] for t in english_texts()], root / "tok_foreign", 600)  # other ids
     untied = ["model.share_embeddings_and_output_weights=False"]
+    work_dir = root / "work_dir"
+    work_dir.mkdir()
     plans: dict[str, tuple[Path, list[str], list[str], int]] = {
         "fvt_tied_dist": (
             nemo_models["tied_dist"],
@@ -88,6 +95,31 @@ def runs(
             tokenizer_args(larger_tokenizer) + untied,
             ["+model.vocab_extension.init=mean"],
             2,
+        ),
+        # Every other key in one run: normal init with its seed, zero padding, no report, own work_dir.
+        "keys_normal_tied_dist": (
+            nemo_models["tied_dist"],
+            tokenizer_args(larger_tokenizer),
+            [
+                "+model.vocab_extension.init=normal",
+                f"+model.vocab_extension.seed={NORMAL_SEED}",
+                "+model.vocab_extension.padding_init=zeros",
+                "+model.vocab_extension.report=false",
+                f"+model.vocab_extension.work_dir={work_dir}",
+            ],
+            1,
+        ),
+        "shrink_allowed": (
+            nemo_models["tied_dist"],
+            tokenizer_args(smaller),
+            ["+model.vocab_extension.init=mean", "+model.vocab_extension.allow_shrink=true"],
+            1,
+        ),
+        "override_vocab_size_refused": (
+            nemo_models["tied_dist"],
+            tokenizer_args(larger_tokenizer) + ["+model.override_vocab_size=1024"],
+            ["+model.vocab_extension.init=mean"],
+            1,
         ),
     }
     env = dict(nemo_env, **{PROBE_ENV: "probe.pt"})
@@ -207,3 +239,46 @@ def test_tensor_parallel_2_each_rank_gets_its_rows(
         blocks = [probe(folder, rank)["start"][key] for rank in range(2)]
         assert [b.shape[0] for b in blocks] == [384, 384]
         assert torch.equal(torch.cat(blocks), expected), key
+
+
+def test_normal_seed_padding_report_and_work_dir_keys(
+    runs: dict, nemo_tied_dist: Path, saved_state: Callable[[Path], dict]
+) -> None:
+    folder = ok_run(runs, "keys_normal_tied_dist")
+    log = (folder / "run.log").read_text()
+    assert "[vocab_extension] tokenizer size" not in log and "expected cost" not in log  # report=false
+    work_dir = folder.parent / "work_dir"
+    assert f"successfully restored from {work_dir}/nemo_vocab_ext." in log  # the resized copy lay there
+    assert not any(work_dir.iterdir())  # and was removed at exit
+    start = probe(folder)["start"][EMBEDDING]
+    old = saved_state(nemo_tied_dist)["state_dict"][EMBEDDING]
+    assert start.shape == (768, old.shape[1]) and torch.equal(start[:BASE_VOCAB], old[:BASE_VOCAB])
+    assert not start[LARGER_VOCAB:].any()  # padding_init=zeros
+    # The new rows are the normal init's draws for seed 7 (and not seed 0's, the default).
+    ckpt = Checkpoint({EMBEDDING: old}, {}, "distributed")
+    plan = plan_resize(ckpt, BASE_VOCAB, LARGER_VOCAB, tensor_parallel=1, divisible_by=128, init=Init.NORMAL)
+    drawn = {seed: apply_resize(ckpt, plan, seed=seed)[0].tensors[EMBEDDING] for seed in (NORMAL_SEED, 0)}
+    assert torch.equal(start[BASE_VOCAB:LARGER_VOCAB], drawn[NORMAL_SEED][BASE_VOCAB:LARGER_VOCAB])
+    assert not torch.equal(start[BASE_VOCAB:LARGER_VOCAB], drawn[0][BASE_VOCAB:LARGER_VOCAB])
+
+
+def test_allow_shrink_drops_the_rows_past_the_smaller_tokenizer(
+    runs: dict, nemo_tied_dist: Path, saved_state: Callable[[Path], dict]
+) -> None:
+    folder = ok_run(runs, "shrink_allowed")
+    log = (folder / "run.log").read_text()
+    assert f"[vocab_extension] tokenizer size: {BASE_VOCAB} -> {SMALLER_VOCAB}" in log
+    record = probe(folder)
+    start = record["start"][EMBEDDING]
+    old = saved_state(nemo_tied_dist)["state_dict"][EMBEDDING]
+    assert (record["tokenizer_vocab_size"], record["padded_vocab_size"]) == (SMALLER_VOCAB, 384)
+    assert start.shape == (384, old.shape[1]) and torch.equal(start[:SMALLER_VOCAB], old[:SMALLER_VOCAB])
+    mean = old[:BASE_VOCAB].double().mean(0).to(old.dtype)  # padding: the mean of the trained rows
+    assert torch.equal(start[SMALLER_VOCAB:], mean.expand(384 - SMALLER_VOCAB, -1))
+    assert len(record["losses"]) == STEPS
+
+
+def test_a_conflicting_override_vocab_size_is_refused(runs: dict) -> None:
+    log = failed_run(runs, "override_vocab_size_refused")
+    assert "override_vocab_size=1024 disagrees with the padded size 768; unset it" in log
+    assert "reduced_train_loss" not in log and not (runs["override_vocab_size_refused"][0] / "probe.pt.rank0").exists()

@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from nemo_vocab_ext.formats.torch_dist import read_tensor_infos
+from nemo_vocab_ext.formats.torch_dist import read_tensor_infos, read_torch_dist
 from nemo_vocab_ext.testing.runs import PROBE_ENV, stock_job, write_pretraining_config
 from nemo_vocab_ext.testing.tiny import NemoJob, NemoRunError, run_concurrently
 
 pytestmark = pytest.mark.nemo
 
 EMBEDDING = "model.embedding.word_embeddings.weight"
+EXP_AVG = "optimizer.state.exp_avg." + EMBEDDING
 SAVE = [
     "exp_manager.create_checkpoint_callback=True",
     "exp_manager.checkpoint_callback_params.save_top_k=1",
@@ -69,6 +70,10 @@ def resumed(
         job("base_size", restore + tokenizer_args(base_tokenizer) + SAVE, 2),
     ]
     check(run_concurrently(first, env))
+    # What the extended run saved at step 2 (its "-last" is replaced by step 4's on resume), and its probe.
+    saved = read_torch_dist(last_checkpoint(root / "extended"), [EMBEDDING, EXP_AVG])
+    torch.save(saved, root / "extended" / "step2.pt")
+    (root / "extended" / "probe.pt.rank0").rename(root / "extended" / "first_probe.pt")
     # The extended run goes on (resume_if_exists); the base-size checkpoint is loaded with the merged tokenizer.
     resume = ["exp_manager.resume_if_exists=True"]
     extended_again = job(
@@ -90,11 +95,20 @@ def test_an_extended_run_resumes_untouched(resumed: dict) -> None:
     assert error is None, error
     stored = read_tensor_infos(last_checkpoint(folder))
     assert stored[EMBEDDING].shape == (768, 64)
-    assert stored["optimizer.state.exp_avg." + EMBEDDING].shape == (768, 64)
+    assert stored[EXP_AVG].shape == (768, 64)
     log = (folder / "resume.log").read_text()
     assert "Restoring states from the checkpoint path" in log or "Restored all states" in log
     record = torch.load(folder / "probe.pt.rank0")
     assert len(record["losses"]) == 2  # steps 3 and 4 of 4
+    # The resumed run starts from the weights saved at step 2, not from a fresh extension of the base.
+    step2 = torch.load(folder / "step2.pt")
+    extended_at_start = torch.load(folder / "first_probe.pt")["start"][EMBEDDING]
+    assert not torch.equal(step2[EMBEDDING], extended_at_start)  # two steps of training moved the table
+    assert torch.equal(record["start"][EMBEDDING], step2[EMBEDDING])
+    # and goes on training from there, moments included.
+    step4 = read_torch_dist(last_checkpoint(folder), [EMBEDDING, EXP_AVG])
+    assert not torch.equal(step4[EMBEDDING], step2[EMBEDDING])
+    assert step2[EXP_AVG].abs().sum() > 0 and not torch.equal(step4[EXP_AVG], step2[EXP_AVG])
 
 
 def test_a_training_checkpoint_of_another_size_is_refused(resumed: dict) -> None:

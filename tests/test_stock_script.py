@@ -1,8 +1,9 @@
 """The genuine stock ``megatron_gpt_pretraining.py`` from a NeMo checkout, unmodified, with the plugin.
 
-NeMo's ``examples/`` are not on PyPI: point ``NEMO_EXAMPLES_DIR`` at a NeMo checkout (2.4.x) to run
-this; without it the test is skipped and says why. The override set is the one a user passes, plus
-the CPU preset from ``conf_overrides`` (``+platform=cpu``).
+NeMo's ``examples/`` are not on PyPI: ``NEMO_EXAMPLES_DIR`` points at a NeMo checkout (2.4.x); it
+defaults to ``<repo>/../shared/nemo-v2.4.0`` (an unmodified copy of the script and its config, laid
+out as a checkout) when that folder exists. Without either the test is skipped and says why. The
+override set is the one a user passes, plus the CPU preset from ``conf_overrides`` (``+platform=cpu``).
 """
 
 from __future__ import annotations
@@ -19,14 +20,18 @@ from nemo_vocab_ext.io import load_checkpoint
 from nemo_vocab_ext.testing.tiny import NemoJob, run_concurrently
 
 SCRIPT = "examples/nlp/language_modeling/megatron_gpt_pretraining.py"
-NEMO_EXAMPLES_DIR = os.environ.get("NEMO_EXAMPLES_DIR")
+DEFAULT_EXAMPLES_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "nemo-v2.4.0"
+NEMO_EXAMPLES_DIR = os.environ.get("NEMO_EXAMPLES_DIR") or (
+    str(DEFAULT_EXAMPLES_DIR) if DEFAULT_EXAMPLES_DIR.is_dir() else None
+)
 
 pytestmark = [
     pytest.mark.nemo,
     # Checked before any fixture is built, so a skip costs nothing.
     pytest.mark.skipif(
         not NEMO_EXAMPLES_DIR,
-        reason=f"NEMO_EXAMPLES_DIR is not set: it must point at a NeMo 2.4.x checkout with {SCRIPT}",
+        reason=f"NEMO_EXAMPLES_DIR is not set and {DEFAULT_EXAMPLES_DIR} does not exist: "
+        f"one must be a NeMo 2.4.x checkout with {SCRIPT}",
     ),
 ]
 EMBEDDING = "model.embedding.word_embeddings.weight"

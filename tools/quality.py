@@ -12,9 +12,11 @@
    to the base model's, held-out loss before training, then continual pretraining on the mix
    through NeMo's training loop, held-out loss every ``--eval-every`` steps.
 
-Writes ``quality.json`` (every number) and ``quality.png`` (held-out loss curves per init, both
-languages) in the workdir; prints a table. NeMo jobs run in fork servers (NeMo imported once per
-server), ``--parallel`` of them at a time, one CPU thread each.
+Writes ``quality.json`` (every number), ``quality.png`` (held-out loss curves per init, both
+languages) and ``measured.json`` (the means over seeds and what they were measured on, in the form of
+the packaged ``nemo_vocab_ext/measured/quality.json`` that the resize report quotes; ``--publish``
+replaces that file with it) in the workdir; prints a table and the README's rows. NeMo jobs run in
+fork servers (NeMo imported once per server), ``--parallel`` of them at a time, one CPU thread each.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from demo import (
     say,
 )
 
+from nemo_vocab_ext import init_costs
 from nemo_vocab_ext.core.rows import Init
 from nemo_vocab_ext.testing.runs import PROBE_ENV
 from nemo_vocab_ext.testing.tiny import ForkServer, NemoRunError, cpu_env, offline_hf_home
@@ -149,6 +152,38 @@ def summarise(base_en: float, runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+PACKAGED_RESULT = Path(__file__).resolve().parents[1] / "nemo_vocab_ext" / init_costs.RESULT_FILE
+MODEL_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "encoder_seq_length")
+
+
+def measured_result(
+    summary: dict[str, Any], base_en: float, base_vocab: int, new_tokens: int, args: argparse.Namespace
+) -> dict[str, Any]:
+    """The means over seeds (each seed's kept beside) and what they were measured on: the packaged file's form."""
+    return {
+        "what": "held-out loss (nats) of a GPT whose vocabulary was extended with each init, before and after "
+        "continual pretraining on a mix of the base and the new language; mean over seeds",
+        "source": f"tools/quality.py --inits {','.join(summary)} --base-steps {args.base_steps} "
+        f"--heldout {args.heldout} --model-seed {args.model_seed}",
+        "model": {k: MODEL[k] for k in MODEL_KEYS},
+        "base": {
+            "language": "English",
+            "data": "Python's documentation topics (pydoc_data)",
+            "tokenizer": "BPE",
+            "vocab_size": base_vocab,
+            "pretraining_steps": args.base_steps,
+            "heldout_en_loss": base_en,
+        },
+        "new": {"language": "Thai", "data": "pythainlp's Thai Wikipedia titles", "new_tokens": new_tokens},
+        "continual_steps": args.steps,
+        "seeds": args.seeds,
+        "inits": {
+            init: {**s["mean"], "meets_targets_every_seed": s["meets_targets_every_seed"], "per_seed": s["seeds"]}
+            for init, s in summary.items()
+        },
+    }
+
+
 def print_table(summary: dict[str, Any]) -> None:
     say("ok", "held-out loss (nats), mean over seeds; costs against the unextended base model:")
     head = f"{'init':<14}{'EN cost @0':>11}{'p(new) EN @0':>14}{'TH @0':>8}{'EN cost end':>13}{'TH end':>8}"
@@ -229,6 +264,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--heldout", type=int, default=48, help="held-out sequences per language (default 48)")
     p.add_argument("--parallel", type=int, default=2, help="NeMo jobs at a time, one thread each (default 2)")
     p.add_argument("--model-seed", type=int, default=1234, help="base model, data and mixing seed (default 1234)")
+    p.add_argument(
+        "--publish", action="store_true", help=f"also write measured.json over {PACKAGED_RESULT} (the report quotes it)"
+    )
     args = p.parse_args(argv)
     args.inits = [Init(i) for i in args.inits.split(",")]
     args.seeds = [int(s) for s in args.seeds.split(",")]
@@ -335,8 +373,16 @@ def main(argv: list[str] | None = None) -> int:
             "continual_seconds": time.monotonic() - prepared,
         }
         (root / "quality.json").write_text(json.dumps(result, indent=1))
+        base_vocab = load_tokenizer(p.base_tok).vocab_size
+        new_tokens = load_tokenizer(p.merged_tok).vocab_size - base_vocab
+        measured = json.dumps(measured_result(summary, base["en"], base_vocab, new_tokens, args), indent=1) + "\n"
+        (root / "measured.json").write_text(measured)
+        if args.publish:
+            PACKAGED_RESULT.write_text(measured)
         plot(result, root / "quality.png")
         print_table(summary)
+        say("ok", 'README rows ("Which init: measured"):')
+        print("\n".join(init_costs.readme_rows(json.loads(measured))), flush=True)
     except DemoError as e:
         print(f"QUALITY RUN FAILED: {e}", flush=True)
         if isinstance(e.log, Path) and e.log.is_file():

@@ -41,20 +41,6 @@ INIT_DESCRIPTIONS: dict[Init, str] = {
     Init.FVT: "mean of the rows of the token's pieces under the old tokenizer (fallback: mean)",
 }
 
-# What each init costs and gains, measured by tools/quality.py (README, "Which init"): a 4-layer,
-# hidden-128 GPT trained on English (2000-token BPE) extended by 1743 Thai tokens; held-out loss
-# before training and after 120 steps of English+Thai continual pretraining, mean of two seeds.
-INIT_COSTS: dict[Init, str] = {
-    Init.ZEROS: "about +0.47 nats of base-language loss at step 0 (37% of probability on new ids); after 120 "
-    "mixed steps +0.19 on the base language and 0.26 nats behind fvt on the new one",
-    Init.MEAN: "about +0.16 nats of base-language loss at step 0 (14% of probability on new ids); after 120 "
-    "mixed steps +0.10 on the base language and 0.08 nats behind fvt on the new one",
-    Init.NORMAL: "about +0.60 nats of base-language loss at step 0 (44% of probability on new ids); after 120 "
-    "mixed steps +0.18 on the base language and 0.10 nats behind fvt on the new one",
-    Init.FVT: "about +0.02 nats of base-language loss at step 0 (1% of probability on new ids); after 120 mixed "
-    "steps +0.05 on the base language and the best on the new one (0.26 nats ahead of zeros)",
-}
-
 
 class ShrinkRefusedError(ValueError):
     """The new table would drop trained rows."""

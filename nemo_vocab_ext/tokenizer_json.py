@@ -6,8 +6,8 @@ Two styles, both a ``BPE`` model:
 * byte-level (GPT-2, Llama 3, Qwen2): a ``ByteLevel`` pre-tokenizer/decoder; tokens are strings in GPT-2's
   byte alphabet; special tokens are ``added_tokens``, usually with ids above the BPE vocabulary;
 * SentencePiece-style (Llama 2, Mistral): spaces become ``▁`` (a ``Metaspace`` pre-tokenizer, or
-  ``Prepend``/``Replace`` normalizers), unknown characters fall back to ``<0xNN>`` byte tokens, and
-  ``<unk>``, ``<s>``, ``</s>`` sit at low ids.
+  ``Replace`` and ``Prepend`` normalizers with a ``Replace`` decoder), unknown characters fall back to
+  ``<0xNN>`` byte tokens, and ``<unk>``, ``<s>``, ``</s>`` sit at low ids.
 
 Files are read and written as JSON with the standard library; ``tokenizers`` validates what is written.
 """
@@ -21,6 +21,7 @@ from typing import Any
 from nemo_vocab_ext.atomic import atomic_output, refuse_existing
 from nemo_vocab_ext.errors import TokenizerError
 from nemo_vocab_ext.tokenizer import (
+    _SP_SPACE,
     KIND_TOKENIZER_JSON,
     IdCheck,
     MergeResult,
@@ -45,10 +46,12 @@ def tokenizer_style(data: dict[str, Any], where: Path) -> str:
         raise TokenizerError(f"{where}: a {kind or 'non-BPE'} model; merging needs a BPE tokenizer.json")
     if _has_type(data.get("pre_tokenizer"), "ByteLevel") or _has_type(data.get("decoder"), "ByteLevel"):
         return STYLE_BYTE_LEVEL
-    if _has_type(data, "Metaspace") or _has_type(data.get("normalizer"), "Prepend"):
+    # Spaces turned into "▁": a Metaspace step, or Replace/Prepend normalizers and a Replace decoder.
+    pipeline = [data.get("normalizer"), data.get("pre_tokenizer"), data.get("decoder")]
+    if _has_type(pipeline, "Metaspace") or _SP_SPACE in json.dumps(pipeline, ensure_ascii=False):
         return STYLE_SENTENCEPIECE
     raise TokenizerError(
-        f"{where}: neither byte-level (ByteLevel) nor SentencePiece-style (Metaspace or Prepend '▁'); "
+        f"{where}: neither byte-level (ByteLevel) nor SentencePiece-style (spaces as '▁'); "
         "merging supports GPT-2/Llama 3 and Llama 2/Mistral style tokenizer.json files"
     )
 

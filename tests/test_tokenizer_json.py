@@ -149,6 +149,10 @@ def test_styles_are_told_apart(tokenizers: dict[str, dict[str, Path]]) -> None:
     for style, paths in tokenizers.items():
         for path in (paths["base"] / "tokenizer.json", paths["new"]):
             assert tokenizer_style(json.loads(path.read_text(encoding="utf-8")), path) == style
+    # transformers' own Llama conversion: spaces replaced in the normalizer, no Prepend, no pre-tokenizer.
+    converted = Tokenizer(models.BPE())
+    converted.normalizer = normalizers.Replace(" ", SPACE)
+    assert tokenizer_style(json.loads(converted.to_str()), Path("x")) == STYLE_SENTENCEPIECE
     wordpiece = json.loads(Tokenizer(models.WordPiece({"[UNK]": 0}, unk_token="[UNK]")).to_str())
     with pytest.raises(TokenizerError, match="a WordPiece model; merging needs a BPE"):
         tokenizer_style(wordpiece, Path("x"))
@@ -470,13 +474,57 @@ def test_pieces_spell_each_new_token(
 # ---------------------------------------------------------------------------------- a shipped tokenizer
 
 
-def _shipped_tokenizer_jsons() -> list[Path]:
-    """tokenizer.json files that installed packages ship (none of them written by this project)."""
-    site = Path(os.__file__).parent / "site-packages" if sys.prefix == sys.base_prefix else None
-    roots = [Path(p) for p in sys.path if p.endswith("site-packages")] or ([site] if site else [])
+def _shipped_tokenizers() -> list[Path]:
+    """tokenizer.json files and SentencePiece BPE models (``*.model*``: mistral-common ships
+    ``tokenizer.model.v1``) that installed packages ship; none of them written by this project."""
+    import sentencepiece as spm
+
     found = []
-    for root in roots:
+    for root in sorted({p for p in sys.path if p.endswith("site-packages")}):
         for dirpath, _, files in os.walk(root):
-            if "tokenizer.json" in files:
-                found.append(Path(dirpath) / "tokenizer.json")
+            for name in files:
+                path = Path(dirpath) / name
+                if name == "tokenizer.json":
+                    found.append(path)
+                elif ".model" in name and path.stat().st_size > 1000:
+                    try:  # other packages' .model files (CRF taggers, ...) are no SentencePiece models
+                        sp = spm.SentencePieceProcessor(model_file=str(path))
+                    except (OSError, RuntimeError):
+                        continue
+                    if sp.is_byte(sp.piece_to_id("<0x41>")):  # a BPE with byte fallback, as Llama 2's
+                        found.append(path)
     return sorted(found)
+
+
+def _as_hf_folder(shipped: Path, folder: Path) -> Path:
+    if shipped.name == "tokenizer.json":
+        return shipped.parent
+    from transformers import LlamaTokenizerFast
+
+    # transformers' own conversion of a Llama 2 / Mistral SentencePiece model into a tokenizer.json.
+    LlamaTokenizerFast(vocab_file=str(shipped), legacy=True).save_pretrained(str(folder))
+    return folder
+
+
+def test_shipped_tokenizer_round_trip(
+    tokenizers: dict[str, dict[str, Path]], tmp_path: Path, en_lines: list[str], th_lines: list[str]
+) -> None:
+    shipped = _shipped_tokenizers()
+    if not shipped:
+        pytest.skip("no installed package ships a tokenizer.json or a SentencePiece BPE model (mistral-common does)")
+    for k, path in enumerate(shipped[:2]):
+        base_dir = _as_hf_folder(path, tmp_path / f"base{k}")
+        style = tokenizer_style(json.loads((base_dir / "tokenizer.json").read_text(encoding="utf-8")), path)
+        result = merge_tokenizer_json(base_dir, tokenizers[style]["new"], tmp_path / f"merged{k}")
+        assert result.check.ok and result.tokens_added > 0, path
+        base_hf, merged_hf = _auto(base_dir), _auto(result.out)
+        assert len(merged_hf) == len(base_hf) + result.tokens_added == result.vocab_size
+        english, thai = en_lines[:2000], th_lines[-1000:]
+        assert merged_hf(english)["input_ids"] == base_hf(english)["input_ids"], path
+        merged_th = merged_hf(thai)["input_ids"]
+        assert sum(map(len, merged_th)) < sum(map(len, base_hf(thai)["input_ids"])), path
+        assert merged_hf.batch_decode(merged_th, skip_special_tokens=True) == thai
+        pieces = pieces_under_json(
+            load_tokenizer(base_dir), load_tokenizer(result.out), range(len(base_hf), len(merged_hf))
+        )
+        assert all(pieces) and max(max(p) for p in pieces) < len(base_hf)

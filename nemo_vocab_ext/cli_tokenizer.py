@@ -190,6 +190,8 @@ def check_cmd(
 ) -> None:
     """Check that MERGED keeps every BASE token id and merge rank; exit 1 when ids moved.
 
+    Two tokenizer.json files: also every BASE added token, with its flags (special, ...).
+
     With --text, also report the share of lines encoded differently (0 expected on base-language
     text) and tokens per character before and after.
     """

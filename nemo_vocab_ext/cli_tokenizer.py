@@ -21,6 +21,9 @@ from nemo_vocab_ext.core.sizes import padded_vocab_size
 from nemo_vocab_ext.errors import TokenizerError
 from nemo_vocab_ext.tokenizer import (
     KIND_SENTENCEPIECE,
+    KIND_TOKENIZER_JSON,
+    IdCheck,
+    MergeResult,
     TokenizerInfo,
     check_ids_preserved,
     iter_corpus_texts,
@@ -29,6 +32,7 @@ from nemo_vocab_ext.tokenizer import (
     merge_sentencepiece,
     train_bpe_files,
 )
+from nemo_vocab_ext.tokenizer_json import check_tokenizer_json, merge_tokenizer_json
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -96,10 +100,27 @@ def train_cmd(
 def merge_cmd(base: Path, new: Path, out: Path, divisible_by: int, force: bool) -> None:
     """Append NEW's tokens and merges that BASE lacks after all of BASE's, into OUT.
 
-    GPT-2 BPE: OUT is a folder with vocab.json + merges.txt. SentencePiece: OUT is the merged .model
+    GPT-2 BPE: OUT is a folder with vocab.json + merges.txt. tokenizer.json (byte-level or
+    SentencePiece-style BPE): OUT is a folder with the merged tokenizer.json and BASE's
+    tokenizer_config.json and special_tokens_map.json. SentencePiece: OUT is the merged .model
     (a folder name gets BASE's file name inside it).
     """
     base_tok = load_tokenizer(base)
+    if base_tok.kind == KIND_TOKENIZER_JSON:
+        written, result = out, merge_tokenizer_json(base, new, out, force=force)
+    else:
+        written, result = _merge_into(base_tok, base, new, out, force)
+    merges = f" and {result.merges_added} merges" if result.kind != KIND_SENTENCEPIECE else ""
+    skipped = f" (skipped {len(result.skipped)} special/control tokens)" if result.skipped else ""
+    click.echo(f"merged tokenizer written to {written}")
+    click.echo(f"added {result.tokens_added} tokens{merges} from {new}{skipped}")
+    click.echo(f"vocab size (as NeMo counts it): {result.vocab_size} (base {result.base_vocab_size})")
+    click.echo(_padded_line(result.vocab_size, divisible_by))
+    click.echo(f"ids preserved: {result.check.summary()}" if result.check.ok else result.check.summary())
+
+
+def _merge_into(base_tok: TokenizerInfo, base: Path, new: Path, out: Path, force: bool) -> tuple[Path, MergeResult]:
+    """Merge GPT-2 BPE folders or SentencePiece models into OUT, published only complete."""
     with atomic_output(out, force=force) as tmp:
         if base_tok.kind == KIND_SENTENCEPIECE:
             written = out if out.suffix == ".model" else out / base_tok.path.name
@@ -110,13 +131,7 @@ def merge_cmd(base: Path, new: Path, out: Path, divisible_by: int, force: bool) 
             written = out
             result = merge_bpe(base, new, tmp)
     result.check.merged_path = str(written)  # it was checked in the temp folder, before the rename
-    merges = f" and {result.merges_added} merges" if result.kind != KIND_SENTENCEPIECE else ""
-    skipped = f" (skipped {len(result.skipped)} special/control tokens)" if result.skipped else ""
-    click.echo(f"merged tokenizer written to {written}")
-    click.echo(f"added {result.tokens_added} tokens{merges} from {new}{skipped}")
-    click.echo(f"vocab size (as NeMo counts it): {result.vocab_size} (base {result.base_vocab_size})")
-    click.echo(_padded_line(result.vocab_size, divisible_by))
-    click.echo(f"ids preserved: {result.check.summary()}" if result.check.ok else result.check.summary())
+    return written, result
 
 
 def _batches(texts: Iterator[str], size: int) -> Iterator[list[str]]:
@@ -150,6 +165,12 @@ def _compare_text(base: TokenizerInfo, merged: TokenizerInfo, path: Path, json_k
     }
 
 
+def _check_ids(base: TokenizerInfo, merged: TokenizerInfo) -> IdCheck:
+    if base.kind == merged.kind == KIND_TOKENIZER_JSON:
+        return check_tokenizer_json(base, merged)  # also the added tokens' flags
+    return check_ids_preserved(base, merged)
+
+
 @tokenizer.command("check")
 @click.argument("base", type=click.Path(path_type=Path))
 @click.argument("merged", type=click.Path(path_type=Path))
@@ -169,11 +190,13 @@ def check_cmd(
 ) -> None:
     """Check that MERGED keeps every BASE token id and merge rank; exit 1 when ids moved.
 
+    Two tokenizer.json files: also every BASE added token, with its flags (special, ...).
+
     With --text, also report the share of lines encoded differently (0 expected on base-language
     text) and tokens per character before and after.
     """
     base_tok, merged_tok = load_tokenizer(base), load_tokenizer(merged)
-    result = check_ids_preserved(base_tok, merged_tok)
+    result = _check_ids(base_tok, merged_tok)
     reports = [_compare_text(base_tok, merged_tok, p, json_key) for p in texts]
     if as_json:
         click.echo(json.dumps({"ids": result.to_dict(), "texts": reports}, ensure_ascii=False, indent=2))

@@ -4,6 +4,7 @@ by the run-folder adapter: tables against torch's own DCP reader, args mapped, b
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import shutil
 import subprocess
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import BASE_VOCAB
+from conftest import BASE_VOCAB, LARGER_VOCAB
 
 from nemo_vocab_ext.checkpoint import DISTRIBUTED
 from nemo_vocab_ext.core.sizes import padded_vocab_size
@@ -23,6 +24,7 @@ from nemo_vocab_ext.formats.megatron_run import (
     OUTPUT_LAYER_KEY,
     RUN_CONFIG,
     TRACKER_FILE,
+    common_with_vocab_rows,
     find_iteration,
     is_megatron_run,
     iteration_folder_name,
@@ -120,6 +122,19 @@ def test_an_iteration_folder_reads_as_its_run(runs: dict[str, Path]) -> None:
     assert find_iteration(run).folder == folder and find_iteration(folder).iteration == ITERATION
     whole, one = read_megatron_run(run), read_megatron_run(folder)
     assert whole.tensor_keys() == one.tensor_keys() and whole.config == one.config
+
+
+def test_common_pt_written_back_with_new_rows_loads_as_megatron_wrote_it(runs: dict[str, Path]) -> None:
+    folder = runs["untied"] / iteration_folder_name(ITERATION)
+    ckpt = read_megatron_run(folder)
+    rows = padded_vocab_size(LARGER_VOCAB, DIVISIBLE_BY, 1)
+    written = common_with_vocab_rows(ckpt.training_state["common"], rows)
+    # torch's full unpickler, megatron importable: the enums and dtypes come back as megatron's own.
+    original = torch.load(folder / COMMON_FILE, weights_only=False)
+    loaded = torch.load(io.BytesIO(written), weights_only=False)
+    assert loaded["args"].padded_vocab_size == rows != original["args"].padded_vocab_size
+    loaded["args"].padded_vocab_size = original["args"].padded_vocab_size
+    assert loaded == original
 
 
 def test_a_nemo_style_folder_is_not_a_run(runs: dict[str, Path], tmp_path: Path) -> None:

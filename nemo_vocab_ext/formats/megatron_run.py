@@ -24,7 +24,8 @@ from .dcp_records import Opaque
 from .nemo import parse_config
 from .region import Entries, FileRegion
 from .torch_dist import COMMON_FILE, METADATA_FILE, METADATA_JSON, open_torch_dist
-from .torch_zip import read_torch_file
+from .torch_pickle import register_name
+from .torch_zip import read_torch_file, torch_file_bytes
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 RELEASE = "release"
@@ -111,9 +112,19 @@ def is_megatron_run(path: str | Path) -> bool:
 # --- common.pt -------------------------------------------------------------------------------
 
 
+class MegatronEnum(Opaque):
+    """A megatron enum member among the args (``AttnBackend.auto``): its value kept, and written back
+    as the same member, so a ``common.pt`` read here can be saved again for megatron to load."""
+
+    def __reduce__(self) -> tuple[type, tuple[Any, ...]]:
+        return type(self), self.args
+
+
 @functools.cache
 def _enum_standin(module: str, name: str) -> type:
-    return type(name, (Opaque,), {"__module__": module})
+    standin = type(name, (MegatronEnum,), {"__module__": module})
+    register_name(standin, module, name)  # written under megatron's name, without importing megatron
+    return standin
 
 
 def _common_global(module: str, name: str) -> Any:
@@ -137,6 +148,17 @@ def read_common(folder: Path) -> dict[str, Any]:
     if not isinstance(common, dict):
         raise CheckpointFormatError(f"{path}: expected a dict, found {type(common).__name__}")
     return common
+
+
+def common_with_vocab_rows(common: dict[str, Any], rows: int) -> bytes:
+    """``common.pt`` for a checkpoint whose tables now have ``rows`` rows: Megatron-LM's ``args.padded_vocab_size``
+    updated (with ``--use-checkpoint-args`` it wins over the size the tokenizer gives), all else as read."""
+    args = common.get("args")
+    if not isinstance(args, argparse.Namespace):
+        return torch_file_bytes(common)
+    updated = argparse.Namespace(**vars(args))
+    updated.padded_vocab_size = rows
+    return torch_file_bytes({**common, "args": updated})
 
 
 # --- config --------------------------------------------------------------------------------

@@ -18,10 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from ..checkpoint import DISTRIBUTED, Checkpoint
 from ..errors import CheckpointFormatError, ConfigError, UnsupportedError
 from .dcp_records import Opaque
-from .nemo import parse_config
 from .region import Entries, FileRegion
 from .torch_dist import COMMON_FILE, METADATA_FILE, METADATA_JSON, open_torch_dist
 from .torch_pickle import register_name
@@ -212,7 +213,7 @@ def config_from_run_config(run_config: dict[str, Any], where: str) -> dict[str, 
     """
     model, tokenizer = run_config.get("model"), run_config.get("tokenizer") or {}
     if not isinstance(model, dict) or not isinstance(tokenizer, dict):
-        raise ConfigError(f"{where}: run_config.yaml has no 'model' section")
+        raise ConfigError(f"{where}: no 'model' section")
     divisible_by = int(model.get("make_vocab_size_divisible_by") or DEFAULT_DIVISIBLE_BY)
     return {
         "num_layers": model.get("num_layers"),
@@ -232,6 +233,16 @@ def config_from_run_config(run_config: dict[str, Any], where: str) -> dict[str, 
             tokenizer.get("merge_file"),
         ),
     }
+
+
+def _read_run_config(path: Path) -> dict[str, Any]:
+    try:
+        run_config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(run_config, dict):
+        raise ConfigError(f"{path}: does not hold a mapping")
+    return run_config
 
 
 def _tokenizer_artifacts(folder: Path, config: dict[str, Any]) -> dict[str, bytes]:
@@ -281,7 +292,7 @@ def read_megatron_run(path: str | Path) -> Checkpoint:
     if isinstance(args, argparse.Namespace):
         config = config_from_args(args)
     elif run_config_path.is_file():
-        config = config_from_run_config(parse_config(run_config_path.read_bytes(), str(run_config_path)), str(folder))
+        config = config_from_run_config(_read_run_config(run_config_path), str(run_config_path))
     else:
         raise ConfigError(
             f"{folder}: no model config: {COMMON_FILE} holds no Megatron-LM 'args' and there is no {RUN_CONFIG}"

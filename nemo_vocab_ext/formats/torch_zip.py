@@ -34,7 +34,7 @@ from .region import (
     same_bytes_key,
     write_order,
 )
-from .safe_pickle import config_global, restricted_loads
+from .safe_pickle import Resolve, config_global, restricted_loads
 from .torch_pickle import TORCH_OBJECTS, TORCH_UTILS, StorageType
 
 _LOCAL_HEADER = struct.Struct("<4s5H3I2H")  # a zip local file header, before its name and extra field
@@ -155,8 +155,11 @@ torch_pickle.register_name(_rebuild_tensor_v2, TORCH_UTILS, "_rebuild_tensor_v2"
 torch_pickle.register_name(_rebuild_tensor_v3, TORCH_UTILS, "_rebuild_tensor_v3")
 
 
-def read_torch_file(container: FileRegion, *, what: str) -> Any:
-    """The saved object, each tensor replaced by a :class:`StoredTensor` (nothing but the pickle is read)."""
+def read_torch_file(container: FileRegion, *, what: str, also_allowed: Resolve | None = None) -> Any:
+    """The saved object, each tensor replaced by a :class:`StoredTensor` (nothing but the pickle is read).
+
+    ``also_allowed`` resolves names beyond the usual set, for a file known to hold more (a Megatron
+    run's ``common.pt``)."""
     prefix, regions = _record_regions(container, what)
 
     def persistent_load(saved_id: Any) -> _Storage:
@@ -174,7 +177,12 @@ def read_torch_file(container: FileRegion, *, what: str) -> Any:
         return _Storage(region, dtype)
 
     data = regions[prefix + "data.pkl"].read()
-    return restricted_loads(data, _torch_file_global, what=what, persistent_load=persistent_load)
+
+    def allowed(module: str, name: str) -> Any:
+        found = _torch_file_global(module, name)
+        return found if found is not None or also_allowed is None else also_allowed(module, name)
+
+    return restricted_loads(data, allowed, what=what, persistent_load=persistent_load)
 
 
 def load_all(value: Any) -> Any:

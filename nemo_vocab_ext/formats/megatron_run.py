@@ -1,0 +1,310 @@
+"""Megatron-LM and Megatron-Bridge run folders (torch_dist), read only.
+
+A run folder holds ``latest_checkpointed_iteration.txt`` (an iteration number, or ``release``) and
+one folder per saved iteration, ``iter_<7 digits>/`` (``release/``), each a torch_dist checkpoint:
+``.metadata``, ``__<rank>_<n>.distcp``, ``common.pt`` and ``metadata.json``. Megatron-LM pickles its
+``args`` (an ``argparse.Namespace``) into ``common.pt``; Megatron-Bridge writes no args but a
+``run_config.yaml`` beside it. Both may copy the tokenizer files into ``<iteration>/tokenizer/``.
+Model keys carry no prefix (``embedding.word_embeddings.weight``), unlike a ``.nemo``'s.
+See docs/megatron-run-folders.md for where each fact comes from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..checkpoint import DISTRIBUTED, Checkpoint
+from ..errors import CheckpointFormatError, ConfigError, UnsupportedError
+from .dcp_records import Opaque
+from .region import Entries, FileRegion
+from .torch_dist import COMMON_FILE, METADATA_FILE, METADATA_JSON, open_torch_dist
+from .torch_pickle import register_name
+from .torch_zip import read_torch_file, torch_file_bytes
+
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+RELEASE = "release"
+TOKENIZER_DIR = "tokenizer"
+RUN_CONFIG = "run_config.yaml"  # Megatron-Bridge
+EMBEDDING_KEY = "embedding.word_embeddings.weight"
+OUTPUT_LAYER_KEY = "output_layer.weight"
+_ITERATION_DIR = re.compile(r"iter_(\d{7,})")
+# Megatron-LM's default for --make-vocab-size-divisible-by.
+DEFAULT_DIVISIBLE_BY = 128
+# Tokenizer files as Megatron-LM and Megatron-Bridge copy them into <iteration>/tokenizer/, by the
+# config key this project's tokenizer loader reads them under.
+_TOKENIZER_FILES = {"vocab.json": "vocab_file", "merges.txt": "merge_file", "tokenizer.model": "model"}
+
+
+def iteration_folder_name(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+@dataclass(frozen=True)
+class RunIteration:
+    """One saved iteration of a run: its folder, its number (None for ``release``), the tracker that named it."""
+
+    folder: Path
+    iteration: int | None
+    tracker: Path | None = None
+
+
+def _read_tracker(tracker: Path) -> int | None:
+    try:
+        text = tracker.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointFormatError(f"{tracker}: unreadable ({exc})") from None
+    if text == RELEASE:
+        return None
+    if not text.isdigit():
+        raise CheckpointFormatError(f"{tracker}: expected an iteration number or 'release', found {text[:40]!r}")
+    return int(text)
+
+
+def find_iteration(path: str | Path) -> RunIteration:
+    """The iteration a run folder's tracker names, or the iteration folder itself when given one.
+
+    Refuses a tracker naming an iteration whose folder is missing, and a run folder without a tracker
+    (Megatron then finds no checkpoint either); name the ``iter_*`` folder to read another one.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointFormatError(f"{path}: no such folder")
+    tracker = path / TRACKER_FILE
+    if tracker.is_file():
+        iteration = _read_tracker(tracker)
+        folder = path / (RELEASE if iteration is None else iteration_folder_name(iteration))
+        if not folder.is_dir():
+            raise CheckpointFormatError(
+                f"{tracker}: names {folder.name}, but {folder} is missing; the run folder is incomplete "
+                f"(pass one of its iter_* folders to read another iteration)"
+            )
+        return RunIteration(folder, iteration, tracker)
+    if (path / METADATA_FILE).is_file() or (path / COMMON_FILE).is_file():
+        match = _ITERATION_DIR.fullmatch(path.name)
+        return RunIteration(path, int(match.group(1)) if match else None)
+    saved = sorted(p.name for p in path.glob("iter_*") if p.is_dir())
+    if saved:
+        raise CheckpointFormatError(
+            f"{path}: no {TRACKER_FILE} to say which iteration is the checkpoint; pass one of its folders "
+            f"({', '.join(saved[-3:])})"
+        )
+    raise CheckpointFormatError(f"{path}: neither a Megatron run folder ({TRACKER_FILE}) nor an iteration folder")
+
+
+def is_megatron_run(path: str | Path) -> bool:
+    """A run folder (it has a tracker) or one of its iteration folders (named ``iter_*``/``release``,
+    or holding Bridge's ``run_config.yaml``), as opposed to NeMo's torch_dist folders."""
+    p = Path(path)
+    if not p.is_dir():
+        return False
+    if (p / TRACKER_FILE).is_file():
+        return True
+    named = _ITERATION_DIR.fullmatch(p.name) is not None or p.name == RELEASE
+    return (p / METADATA_FILE).is_file() and (named or (p / RUN_CONFIG).is_file())
+
+
+# --- common.pt -------------------------------------------------------------------------------
+
+
+class MegatronEnum(Opaque):
+    """A megatron enum member among the args (``AttnBackend.auto``): its value kept, and written back
+    as the same member, so a ``common.pt`` read here can be saved again for megatron to load."""
+
+    def __reduce__(self) -> tuple[type, tuple[Any, ...]]:
+        return type(self), self.args
+
+
+@functools.cache
+def _enum_standin(module: str, name: str) -> type:
+    standin = type(name, (MegatronEnum,), {"__module__": module})
+    register_name(standin, module, name)  # written under megatron's name, without importing megatron
+    return standin
+
+
+def _common_global(module: str, name: str) -> Any:
+    """What Megatron-LM's ``common.pt`` holds beyond a NeMo file: its ``args`` Namespace (inert: unpickling
+    sets attributes, runs no code) and megatron's enums among the args (``AttnBackend``...), kept opaque."""
+    if (module, name) == ("argparse", "Namespace"):
+        return argparse.Namespace
+    if module.startswith("megatron.") and module.rsplit(".", 1)[-1] == "enums":
+        return _enum_standin(module, name)
+    return None
+
+
+def read_common(folder: Path) -> dict[str, Any]:
+    """``common.pt`` of an iteration folder: every non-sharded entry of the saved dict (tensors stay in the file)."""
+    path = folder / COMMON_FILE
+    if not path.is_file():
+        raise CheckpointFormatError(
+            f"{folder}: {COMMON_FILE} is missing; not a complete Megatron torch_dist checkpoint (an interrupted save?)"
+        )
+    common = read_torch_file(FileRegion(path, 0, path.stat().st_size), what=str(path), also_allowed=_common_global)
+    if not isinstance(common, dict):
+        raise CheckpointFormatError(f"{path}: expected a dict, found {type(common).__name__}")
+    return common
+
+
+def common_with_vocab_rows(common: dict[str, Any], rows: int) -> bytes:
+    """``common.pt`` for a checkpoint whose tables now have ``rows`` rows: Megatron-LM's ``args.padded_vocab_size``
+    updated (with ``--use-checkpoint-args`` it wins over the size the tokenizer gives), all else as read."""
+    args = common.get("args")
+    if not isinstance(args, argparse.Namespace):
+        return torch_file_bytes(common)
+    updated = argparse.Namespace(**vars(args))
+    updated.padded_vocab_size = rows
+    return torch_file_bytes({**common, "args": updated})
+
+
+# --- config --------------------------------------------------------------------------------
+
+
+def _tokenizer_config(tokenizer_type: Any, model: Any, vocab_file: Any, merge_file: Any) -> dict[str, Any]:
+    """Megatron's tokenizer settings as a NeMo ``tokenizer`` section (paths as recorded on the training machine)."""
+    tok: dict[str, Any] = {"type": tokenizer_type}
+    if tokenizer_type == "GPT2BPETokenizer":
+        tok.update(library="megatron", type="GPT2BPETokenizer")
+    elif tokenizer_type == "HuggingFaceTokenizer":
+        tok.update(library="huggingface", type=model)
+    elif tokenizer_type in ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer"):
+        tok["library"] = "sentencepiece"
+    tok.update(model=model, vocab_file=vocab_file, merge_file=merge_file)
+    return {k: v for k, v in tok.items() if v is not None}
+
+
+def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Megatron-LM's args under the model-config keys the rest of the project reads."""
+
+    def arg(name: str, default: Any = None) -> Any:
+        value = getattr(args, name, None)
+        return default if value is None else value
+
+    return {
+        "num_layers": arg("num_layers"),
+        "hidden_size": arg("hidden_size"),
+        "ffn_hidden_size": arg("ffn_hidden_size"),
+        "num_attention_heads": arg("num_attention_heads"),
+        "max_position_embeddings": arg("max_position_embeddings"),
+        "encoder_seq_length": arg("seq_length"),
+        "make_vocab_size_divisible_by": int(arg("make_vocab_size_divisible_by", DEFAULT_DIVISIBLE_BY)),
+        "tensor_model_parallel_size": int(arg("tensor_model_parallel_size", 1)),
+        "pipeline_model_parallel_size": int(arg("pipeline_model_parallel_size", 1)),
+        "share_embeddings_and_output_weights": not arg("untie_embeddings_and_output_weights", False),
+        # The rows Megatron built; not an override: a resize recomputes them for the new tokenizer.
+        "padded_vocab_size": arg("padded_vocab_size"),
+        "vocab_size": arg("vocab_size"),
+        "tokenizer": _tokenizer_config(
+            arg("tokenizer_type"), arg("tokenizer_model"), arg("vocab_file"), arg("merge_file")
+        ),
+    }
+
+
+def config_from_run_config(run_config: dict[str, Any], where: str) -> dict[str, Any]:
+    """Megatron-Bridge's ``run_config.yaml`` (its ConfigContainer) under the same keys.
+
+    Bridge pads ``model.vocab_size`` only when ``model.should_pad_vocab`` (the size came from the
+    tokenizer); a preset size is the row count as is.
+    """
+    model, tokenizer = run_config.get("model"), run_config.get("tokenizer") or {}
+    if not isinstance(model, dict) or not isinstance(tokenizer, dict):
+        raise ConfigError(f"{where}: no 'model' section")
+    divisible_by = int(model.get("make_vocab_size_divisible_by") or DEFAULT_DIVISIBLE_BY)
+    return {
+        "num_layers": model.get("num_layers"),
+        "hidden_size": model.get("hidden_size"),
+        "ffn_hidden_size": model.get("ffn_hidden_size"),
+        "num_attention_heads": model.get("num_attention_heads"),
+        "encoder_seq_length": model.get("seq_length"),
+        "make_vocab_size_divisible_by": divisible_by if model.get("should_pad_vocab", True) else 1,
+        "tensor_model_parallel_size": int(model.get("tensor_model_parallel_size") or 1),
+        "pipeline_model_parallel_size": int(model.get("pipeline_model_parallel_size") or 1),
+        "share_embeddings_and_output_weights": bool(model.get("share_embeddings_and_output_weights", True)),
+        "vocab_size": model.get("vocab_size"),
+        "tokenizer": _tokenizer_config(
+            tokenizer.get("tokenizer_type"),
+            tokenizer.get("tokenizer_model"),
+            tokenizer.get("vocab_file"),
+            tokenizer.get("merge_file"),
+        ),
+    }
+
+
+def _read_run_config(path: Path) -> dict[str, Any]:
+    try:
+        run_config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(run_config, dict):
+        raise ConfigError(f"{path}: does not hold a mapping")
+    return run_config
+
+
+def _tokenizer_artifacts(folder: Path, config: dict[str, Any]) -> dict[str, bytes]:
+    """The tokenizer files saved in ``<iteration>/tokenizer/``, as artifacts the config's tokenizer points at."""
+    from ..vocab import artifact_name
+
+    artifacts: dict[str, bytes] = {}
+    tok = config["tokenizer"]
+    for filename, key in _TOKENIZER_FILES.items():
+        path = folder / TOKENIZER_DIR / filename
+        if path.is_file():
+            data = path.read_bytes()
+            name = artifact_name(data, filename)
+            artifacts[name] = data
+            tok[key] = f"nemo:{name}"
+    return artifacts
+
+
+def _check_backend(folder: Path) -> bytes:
+    path = folder / METADATA_JSON
+    if not path.is_file():
+        if any(folder.glob("mp_rank_*")):
+            raise UnsupportedError(
+                f"{folder}: a legacy Megatron checkpoint (mp_rank_*/model_optim_rng.pt); convert it to torch_dist "
+                f"first (Megatron-LM's tools/checkpoint/convert.py, --ckpt-convert-format torch_dist)"
+            )
+        raise CheckpointFormatError(f"{folder}: {METADATA_JSON} is missing; not a complete torch_dist checkpoint")
+    data = path.read_bytes()
+    if b'"torch_dist"' not in data:
+        raise UnsupportedError(f"{path}: not a torch_dist checkpoint ({data[:120].decode(errors='replace')})")
+    return data
+
+
+def read_megatron_run(path: str | Path) -> Checkpoint:
+    """A run folder (its tracker's iteration) or one iteration folder, as a Checkpoint; weights are read when used.
+
+    ``training_state`` keeps ``common.pt`` and ``metadata.json`` byte for byte (``dist_common``,
+    ``dist_metadata``, as for a distributed .nemo), the parsed ``common``, the ``iteration`` and the ``run``.
+    """
+    found = find_iteration(path)
+    folder = found.folder
+    metadata_json = _check_backend(folder)
+    common = read_common(folder)
+    entries = open_torch_dist(folder)  # refuses a metadata that names a missing .distcp file
+    args = common.get("args")
+    run_config_path = folder / RUN_CONFIG
+    if isinstance(args, argparse.Namespace):
+        config = config_from_args(args)
+    elif run_config_path.is_file():
+        config = config_from_run_config(_read_run_config(run_config_path), str(run_config_path))
+    else:
+        raise ConfigError(
+            f"{folder}: no model config: {COMMON_FILE} holds no Megatron-LM 'args' and there is no {RUN_CONFIG}"
+        )
+    artifacts = _tokenizer_artifacts(folder, config)
+    iteration = common.get("iteration", found.iteration)
+    state = {
+        "dist_common": (folder / COMMON_FILE).read_bytes(),
+        "dist_metadata": metadata_json,
+        "common": common,
+        "iteration": iteration,
+        "release": folder.name == RELEASE,
+        "run": str(found.tracker.parent if found.tracker else folder),
+    }
+    return Checkpoint(Entries(entries), config, DISTRIBUTED, artifacts, training_state=state)

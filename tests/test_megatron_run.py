@@ -1,0 +1,237 @@
+"""Megatron-LM run folders written by megatron-core's own ``dist_checkpointing.save`` (on the CPU), read
+by the run-folder adapter: tables against torch's own DCP reader, args mapped, bad folders refused."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import BASE_VOCAB, LARGER_VOCAB
+
+from nemo_vocab_ext.checkpoint import DISTRIBUTED
+from nemo_vocab_ext.core.sizes import padded_vocab_size
+from nemo_vocab_ext.errors import CheckpointFormatError, ConfigError, UnsafeCheckpointError
+from nemo_vocab_ext.formats.megatron_run import (
+    EMBEDDING_KEY,
+    OUTPUT_LAYER_KEY,
+    RUN_CONFIG,
+    TRACKER_FILE,
+    common_with_vocab_rows,
+    find_iteration,
+    is_megatron_run,
+    iteration_folder_name,
+    read_megatron_run,
+)
+from nemo_vocab_ext.formats.region import tensor_meta
+from nemo_vocab_ext.formats.torch_dist import COMMON_FILE
+from nemo_vocab_ext.testing.tiny import cpu_env
+
+HIDDEN = 64
+ITERATION = 10
+DIVISIBLE_BY = 128
+TP2_VOCAB = 600  # pads to 640 rows at TP1 and 768 at TP2: the row count shows the TP it was built for
+
+
+def generate(out: Path, *flags: str, nproc: int = 1) -> Path:
+    """A run folder saved by megatron-core in a fresh process (its CPU patches stay out of this one)."""
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+    argv = [
+        *launcher,
+        "-m",
+        "nemo_vocab_ext.testing.megatron_run",
+        str(out),
+        "--tp",
+        str(nproc),
+        "--hidden",
+        str(HIDDEN),
+    ]
+    argv += ["--iteration", str(ITERATION), "--divisible-by", str(DIVISIBLE_BY), *flags]
+    env = cpu_env(out.parent / "hf_home")
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, *argv], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory, base_tokenizer: Path) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("megatron_runs")
+    common = ["--vocab-size", str(BASE_VOCAB), "--tokenizer", str(base_tokenizer)]
+    return {
+        "tied": generate(root / "tied", "--tied", *common),
+        "untied": generate(root / "untied", "--untied", *common),
+    }
+
+
+def dcp_tensor(folder: Path, key: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """``key`` as torch's own distributed-checkpoint reader loads it (every shard joined)."""
+    import torch.distributed.checkpoint as dcp
+
+    state = {key: torch.empty(shape)}
+    dcp.load(state, checkpoint_id=str(folder), no_dist=True)
+    return state[key]
+
+
+def copy_run(run: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(run, tmp_path / run.name))
+
+
+@pytest.mark.parametrize("tying", ["tied", "untied"])
+def test_tables_and_args_of_a_tp1_run(runs: dict[str, Path], base_tokenizer: Path, tying: str) -> None:
+    ckpt = read_megatron_run(runs[tying])
+    rows = padded_vocab_size(BASE_VOCAB, DIVISIBLE_BY, 1)
+    assert ckpt.layout == DISTRIBUTED
+    keys = ckpt.tensor_keys()
+    assert EMBEDDING_KEY in keys and not any(k.startswith("model.") for k in keys)
+    assert (OUTPUT_LAYER_KEY in keys) == (tying == "untied")
+    folder = runs[tying] / iteration_folder_name(ITERATION)
+    for key in [EMBEDDING_KEY, OUTPUT_LAYER_KEY] if tying == "untied" else [EMBEDDING_KEY]:
+        meta = tensor_meta(ckpt.tensors, key)
+        assert meta is not None and meta[0] == (rows, HIDDEN)
+        assert torch.equal(ckpt.tensors[key], dcp_tensor(folder, key, (rows, HIDDEN)))  # type: ignore[arg-type]
+    if tying == "untied":  # two tables, trained apart: not one stored twice
+        assert not torch.equal(ckpt.tensors[EMBEDDING_KEY], ckpt.tensors[OUTPUT_LAYER_KEY])  # type: ignore[arg-type]
+    config = ckpt.config
+    assert config["padded_vocab_size"] == rows
+    assert config["make_vocab_size_divisible_by"] == DIVISIBLE_BY
+    assert config["tensor_model_parallel_size"] == 1 and config["pipeline_model_parallel_size"] == 1
+    assert config["share_embeddings_and_output_weights"] is (tying == "tied")
+    assert config["hidden_size"] == HIDDEN
+    tokenizer = config["tokenizer"]
+    assert tokenizer["library"] == "megatron" and tokenizer["type"] == "GPT2BPETokenizer"
+    for key, name in (("vocab_file", "vocab.json"), ("merge_file", "merges.txt")):
+        assert ckpt.artifacts[tokenizer[key].removeprefix("nemo:")] == (base_tokenizer / name).read_bytes()
+    state = ckpt.training_state
+    assert state["iteration"] == ITERATION and state["release"] is False
+    assert state["dist_common"] == (folder / COMMON_FILE).read_bytes()
+    assert isinstance(state["common"]["args"], argparse.Namespace)
+
+
+def test_an_iteration_folder_reads_as_its_run(runs: dict[str, Path]) -> None:
+    run = runs["untied"]
+    folder = run / iteration_folder_name(ITERATION)
+    assert is_megatron_run(run) and is_megatron_run(folder)
+    assert find_iteration(run).folder == folder and find_iteration(folder).iteration == ITERATION
+    whole, one = read_megatron_run(run), read_megatron_run(folder)
+    assert whole.tensor_keys() == one.tensor_keys() and whole.config == one.config
+
+
+def test_common_pt_written_back_with_new_rows_loads_as_megatron_wrote_it(runs: dict[str, Path]) -> None:
+    folder = runs["untied"] / iteration_folder_name(ITERATION)
+    ckpt = read_megatron_run(folder)
+    rows = padded_vocab_size(LARGER_VOCAB, DIVISIBLE_BY, 1)
+    written = common_with_vocab_rows(ckpt.training_state["common"], rows)
+    # torch's full unpickler, megatron importable: the enums and dtypes come back as megatron's own.
+    original = torch.load(folder / COMMON_FILE, weights_only=False)
+    loaded = torch.load(io.BytesIO(written), weights_only=False)
+    assert loaded["args"].padded_vocab_size == rows != original["args"].padded_vocab_size
+    loaded["args"].padded_vocab_size = original["args"].padded_vocab_size
+    assert loaded == original
+
+
+def test_a_nemo_style_folder_is_not_a_run(runs: dict[str, Path], tmp_path: Path) -> None:
+    weights = shutil.copytree(runs["tied"] / iteration_folder_name(ITERATION), tmp_path / "model_weights")
+    assert not is_megatron_run(weights)
+
+
+def test_refuses_a_tracker_naming_a_missing_iteration(runs: dict[str, Path], tmp_path: Path) -> None:
+    run = copy_run(runs["tied"], tmp_path)
+    (run / TRACKER_FILE).write_text("20")
+    with pytest.raises(CheckpointFormatError, match=iteration_folder_name(20)):
+        read_megatron_run(run)
+    (run / TRACKER_FILE).write_text("latest")
+    with pytest.raises(CheckpointFormatError, match="iteration number or 'release'"):
+        read_megatron_run(run)
+
+
+def test_refuses_a_run_without_tracker(runs: dict[str, Path], tmp_path: Path) -> None:
+    run = copy_run(runs["tied"], tmp_path)
+    (run / TRACKER_FILE).unlink()
+    with pytest.raises(CheckpointFormatError, match=iteration_folder_name(ITERATION)):
+        read_megatron_run(run)
+
+
+def test_refuses_an_iteration_without_common_pt(runs: dict[str, Path], tmp_path: Path) -> None:
+    run = copy_run(runs["tied"], tmp_path)
+    (run / iteration_folder_name(ITERATION) / COMMON_FILE).unlink()
+    with pytest.raises(CheckpointFormatError, match="common.pt is missing"):
+        read_megatron_run(run)
+
+
+def test_refuses_metadata_naming_an_absent_shard(runs: dict[str, Path], tmp_path: Path) -> None:
+    run = copy_run(runs["tied"], tmp_path)
+    shards = sorted((run / iteration_folder_name(ITERATION)).glob("*.distcp"))
+    shards[-1].unlink()
+    with pytest.raises(CheckpointFormatError, match=f"{shards[-1].name}.*missing"):
+        read_megatron_run(run)
+
+
+def test_refuses_common_pt_that_would_run_code(runs: dict[str, Path], tmp_path: Path) -> None:
+    run = copy_run(runs["tied"], tmp_path)
+    common = run / iteration_folder_name(ITERATION) / COMMON_FILE
+    torch.save({"args": argparse.Namespace(hook=os.system), "iteration": ITERATION}, common)
+    with pytest.raises(UnsafeCheckpointError, match="system"):
+        read_megatron_run(run)
+
+
+def bridge_style(run: Path, model: dict[str, object]) -> Path:
+    """``run`` as Megatron-Bridge leaves it: no args in common.pt, its ConfigContainer in run_config.yaml."""
+    folder = run / iteration_folder_name(ITERATION)
+    common = torch.load(folder / COMMON_FILE, weights_only=False)
+    del common["args"]
+    torch.save(common, folder / COMMON_FILE)
+    run_config = {"model": model, "tokenizer": {"tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": "gpt2"}}
+    (folder / RUN_CONFIG).write_text(yaml.safe_dump(run_config))
+    return run
+
+
+def test_bridge_run_config_maps_onto_the_config(runs: dict[str, Path], tmp_path: Path) -> None:
+    model = {
+        "vocab_size": BASE_VOCAB,
+        "should_pad_vocab": True,
+        "make_vocab_size_divisible_by": DIVISIBLE_BY,
+        "tensor_model_parallel_size": 1,
+        "pipeline_model_parallel_size": 1,
+        "share_embeddings_and_output_weights": False,
+        "hidden_size": HIDDEN,
+    }
+    config = read_megatron_run(bridge_style(copy_run(runs["untied"], tmp_path), model)).config
+    assert config["make_vocab_size_divisible_by"] == DIVISIBLE_BY and config["vocab_size"] == BASE_VOCAB
+    assert config["share_embeddings_and_output_weights"] is False
+    assert config["tokenizer"]["library"] == "huggingface" and config["tokenizer"]["type"] == "gpt2"
+
+
+def test_bridge_preset_vocab_size_is_not_padded(runs: dict[str, Path], tmp_path: Path) -> None:
+    model = {"vocab_size": 512, "should_pad_vocab": False, "make_vocab_size_divisible_by": DIVISIBLE_BY}
+    config = read_megatron_run(bridge_style(copy_run(runs["tied"], tmp_path), model)).config
+    assert config["make_vocab_size_divisible_by"] == 1
+
+
+def test_refuses_a_run_without_any_config(runs: dict[str, Path], tmp_path: Path) -> None:
+    run = bridge_style(copy_run(runs["tied"], tmp_path), {})
+    (run / iteration_folder_name(ITERATION) / RUN_CONFIG).unlink()
+    with pytest.raises(ConfigError, match="no model config"):
+        read_megatron_run(run)
+
+
+@pytest.mark.nemo  # slow: two megatron-core processes under torchrun
+def test_tp2_run_joins_row_shards(tmp_path: Path) -> None:
+    run = generate(tmp_path / "run", "--untied", "--vocab-size", str(TP2_VOCAB), nproc=2)
+    folder = run / iteration_folder_name(ITERATION)
+    assert len(list(folder.glob("__1_*.distcp"))) > 0  # the second rank wrote its own shards
+    ckpt = read_megatron_run(run)
+    rows = padded_vocab_size(TP2_VOCAB, DIVISIBLE_BY, 2)
+    assert rows != padded_vocab_size(TP2_VOCAB, DIVISIBLE_BY, 1)
+    assert ckpt.config["tensor_model_parallel_size"] == 2 and ckpt.config["padded_vocab_size"] == rows
+    for key in (EMBEDDING_KEY, OUTPUT_LAYER_KEY):
+        table = ckpt.tensors[key]
+        assert isinstance(table, torch.Tensor) and table.shape == (rows, HIDDEN)
+        assert torch.equal(table, dcp_tensor(folder, key, (rows, HIDDEN)))

@@ -83,8 +83,8 @@ def scratch_dir() -> Iterator[Path]:
 def refuse_existing(dst: Path, *, force: bool) -> None:
     """Fail before any work when ``dst`` exists and may not be replaced.
 
-    ``--force`` replaces a file, or a folder that holds a checkpoint or a tokenizer (what this package
-    writes as folders); never another folder, whose contents would be deleted.
+    ``--force`` replaces a file, an empty folder, or a folder that holds a checkpoint or a tokenizer (what
+    this package writes as folders); never another folder, whose contents would be deleted.
     """
     if not os.path.lexists(dst):
         return
@@ -98,6 +98,8 @@ def refuse_existing(dst: Path, *, force: bool) -> None:
 
 
 def _holds_ours(folder: Path) -> bool:
+    if next(folder.iterdir(), None) is None:  # an empty folder: replacing it loses nothing
+        return True
     if any(folder.glob("*.model")) or any((folder / name).is_file() for name in ("vocab.json", "tokenizer.json")):
         return True
     try:

@@ -18,6 +18,12 @@ from typing import Any
 from ..core.dtypes import BY_NAME, BY_STORAGE, DType
 
 TORCH = "torch"
+
+
+class BadRecord(ValueError):
+    """A record of a pickle (a tensor, a metadata entry) that is not what the format allows."""
+
+
 TORCH_UTILS = "torch._utils"
 UNTYPED_STORAGE = ("torch.storage", "UntypedStorage")
 

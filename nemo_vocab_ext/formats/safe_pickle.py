@@ -218,7 +218,7 @@ def _build_bytesio(inst: io.BytesIO, state: Any) -> None:
         raise BadRecord("a BytesIO whose state is not its bytes")
     if not (type(state[1]) is int and 0 <= state[1] <= len(state[0]) and state[2] in (None, {})):
         raise BadRecord("a BytesIO whose state is not its bytes")
-    inst.__setstate__((state[0], state[1], None))
+    inst.__setstate__((state[0], state[1], None))  # type: ignore[attr-defined]
 
 
 def _build_ordered_dict(inst: OrderedDict[Any, Any], state: Any) -> None:

@@ -20,6 +20,9 @@ from ..core.dtypes import BY_NAME, BY_STORAGE, DType
 TORCH = "torch"
 
 
+MAX_DIMS = 64  # more dimensions than any tensor record of a checkpoint has (and than torch's kernels take)
+
+
 class BadRecord(ValueError):
     """A record of a pickle (a tensor, a metadata entry) that is not what the format allows."""
 

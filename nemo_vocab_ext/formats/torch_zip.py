@@ -35,7 +35,7 @@ from .region import (
     write_order,
 )
 from .safe_pickle import config_global, restricted_loads
-from .torch_pickle import TORCH_OBJECTS, TORCH_UTILS, BadRecord, StorageType
+from .torch_pickle import MAX_DIMS, TORCH_OBJECTS, TORCH_UTILS, BadRecord, StorageType
 
 _LOCAL_HEADER = struct.Struct("<4s5H3I2H")  # a zip local file header, before its name and extra field
 
@@ -140,7 +140,9 @@ _INT64_MAX = 2**63 - 1  # what torch's sizes, strides and offsets fit in
 
 
 def _dims(values: Any) -> tuple[int, ...] | None:
-    if not isinstance(values, tuple | list) or not all(type(v) is int and 0 <= v <= _INT64_MAX for v in values):
+    if not isinstance(values, tuple | list) or len(values) > MAX_DIMS:
+        return None
+    if not all(type(v) is int and 0 <= v <= _INT64_MAX for v in values):
         return None
     return tuple(values)
 

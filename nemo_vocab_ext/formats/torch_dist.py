@@ -120,7 +120,7 @@ def _check_tensor_record(key: str, md: TensorStorageMetadata, what: str) -> None
     in_bounds = all(o[d] + s[d] <= shape[d] for o, s in boxes for d in range(len(shape)))  # type: ignore[misc]
     if not in_bounds or not _tiles(shape, boxes):  # type: ignore[arg-type]
         raise CheckpointFormatError(
-            f"{what}: the stored chunks of {key!r} do not tile its shape {shape} exactly (each element once)"
+            f"{what}: the stored chunks of {key!r} do not cover its shape {shape} exactly once (no gap, no overlap)"
         )
 
 

@@ -29,6 +29,7 @@ from typing import IO, Any
 from ..core.dtypes import DTYPES
 from ..errors import CheckpointFormatError, UnsafeCheckpointError, UnsupportedError
 from . import dcp_records
+from .region import Stored
 from .torch_pickle import TORCH_OBJECTS, UNSUPPORTED_TORCH_NAMES, BadRecord
 
 # Beyond tensors and torch's own objects (torch's weights-only set: dtypes, storages, torch.Size,
@@ -358,12 +359,10 @@ class _Unpickler(_PureUnpickler):
             raise pickle.UnpicklingError("unexpected persistent id")
         return self._persistent_load(pid)
 
-    def _refuse(self, how: str, obj: Any) -> UnsafeCheckpointError:
-        name = getattr(obj, "__qualname__", None) or type(obj).__qualname__
+    def _refuse(self, doing: str) -> UnsafeCheckpointError:
         return UnsafeCheckpointError(
-            f"{self.what}: refused to load: it {how} {name}, which no NeMo checkpoint does; "
-            "loading this file the usual way (torch.load with weights_only=False, or pickle) could change "
-            "what the program does"
+            f"{self.what}: refused to load: it {doing}, which no NeMo checkpoint does; loading this file the "
+            "usual way (torch.load with weights_only=False, or pickle) could change what the program does"
         )
 
     def load_reduce(self) -> None:
@@ -371,9 +370,9 @@ class _Unpickler(_PureUnpickler):
         func = self.stack[-1]
         check = _CALL_ARGS.get(func) if isinstance(func, Hashable) else None
         if not isinstance(args, tuple) or (check is None and id(func) in self._third_party):
-            raise self._refuse("calls", func)
+            raise self._refuse(f"calls {_name(func)}")
         if check is not None and not check(*args):
-            raise self._refuse("calls with other arguments than real files give it", func)
+            raise self._refuse(f"calls {_name(func)} with unexpected arguments")
         made = func(*args)
         if type(made) is OrderedDict:  # the one called type that takes state (a state dict's versions)
             self._unbuilt[id(made)] = made
@@ -389,12 +388,12 @@ class _Unpickler(_PureUnpickler):
         args = self.stack.pop()
         cls = self.stack.pop()
         if kwargs:
-            raise self._refuse("makes with keyword arguments", cls)
+            raise self._refuse(f"makes a {_name(cls)} with keyword arguments")
         self.append(self._new(cls, args))
 
     def _new(self, cls: Any, args: Any) -> Any:
         if args != () or _builder(cls) is None:
-            raise self._refuse("makes", cls)
+            raise self._refuse(f"makes a {_name(cls)} without calling it")
         obj = cls.__new__(cls)
         self._unbuilt[id(obj)] = obj
         return obj
@@ -403,13 +402,13 @@ class _Unpickler(_PureUnpickler):
         state = self.stack.pop()
         inst = self.stack[-1]
         if isinstance(inst, type) or self._unbuilt.pop(id(inst), None) is not inst:
-            raise self._refuse("sets the attributes of", inst)
+            raise self._refuse(f"sets the attributes of {_name(inst)}")
         builder = _builder(type(inst))
         assert builder is not None  # _new made it only for a class that has one
         builder(inst, state)
 
     def load_inst(self) -> None:  # protocol 0 and 1 ways of making an object: never in checkpoints
-        raise self._refuse("makes", "an object by INST")
+        raise self._refuse("makes an object by INST or OBJ")
 
     load_obj = load_inst
 
@@ -430,13 +429,13 @@ class _Unpickler(_PureUnpickler):
     def load_setitem(self) -> None:
         value = self.stack.pop()
         key = self.stack.pop()
-        self._container(dict, "SETITEM")[key] = value
+        self._container(dict, "SETITEM")[_tensor_name(key, value)] = value
 
     def load_setitems(self) -> None:
         items = self.pop_mark()
         target = self._container(dict, "SETITEMS")
         for i in range(0, len(items), 2):
-            target[items[i]] = items[i + 1]
+            target[_tensor_name(items[i], items[i + 1])] = items[i + 1]
 
     def load_additems(self) -> None:
         items = self.pop_mark()
@@ -464,6 +463,20 @@ class _Unpickler(_PureUnpickler):
             assert builder is not None
             builder(obj, None)
         return value
+
+
+def _tensor_name(key: Any, value: Any) -> Any:
+    """A dict's key, checked: tensors are named by strings (a state dict's keys are parameter names;
+    optimizer states number their parameters, but hold dicts there, not tensors)."""
+    if isinstance(value, Stored) and not isinstance(key, str):
+        raise BadRecord(f"a tensor is named {key!r}, not by a string")
+    return key
+
+
+def _name(obj: Any) -> str:
+    """A class or function by its name, anything else by its type's."""
+    named = getattr(obj, "__qualname__", None) if isinstance(obj, type) or callable(obj) else None
+    return named if isinstance(named, str) else type(obj).__qualname__
 
 
 def _check_nesting(value: Any, what: str) -> None:

@@ -116,7 +116,9 @@ def _check_tensor_record(key: str, md: TensorStorageMetadata, what: str) -> None
     shape = _dims(md.size)
     boxes = [_box(c, shape) for c in md.chunks] if isinstance(md.chunks, list) else []
     if shape is None or not boxes or None in boxes:
-        raise CheckpointFormatError(f"{what}: the record of {key!r} has no shape, or chunks of another rank")
+        raise CheckpointFormatError(
+            f"{what}: the record of {key!r} has no valid shape and chunks (offsets and sizes, one per dimension)"
+        )
     in_bounds = all(o[d] + s[d] <= shape[d] for o, s in boxes for d in range(len(shape)))  # type: ignore[misc]
     if not in_bounds or not _tiles(shape, boxes):  # type: ignore[arg-type]
         raise CheckpointFormatError(

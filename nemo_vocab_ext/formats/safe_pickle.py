@@ -270,8 +270,9 @@ def _omegaconf_builders() -> dict[type, Callable[[Any, Any], None]]:
         )
         if not ok:
             raise BadRecord("OmegaConf metadata with values of other types than OmegaConf writes")
-        state.pop("resolver_cache", None)  # resolved values: recomputed, never taken from the file
-        inst.__init__(**state)
+        # Set as pickle would (older OmegaConf files lack some fields: the class defaults stand);
+        # resolved values are recomputed, never taken from the file.
+        vars(inst).update(state, flags=flags, resolver_cache=defaultdict(dict))
 
     def parent_ok(state: dict[str, Any]) -> bool:
         return state["_parent"] is None or isinstance(state["_parent"], DictConfig | ListConfig)

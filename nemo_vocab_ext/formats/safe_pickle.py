@@ -4,7 +4,9 @@ NeMo checkpoints are pickles. Loading one the usual way (``torch.load(weights_on
 ``pickle.load``) calls whatever functions the file names, so a crafted file runs code. The
 unpickler here resolves only an explicit allow-list of names (inert containers, config types and
 the stand-ins of :mod:`.torch_pickle` and :mod:`.dcp_records`) and refuses anything else with
-:class:`UnsafeCheckpointError` before it is called. It needs no torch.
+:class:`UnsafeCheckpointError` before it is called. Allowed names are not trusted either: no class
+takes state from the file, objects take only the fields their type has (checked), calls get only
+the arguments real files give, and nothing nests without end. It needs no torch.
 
 No megatron import, ever: megatron may be missing, and importing it to unpickle would run its
 import-time code for a file we have not trusted yet.

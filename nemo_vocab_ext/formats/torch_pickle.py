@@ -46,6 +46,8 @@ class Layout(str):
 
 
 def get_layout(name: str) -> Layout:
+    if not isinstance(name, str):
+        raise BadRecord(f"a tensor layout named {name!r}")
     return Layout(name)
 
 

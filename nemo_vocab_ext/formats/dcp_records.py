@@ -16,7 +16,7 @@ from typing import Any
 
 from ..core.dtypes import DType
 from . import torch_pickle
-from .torch_pickle import STRIDED, Layout
+from .torch_pickle import STRIDED, BadRecord, Layout
 
 METADATA_MODULE = "torch.distributed.checkpoint.metadata"
 PLANNER_MODULE = "torch.distributed.checkpoint.planner"
@@ -26,7 +26,19 @@ PLANNER_RECORDS = ("SavePlan", "WriteItem", "WriteItemType", "TensorWriteData") 
 
 class Record:
     """A stand-in. It pickles and unpickles as the plain dataclass it replaces (``cls.__new__``,
-    then its state into ``__dict__``), so both sides of a file agree."""
+    then its state into ``__dict__``), so both sides of a file agree. Unpickling goes through the
+    dataclass's own ``__init__``: every field set, no other attribute (the values' types are checked
+    where they are read)."""
+
+    def __setstate__(self, state: Any) -> None:
+        if state is None:  # pickled with no state: a record without fields
+            state = {}
+        if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+            raise BadRecord(f"a {type(self).__name__} record whose state is not its fields")
+        try:
+            self.__init__(**state)  # type: ignore[misc]
+        except TypeError:
+            raise BadRecord(f"a {type(self).__name__} record with missing or unknown fields {sorted(state)}") from None
 
 
 @dataclass
@@ -56,7 +68,9 @@ class TensorProperties(Record):
         return (self.dtype, self.layout, self.requires_grad, self.memory_format, self.pin_memory)
 
     def __setstate__(self, state: Any) -> None:
-        self.dtype, self.layout, self.requires_grad, self.memory_format, self.pin_memory = state
+        if not isinstance(state, tuple) or len(state) != 5:
+            raise BadRecord("a TensorProperties record whose state is not its five fields")
+        self.__init__(*state)  # type: ignore[misc]
 
 
 @dataclass
@@ -86,6 +100,15 @@ class Metadata(Record):
     storage_data: Any = None
     storage_meta: StorageMeta | None = None
     version: str | None = None
+
+    def __setstate__(self, state: Any) -> None:
+        # megatron's MCoreMetadata adds these attributes; a file of torch's Metadata has none.
+        extra = {k: state.pop(k) for k in MEGATRON_FIELDS if k in state} if isinstance(state, dict) else {}
+        super().__setstate__(state)
+        self.__dict__.update(extra)
+
+
+MEGATRON_FIELDS = ("mcore_data", "all_local_plans")
 
 
 @dataclass(frozen=True)

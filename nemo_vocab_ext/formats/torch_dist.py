@@ -25,6 +25,7 @@ from ..errors import CheckpointFormatError, OutputExistsError
 from .dcp_records import (
     BytesStorageMetadata,
     ChunkStorageMetadata,
+    MemoryFormat,
     Metadata,
     MetadataIndex,
     StorageInfo,
@@ -36,7 +37,7 @@ from .dcp_records import (
 from .folder import DirOut, OutFolder
 from .region import FileRegion, InRegion, Stored, held, tensor_bytes, tensor_meta, write_order
 from .safe_pickle import restricted_unpickle
-from .torch_pickle import Size
+from .torch_pickle import MAX_DIMS, Layout, Size
 from .torch_zip import StoredTensor, read_torch_file, write_torch_file
 
 if TYPE_CHECKING:
@@ -68,10 +69,97 @@ class TensorInfo:
 
 
 def parse_metadata(data: bytes, what: str) -> Metadata:
+    """A ``.metadata`` file's records, each checked: keys are strings, every tensor record's chunks
+    tile its shape exactly, and every storage record names a file and a byte range."""
     metadata = restricted_unpickle(data, what=what)
     if not isinstance(metadata, Metadata) or not isinstance(metadata.state_dict_metadata, dict):
         raise CheckpointFormatError(f"{what}: not a torch.distributed.checkpoint metadata file")
+    if not isinstance(metadata.storage_data, dict):
+        raise CheckpointFormatError(f"{what}: the storage records are missing")
+    for key, md in metadata.state_dict_metadata.items():
+        if not isinstance(key, str):
+            raise CheckpointFormatError(f"{what}: an entry is named {key!r}, not a string")
+        if isinstance(md, TensorStorageMetadata):
+            _check_tensor_record(key, md, what)
+        elif not isinstance(md, BytesStorageMetadata):
+            raise CheckpointFormatError(f"{what}: entry {key!r} has unknown type {type(md).__name__}")
+    for index, info in metadata.storage_data.items():
+        ok = isinstance(index, MetadataIndex) and isinstance(info, StorageInfo) and isinstance(info.relative_path, str)
+        transforms = info.transform_descriptors if ok else None
+        if not ok or not _naturals(info.offset, info.length) or not isinstance(transforms, list | None):
+            raise CheckpointFormatError(f"{what}: a storage record that is not a file name and a byte range")
     return metadata
+
+
+def _naturals(*values: object) -> bool:
+    return all(type(v) is int and v >= 0 for v in values)
+
+
+def _dims(values: object) -> tuple[int, ...] | None:
+    ok = isinstance(values, tuple | list) and len(values) <= MAX_DIMS and _naturals(*values)
+    return tuple(values) if ok else None  # type: ignore[arg-type]
+
+
+def _check_tensor_record(key: str, md: TensorStorageMetadata, what: str) -> None:
+    """One tensor's record: known properties, and chunks that tile its global shape exactly."""
+    p = md.properties
+    ok = (
+        isinstance(p, TensorProperties)
+        and isinstance(p.dtype, DType)
+        and isinstance(p.layout, Layout)
+        and isinstance(p.memory_format, MemoryFormat)
+        and isinstance(p.requires_grad, bool)
+        and isinstance(p.pin_memory, bool)
+    )
+    if not ok:
+        raise CheckpointFormatError(f"{what}: the properties of {key!r} are not a tensor's")
+    shape = _dims(md.size)
+    boxes = [_box(c, shape) for c in md.chunks] if isinstance(md.chunks, list) else []
+    if shape is None or not boxes or None in boxes:
+        raise CheckpointFormatError(
+            f"{what}: the record of {key!r} has no valid shape and chunks (offsets and sizes, one per dimension)"
+        )
+    in_bounds = all(o[d] + s[d] <= shape[d] for o, s in boxes for d in range(len(shape)))  # type: ignore[misc]
+    if not in_bounds or not _tiles(shape, boxes):  # type: ignore[arg-type]
+        raise CheckpointFormatError(
+            f"{what}: the stored chunks of {key!r} do not cover its shape {shape} exactly once (no gap, no overlap)"
+        )
+
+
+def _box(chunk: object, shape: tuple[int, ...] | None) -> Box | None:
+    if not isinstance(chunk, ChunkStorageMetadata) or shape is None:
+        return None
+    offsets, sizes = _dims(chunk.offsets), _dims(chunk.sizes)
+    ok = offsets is not None and sizes is not None and len(offsets) == len(sizes) == len(shape)
+    return (offsets, sizes) if ok else None  # type: ignore[return-value]
+
+
+Box = tuple[tuple[int, ...], tuple[int, ...]]  # a chunk's offsets and sizes
+
+
+def _tiles(shape: tuple[int, ...], boxes: list[Box]) -> bool:
+    """Whether ``boxes`` (inside ``shape``) cover every element of ``shape`` exactly once.
+
+    Sweeps the first dimension: between consecutive chunk edges the same chunks are present, and
+    their remaining dimensions must tile the rest of the shape. Sharded tensors are grids of chunks,
+    so each chunk is looked at about once per dimension."""
+    if not shape:
+        return len(boxes) == 1  # a scalar: one chunk
+    boxes = [b for b in boxes if math.prod(b[1])]  # empty chunks cover nothing
+    if shape[0] == 0 or math.prod(shape) == 0:
+        return not boxes
+    edges = sorted({0, shape[0], *(o[0] for o, _ in boxes), *(o[0] + s[0] for o, s in boxes)})
+    starts = sorted(boxes, key=lambda b: b[0][0])
+    present: list[Box] = []
+    i = 0
+    for low in edges[:-1]:  # each band [low, next edge) holds the same chunks
+        present = [b for b in present if b[0][0] + b[1][0] > low]
+        while i < len(starts) and starts[i][0][0] == low:
+            present.append(starts[i])
+            i += 1
+        if not _tiles(shape[1:], [(o[1:], s[1:]) for o, s in present]):
+            return False
+    return True
 
 
 def read_metadata(ckpt_dir: str | Path) -> Metadata:
@@ -119,7 +207,7 @@ class DistTensor(Stored):
     properties: TensorProperties
     chunks: tuple[DistChunk, ...]
 
-    def _chunk_tensor(self, chunk: DistChunk) -> StoredTensor:
+    def chunk_tensor(self, chunk: DistChunk) -> StoredTensor:
         value = read_torch_file(chunk.item, what=f"{chunk.item.path}: chunk {chunk.offsets} of {self.key!r}")
         if not isinstance(value, StoredTensor) or value.shape != chunk.sizes or value.dtype != self.dtype:
             raise CheckpointFormatError(
@@ -134,7 +222,7 @@ class DistTensor(Stored):
         out = torch.empty(self.shape, dtype=self.dtype.torch)
         for chunk in self.chunks:
             target = out[tuple(slice(o, o + s) for o, s in zip(chunk.offsets, chunk.sizes, strict=False))]
-            stored = self._chunk_tensor(chunk)
+            stored = self.chunk_tensor(chunk)
             raw = stored.raw()
             if raw is not None and target.is_contiguous():
                 raw[0].read_into(tensor_bytes(target))  # straight into place: no intermediate copy
@@ -154,7 +242,7 @@ class DistTensor(Stored):
             row += chunk.sizes[0] if chunk.sizes else 1
         regions: list[FileRegion] = []
         for chunk in ordered:
-            raw = self._chunk_tensor(chunk).raw()
+            raw = self.chunk_tensor(chunk).raw()
             if raw is None:
                 return None
             regions.extend(raw)
@@ -190,22 +278,14 @@ def dist_entries(metadata: Metadata, resolve: Resolve, where: str) -> dict[str, 
         return files[info.relative_path].sub(info.offset, info.length)
 
     entries: dict[str, Stored] = {}
-    for key, md in metadata.state_dict_metadata.items():
+    for key, md in metadata.state_dict_metadata.items():  # records checked by parse_metadata
         if isinstance(md, TensorStorageMetadata):
-            # Chunks are disjoint (megatron validates its sharding; dcp drops replicas), so they must
-            # add up to the whole tensor, or uninitialised memory would come back.
-            if sum(math.prod(chunk.sizes) for chunk in md.chunks) != math.prod(md.size):
-                raise CheckpointFormatError(
-                    f"{where}/{METADATA_FILE}: the stored chunks of {key!r} do not cover its shape {tuple(md.size)}"
-                )
             chunks = tuple(
                 DistChunk(tuple(c.offsets), tuple(c.sizes), item(MetadataIndex(key, c.offsets))) for c in md.chunks
             )
             entries[key] = DistTensor(key, tuple(md.size), md.properties.dtype, md.properties, chunks)
-        elif isinstance(md, BytesStorageMetadata):
-            entries[key] = DistBytes(item(MetadataIndex(key)))
         else:
-            raise CheckpointFormatError(f"{where}/{METADATA_FILE}: entry {key!r} has unknown type {type(md).__name__}")
+            entries[key] = DistBytes(item(MetadataIndex(key)))
     return entries
 
 
@@ -287,6 +367,7 @@ def write_torch_dist(
             if isinstance(value, DistTensor):
                 chunks = []
                 for chunk in value.chunks:
+                    value.chunk_tensor(chunk)  # a chunk is copied as stored: check it holds its tensor first
                     storage[MetadataIndex(key, Size(chunk.offsets))] = place(chunk.item)
                     chunks.append(ChunkStorageMetadata(Size(chunk.offsets), Size(chunk.sizes)))
                 state[key] = TensorStorageMetadata(value.properties, Size(value.shape), chunks)

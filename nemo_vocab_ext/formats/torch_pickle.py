@@ -18,6 +18,15 @@ from typing import Any
 from ..core.dtypes import BY_NAME, BY_STORAGE, DType
 
 TORCH = "torch"
+
+
+MAX_DIMS = 64  # more dimensions than any tensor record of a checkpoint has (and than torch's kernels take)
+
+
+class BadRecord(ValueError):
+    """A record of a pickle (a tensor, a metadata entry) that is not what the format allows."""
+
+
 TORCH_UTILS = "torch._utils"
 UNTYPED_STORAGE = ("torch.storage", "UntypedStorage")
 
@@ -37,6 +46,8 @@ class Layout(str):
 
 
 def get_layout(name: str) -> Layout:
+    if not isinstance(name, str):
+        raise BadRecord(f"a tensor layout named {name!r}")
     return Layout(name)
 
 

@@ -35,7 +35,7 @@ from .region import (
     write_order,
 )
 from .safe_pickle import Resolve, config_global, restricted_loads
-from .torch_pickle import TORCH_OBJECTS, TORCH_UTILS, StorageType
+from .torch_pickle import MAX_DIMS, TORCH_OBJECTS, TORCH_UTILS, BadRecord, StorageType
 
 _LOCAL_HEADER = struct.Struct("<4s5H3I2H")  # a zip local file header, before its name and extra field
 
@@ -110,31 +110,57 @@ class _Storage:
     """A storage record of the file, as the pickle's persistent ids name it."""
 
     region: FileRegion
-    dtype: DType
+    dtype: DType | None  # None: untyped, counted in bytes
 
 
 def _rebuild_tensor_v2(
     storage: Any, storage_offset: Any, size: Any, stride: Any, *_grad_hooks_metadata: Any
 ) -> StoredTensor:
-    return _stored_tensor(storage, storage_offset, size, stride, None)
+    if not isinstance(storage, _Storage):
+        raise BadRecord("a tensor not rebuilt from one of the file's storages")
+    return _stored_tensor(storage, storage_offset, size, stride, storage.dtype or UINT8)
 
 
 def _rebuild_tensor_v3(
     storage: Any, storage_offset: Any, size: Any, stride: Any, requires_grad: Any, hooks: Any, dtype: Any, *_: Any
 ) -> StoredTensor:
     """Tensors of dtypes without a typed storage (float8): an untyped storage and the dtype."""
+    if not isinstance(storage, _Storage) or not isinstance(dtype, DType) or storage.dtype not in (None, dtype):
+        raise BadRecord("a tensor whose element type is not its storage's")
     return _stored_tensor(storage, storage_offset, size, stride, dtype)
 
 
 def _rebuild_parameter(data: Any, *_grad_hooks_state: Any) -> Any:
+    if not isinstance(data, StoredTensor):
+        raise BadRecord("a parameter that holds no tensor")
     return data  # an nn.Parameter: its data is what a checkpoint keeps
 
 
-def _stored_tensor(storage: Any, offset: Any, size: Any, stride: Any, dtype: Any) -> StoredTensor:
-    if not isinstance(storage, _Storage) or not isinstance(offset, int) or (dtype and not isinstance(dtype, DType)):
-        raise ValueError("a tensor is not rebuilt from one of the file's storages")
-    shape, strides = tuple(int(s) for s in size), tuple(int(s) for s in stride)
-    return StoredTensor(storage.region, dtype or storage.dtype, shape, strides, offset)
+_INT64_MAX = 2**63 - 1  # what torch's sizes, strides and offsets fit in
+
+
+def _dims(values: Any) -> tuple[int, ...] | None:
+    if not isinstance(values, tuple | list) or len(values) > MAX_DIMS:
+        return None
+    if not all(type(v) is int and 0 <= v <= _INT64_MAX for v in values):
+        return None
+    return tuple(values)
+
+
+def _stored_tensor(storage: _Storage, offset: Any, size: Any, stride: Any, dtype: DType) -> StoredTensor:
+    """A tensor record, checked: every element it views lies in its storage, and it views no more
+    elements than the storage holds (so reading it needs no more memory than the file has)."""
+    shape, strides = _dims(size), _dims(stride)
+    if shape is None or strides is None or len(shape) != len(strides) or type(offset) is not int or offset < 0:
+        raise BadRecord(f"a tensor record with shape {size!r}, stride {stride!r}, offset {offset!r}")
+    numel = math.prod(shape)
+    extent = 0 if numel == 0 else 1 + sum((n - 1) * s for n, s in zip(shape, strides, strict=True))
+    if max(offset + extent, numel) * dtype.itemsize > storage.region.length:
+        raise BadRecord(
+            f"a {dtype} tensor of shape {shape} (stride {strides}, offset {offset}) reaches past its "
+            f"{storage.region.length}-byte storage"
+        )
+    return StoredTensor(storage.region, dtype, shape, strides, offset)
 
 
 # What a torch.save pickle may name: torch's objects as stand-ins, the tensor rebuilders, config types.
@@ -162,19 +188,27 @@ def read_torch_file(container: FileRegion, *, what: str, also_allowed: Resolve |
     run's ``common.pt``)."""
     prefix, regions = _record_regions(container, what)
 
+    storages: dict[str, _Storage] = {}
+
     def persistent_load(saved_id: Any) -> _Storage:
         if not isinstance(saved_id, tuple) or len(saved_id) != 5 or saved_id[0] != "storage":
             raise CheckpointFormatError(f"{what}: unknown persistent id in data.pkl")
         _, storage_type, key, _location, numel = saved_id
-        if not isinstance(storage_type, StorageType) or not isinstance(numel, int):
+        if not isinstance(storage_type, StorageType) or not isinstance(key, str) or type(numel) is not int:
             raise CheckpointFormatError(f"{what}: malformed storage reference in data.pkl")
-        dtype = storage_type.dtype or UINT8  # an untyped storage counts bytes
+        itemsize = (storage_type.dtype or UINT8).itemsize  # an untyped storage counts bytes
         region = regions.get(f"{prefix}data/{key}")
         if region is None:
             raise CheckpointFormatError(f"{what}: storage record data/{key} is missing")
-        if region.length < numel * dtype.itemsize:
-            raise CheckpointFormatError(f"{what}: storage record data/{key} is shorter than its tensor")
-        return _Storage(region, dtype)
+        if region.length != numel * itemsize:
+            raise CheckpointFormatError(
+                f"{what}: storage record data/{key} holds {region.length} bytes, not the {numel} elements of "
+                f"{itemsize} bytes that data.pkl declares"
+            )
+        storage = storages.setdefault(key, _Storage(region, storage_type.dtype))
+        if storage.dtype != storage_type.dtype:
+            raise CheckpointFormatError(f"{what}: storage record data/{key} is named with two element types")
+        return storage
 
     data = regions[prefix + "data.pkl"].read()
 
@@ -366,17 +400,21 @@ def _write_tensor(value: Any, out: OutFile) -> None:
     out.put(entry_parts(value))
 
 
-def map_leaves(value: Any, fn: Any) -> Any:
-    """A copy of ``value``'s dicts, lists and tuples with tensor leaves (in memory or stored) mapped by ``fn``."""
+def map_leaves(value: Any, fn: Any, done: dict[int, Any] | None = None) -> Any:
+    """A copy of ``value``'s dicts, lists and tuples with tensor leaves (in memory or stored) mapped by ``fn``.
+    A container held in several places is copied once (walking it each time could take exponential time)."""
     if isinstance(value, Stored) or is_tensor(value):
         return fn(value)
-    if isinstance(value, dict):
-        copy = value.copy()
-        for k in copy:
-            copy[k] = map_leaves(copy[k], fn)
-        return copy
-    if isinstance(value, list):
-        return [map_leaves(v, fn) for v in value]
-    if isinstance(value, tuple) and not hasattr(value, "_fields"):
-        return tuple(map_leaves(v, fn) for v in value)
-    return value
+    if not isinstance(value, dict | list | tuple) or hasattr(value, "_fields"):
+        return value
+    done = {} if done is None else done
+    if id(value) not in done:
+        if isinstance(value, dict):
+            copy = value.copy()
+            for k in copy:
+                copy[k] = map_leaves(copy[k], fn, done)
+            done[id(value)] = copy
+        else:
+            mapped = (map_leaves(v, fn, done) for v in value)
+            done[id(value)] = list(mapped) if isinstance(value, list) else tuple(mapped)
+    return done[id(value)]

@@ -468,7 +468,6 @@ def test_chunks_that_tile_the_tensor_still_read(sources: dict[str, Path], tmp_pa
     assert torch.equal(ckpt.tensors[EMBEDDING], torch.ones(512, 8))
 
 
-@pytest.mark.xfail(strict=False, reason="a data file outside the archive is refused by the archive reader")
 def test_a_data_file_outside_the_checkpoint_is_refused(sources: dict[str, Path], tmp_path: Path) -> None:
     (tmp_path / "elsewhere.distcp").write_bytes(_members(sources["dist.nemo"])[DISTCP])
     src = _edited(sources, tmp_path / "crafted.nemo", _set("info.relative_path", "../../elsewhere.distcp"))

@@ -15,6 +15,7 @@ import-time code for a file we have not trusted yet.
 from __future__ import annotations
 
 import _compat_pickle
+import argparse
 import codecs
 import dataclasses
 import functools
@@ -238,6 +239,13 @@ def _build_ordered_dict(inst: OrderedDict[Any, Any], state: Any) -> None:
     inst._metadata = versions  # type: ignore[attr-defined]
 
 
+def _build_namespace(inst: argparse.Namespace, state: Any) -> None:
+    """Megatron-LM's saved ``args``: attribute names and the (already inert) values they hold."""
+    if not (isinstance(state, dict) and all(isinstance(k, str) and k.isidentifier() for k in state)):
+        raise BadRecord("an argparse.Namespace whose state is not a table of argument names")
+    vars(inst).update(state)
+
+
 @functools.cache
 def _omegaconf_builders() -> dict[type, Callable[[Any, Any], None]]:
     """How each OmegaConf type takes its pickled state: checked field by field, then set through
@@ -321,6 +329,8 @@ def _builder(cls: Any) -> Callable[[Any, Any], None] | None:
         return _build_bytesio
     if cls is OrderedDict:
         return _build_ordered_dict
+    if cls is argparse.Namespace:  # resolved only for files known to hold one (a Megatron run's common.pt)
+        return _build_namespace
     return _omegaconf_builders().get(cls) if _omegaconf_if_loaded() else None
 
 

@@ -19,7 +19,7 @@ from nemo_vocab_ext.atomic import atomic_output
 from nemo_vocab_ext.cli_common import report_errors
 from nemo_vocab_ext.core.sizes import padded_vocab_size
 from nemo_vocab_ext.errors import TokenizerError
-from nemo_vocab_ext.tokenizer import (
+from nemo_vocab_ext.tokenization.load import (
     KIND_SENTENCEPIECE,
     KIND_TOKENIZER_JSON,
     IdCheck,
@@ -32,7 +32,7 @@ from nemo_vocab_ext.tokenizer import (
     merge_sentencepiece,
     train_bpe_files,
 )
-from nemo_vocab_ext.tokenizer_json import check_tokenizer_json, merge_tokenizer_json
+from nemo_vocab_ext.tokenization.merge import check_tokenizer_json, merge_tokenizer_json
 
 F = TypeVar("F", bound=Callable[..., Any])
 

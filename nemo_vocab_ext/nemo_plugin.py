@@ -135,7 +135,7 @@ def _nemo_tokenizer(tok_cfg: Any, artifacts: dict[str, bytes], workdir: Path) ->
 
 def _info_from_files(files: dict[str, str], workdir: Path):  # type: ignore[no-untyped-def]
     """Our tokenizer view (ids, pieces) of the same files NeMo read."""
-    from .tokenizer import load_tokenizer
+    from .tokenization.load import load_tokenizer
 
     if "vocab_file" in files and "merge_file" in files:
         folder = workdir / "new_tokenizer"
@@ -192,7 +192,7 @@ def prepare_restore(restore_path: str | Path, model_cfg: Any, settings: Extensio
     if settings.check_data:
         check_data(model_cfg, new_vocab)
 
-    from .tokenizer import load_tokenizer, pieces_under
+    from .tokenization.load import load_tokenizer, pieces_under
 
     own_dir = work / "own_tokenizer"
     own_dir.mkdir()

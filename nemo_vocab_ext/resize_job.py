@@ -39,7 +39,7 @@ def run_resize(
     stage: Stage = no_stage,
 ) -> list[str]:
     """Resize ``src`` into ``dst`` (written as ``fmt``) and return the report lines; ``dry_run`` writes nothing."""
-    from .tokenizer import tokenizer_size
+    from .tokenization.load import tokenizer_size
 
     if not dry_run:
         refuse_overlap(src, dst)
@@ -98,7 +98,7 @@ def run_resize(
 def _checked_pieces(own_files: Path | None, tokenizer: Path, needs_pieces: bool) -> list[list[int]] | None:
     """Read both tokenizers whole and check that the new one keeps the old one's ids; with
     ``needs_pieces``, fvt's pieces of each new token under the old tokenizer."""
-    from .tokenizer import load_tokenizer, pieces_under
+    from .tokenization.load import load_tokenizer, pieces_under
 
     new = load_tokenizer(tokenizer)
     if own_files is None:

@@ -115,7 +115,7 @@ def validate_checkpoint(
     divisible_by: int | None = None,
     data_prefixes: Sequence[str] = (),
 ) -> Report:
-    from .tokenizer import check_ids_preserved, load_tokenizer
+    from .tokenization.load import check_ids_preserved, load_tokenizer
 
     report = Report()
     shapes = vocab_table_shapes(ckpt)

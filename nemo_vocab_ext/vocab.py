@@ -37,7 +37,7 @@ from .formats.region import (
     torch_as_array,
 )
 from .init_costs import expected_cost
-from .tokenizer import TokenizerInfo, check_ids_preserved, load_tokenizer
+from .tokenization.load import TokenizerInfo, check_ids_preserved, load_tokenizer
 
 if TYPE_CHECKING:
     import mmap

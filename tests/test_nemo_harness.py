@@ -17,7 +17,7 @@ import yaml
 from conftest import BASE_VOCAB, LARGER_VOCAB, NEMO_MODELS, NemoRestorer
 
 from nemo_vocab_ext.testing.tiny import ForkServer, NemoJob, NemoRunError, run_concurrently
-from nemo_vocab_ext.tokenizer import read_vocab_json
+from nemo_vocab_ext.tokenization.load import read_vocab_json
 
 EMBEDDING = "model.embedding.word_embeddings.weight"
 OUTPUT_LAYER = "model.output_layer.weight"

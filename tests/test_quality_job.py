@@ -12,7 +12,7 @@ from conftest import BASE_VOCAB, LARGER_VOCAB, english_texts
 
 from nemo_vocab_ext.testing.runs import write_pretraining_config
 from nemo_vocab_ext.testing.tiny import NemoJob, run_concurrently
-from nemo_vocab_ext.tokenizer import load_tokenizer
+from nemo_vocab_ext.tokenization.load import load_tokenizer
 
 pytestmark = pytest.mark.nemo
 

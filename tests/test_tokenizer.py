@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from nemo_vocab_ext.cli_tokenizer import tokenizer as tokenizer_cli
 from nemo_vocab_ext.errors import OutputExistsError, TokenizerError
-from nemo_vocab_ext.tokenizer import (
+from nemo_vocab_ext.tokenization.load import (
     EOS_TOKEN,
     KIND_GPT2_BPE,
     KIND_SENTENCEPIECE,

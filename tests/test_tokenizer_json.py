@@ -17,8 +17,8 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 
 from nemo_vocab_ext.cli_tokenizer import tokenizer as tokenizer_cli
 from nemo_vocab_ext.errors import OutputExistsError, TokenizerError
-from nemo_vocab_ext.tokenizer import bytes_to_unicode, fertility, load_tokenizer, pieces_under
-from nemo_vocab_ext.tokenizer_json import (
+from nemo_vocab_ext.tokenization.load import bytes_to_unicode, fertility, load_tokenizer, pieces_under
+from nemo_vocab_ext.tokenization.merge import (
     STYLE_BYTE_LEVEL,
     STYLE_SENTENCEPIECE,
     check_tokenizer_json,

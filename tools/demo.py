@@ -38,7 +38,7 @@ from omegaconf import OmegaConf
 
 from nemo_vocab_ext.testing.runs import PROBE_ENV, stock_job, write_pretraining_config
 from nemo_vocab_ext.testing.tiny import NemoJob, NemoRunError, cpu_env, offline_hf_home, run_concurrently
-from nemo_vocab_ext.tokenizer import EOS_TOKEN, TokenizerInfo, load_tokenizer
+from nemo_vocab_ext.tokenization.load import EOS_TOKEN, TokenizerInfo, load_tokenizer
 
 MARKER = ".nemo_vocab_ext_demo"  # only a folder holding this file is ever wiped by a rerun
 EMBEDDING = "model.embedding.word_embeddings.weight"
@@ -433,7 +433,7 @@ class Demo:
             raise DemoError("the extension changed old rows", log)
         # fvt, computed here on its own: each new token's row is the mean of the rows of the pieces the
         # base tokenizer splits it into (the old rows' mean where it has none); padding rows the mean.
-        from nemo_vocab_ext.tokenizer import pieces_under
+        from nemo_vocab_ext.tokenization.load import pieces_under
 
         avg = old[:base_vocab].double().mean(0)
         base_tok, merged_tok = load_tokenizer(self.p.base_tok), load_tokenizer(self.p.merged_tok)

@@ -266,7 +266,7 @@ def make_base_tokenizer(vocab_size: int, out_dir: Path, *, seed: int = 0) -> Pat
 
     Reused when ``out_dir`` already holds one of that size.
     """
-    from nemo_vocab_ext.tokenizer import load_tokenizer, train_bpe
+    from nemo_vocab_ext.tokenization.load import load_tokenizer, train_bpe
 
     if (out_dir / "vocab.json").is_file() and load_tokenizer(out_dir).vocab_size == vocab_size:
         return out_dir
@@ -281,7 +281,7 @@ def make_base_tokenizer(vocab_size: int, out_dir: Path, *, seed: int = 0) -> Pat
 def make_merged_tokenizer(base_dir: Path, new_tokens: int, out_dir: Path, *, seed: int = 0) -> Path:
     """``base_dir``'s tokenizer plus exactly ``new_tokens`` tokens of a second (Cyrillic) made-up language,
     merged with the project's ``merge_bpe`` (base ids kept). Reused when ``out_dir`` holds it already."""
-    from nemo_vocab_ext.tokenizer import load_tokenizer, merge_bpe, train_bpe, write_gpt2_bpe
+    from nemo_vocab_ext.tokenization.load import load_tokenizer, merge_bpe, train_bpe, write_gpt2_bpe
 
     base = load_tokenizer(base_dir)
     if (out_dir / "vocab.json").is_file() and load_tokenizer(out_dir).vocab_size == base.vocab_size + new_tokens:
@@ -345,7 +345,7 @@ def build_checkpoint(
 ) -> Any:
     """A :class:`nemo_vocab_ext.checkpoint.Checkpoint` with the tokenizer embedded as NeMo artifacts."""
     from nemo_vocab_ext.checkpoint import Checkpoint
-    from nemo_vocab_ext.tokenizer import load_tokenizer
+    from nemo_vocab_ext.tokenization.load import load_tokenizer
     from nemo_vocab_ext.vocab import embed_tokenizer
 
     got = load_tokenizer(tokenizer_dir).vocab_size

@@ -49,7 +49,7 @@ from nemo_vocab_ext import init_costs
 from nemo_vocab_ext.core.rows import Init
 from nemo_vocab_ext.testing.runs import PROBE_ENV
 from nemo_vocab_ext.testing.tiny import ForkServer, NemoRunError, cpu_env, offline_hf_home
-from nemo_vocab_ext.tokenizer import EOS_TOKEN, TokenizerInfo, load_tokenizer
+from nemo_vocab_ext.tokenization.load import EOS_TOKEN, TokenizerInfo, load_tokenizer
 
 MARKER = ".nemo_vocab_ext_quality"  # only a folder holding this file is ever wiped by a rerun
 JOB_MODULE = "nemo_vocab_ext.testing.quality_job"

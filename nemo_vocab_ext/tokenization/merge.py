@@ -20,7 +20,7 @@ from typing import Any
 
 from nemo_vocab_ext.atomic import atomic_output, refuse_existing
 from nemo_vocab_ext.errors import TokenizerError
-from nemo_vocab_ext.tokenizer import (
+from nemo_vocab_ext.tokenization.load import (
     _SP_SPACE,
     KIND_TOKENIZER_JSON,
     IdCheck,

@@ -19,20 +19,10 @@ from nemo_vocab_ext.atomic import atomic_output
 from nemo_vocab_ext.cli_common import report_errors
 from nemo_vocab_ext.core.sizes import padded_vocab_size
 from nemo_vocab_ext.errors import TokenizerError
-from nemo_vocab_ext.tokenization.load import (
-    KIND_SENTENCEPIECE,
-    KIND_TOKENIZER_JSON,
-    IdCheck,
-    MergeResult,
-    TokenizerInfo,
-    check_ids_preserved,
-    iter_corpus_texts,
-    load_tokenizer,
-    merge_bpe,
-    merge_sentencepiece,
-    train_bpe_files,
-)
-from nemo_vocab_ext.tokenization.merge import check_tokenizer_json, merge_tokenizer_json
+from nemo_vocab_ext.tokenization.check import check_merged
+from nemo_vocab_ext.tokenization.load import KIND_SENTENCEPIECE, KIND_TOKENIZER_JSON, TokenizerInfo, load_tokenizer
+from nemo_vocab_ext.tokenization.merge import MergeResult, merge_bpe, merge_sentencepiece, merge_tokenizer_json
+from nemo_vocab_ext.tokenization.train import iter_corpus_texts, train_bpe_files
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -165,12 +155,6 @@ def _compare_text(base: TokenizerInfo, merged: TokenizerInfo, path: Path, json_k
     }
 
 
-def _check_ids(base: TokenizerInfo, merged: TokenizerInfo) -> IdCheck:
-    if base.kind == merged.kind == KIND_TOKENIZER_JSON:
-        return check_tokenizer_json(base, merged)  # also the added tokens' flags
-    return check_ids_preserved(base, merged)
-
-
 @tokenizer.command("check")
 @click.argument("base", type=click.Path(path_type=Path))
 @click.argument("merged", type=click.Path(path_type=Path))
@@ -196,7 +180,7 @@ def check_cmd(
     text) and tokens per character before and after.
     """
     base_tok, merged_tok = load_tokenizer(base), load_tokenizer(merged)
-    result = _check_ids(base_tok, merged_tok)
+    result = check_merged(base_tok, merged_tok)  # two tokenizer.json files: also the added tokens' flags
     reports = [_compare_text(base_tok, merged_tok, p, json_key) for p in texts]
     if as_json:
         click.echo(json.dumps({"ids": result.to_dict(), "texts": reports}, ensure_ascii=False, indent=2))

@@ -192,7 +192,8 @@ def prepare_restore(restore_path: str | Path, model_cfg: Any, settings: Extensio
     if settings.check_data:
         check_data(model_cfg, new_vocab)
 
-    from .tokenization.load import load_tokenizer, pieces_under
+    from .tokenization.load import load_tokenizer
+    from .tokenization.pieces import pieces_under
 
     own_dir = work / "own_tokenizer"
     own_dir.mkdir()

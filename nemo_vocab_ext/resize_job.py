@@ -98,7 +98,8 @@ def run_resize(
 def _checked_pieces(own_files: Path | None, tokenizer: Path, needs_pieces: bool) -> list[list[int]] | None:
     """Read both tokenizers whole and check that the new one keeps the old one's ids; with
     ``needs_pieces``, fvt's pieces of each new token under the old tokenizer."""
-    from .tokenization.load import load_tokenizer, pieces_under
+    from .tokenization.load import load_tokenizer
+    from .tokenization.pieces import pieces_under
 
     new = load_tokenizer(tokenizer)
     if own_files is None:

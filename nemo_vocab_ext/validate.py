@@ -115,7 +115,8 @@ def validate_checkpoint(
     divisible_by: int | None = None,
     data_prefixes: Sequence[str] = (),
 ) -> Report:
-    from .tokenization.load import check_ids_preserved, load_tokenizer
+    from .tokenization.check import check_ids_preserved
+    from .tokenization.load import load_tokenizer
 
     report = Report()
     shapes = vocab_table_shapes(ckpt)

@@ -37,7 +37,8 @@ from .formats.region import (
     torch_as_array,
 )
 from .init_costs import expected_cost
-from .tokenization.load import TokenizerInfo, check_ids_preserved, load_tokenizer
+from .tokenization.check import check_ids_preserved
+from .tokenization.load import TokenizerInfo, load_tokenizer
 
 if TYPE_CHECKING:
     import mmap

@@ -20,7 +20,7 @@ from click.testing import CliRunner, Result
 
 from nemo_vocab_ext.cli import main
 from nemo_vocab_ext.testing.tiny import ForkServer, NemoRunError, cpu_env, offline_hf_home
-from nemo_vocab_ext.tokenization.load import train_bpe
+from nemo_vocab_ext.tokenization.train import train_bpe
 
 BASE_VOCAB = 500  # padded to 512 rows (make_vocab_size_divisible_by=128)
 LARGER_VOCAB = 700  # padded to 768 rows

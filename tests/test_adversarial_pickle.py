@@ -34,7 +34,7 @@ from nemo_vocab_ext.errors import CheckpointFormatError, UnsafeCheckpointError
 from nemo_vocab_ext.formats import dcp_records
 from nemo_vocab_ext.formats.safe_pickle import MAX_DEPTH, config_global, restricted_loads
 from nemo_vocab_ext.io import Format, load_checkpoint, save_checkpoint
-from nemo_vocab_ext.tokenization.load import train_bpe
+from nemo_vocab_ext.tokenization.train import train_bpe
 
 EMBEDDING = "model.embedding.word_embeddings.weight"
 WEIGHTS = "model_weights.ckpt"

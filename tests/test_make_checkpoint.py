@@ -19,7 +19,8 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
 import make_checkpoint as mc  # noqa: E402
 
-from nemo_vocab_ext.tokenization.load import check_ids_preserved, load_tokenizer  # noqa: E402
+from nemo_vocab_ext.tokenization.check import check_ids_preserved  # noqa: E402
+from nemo_vocab_ext.tokenization.load import load_tokenizer  # noqa: E402
 
 TINY = mc.SIZES["tiny"]
 # fixture name in conftest.NEMO_MODELS -> (layout, tied)

@@ -20,7 +20,9 @@ from nemo_vocab_ext.checkpoint import Checkpoint
 from nemo_vocab_ext.core.rows import Init
 from nemo_vocab_ext.testing.runs import PROBE_ENV, stock_job, write_pretraining_config
 from nemo_vocab_ext.testing.tiny import NemoRunError, run_concurrently
-from nemo_vocab_ext.tokenization.load import load_tokenizer, pieces_under, train_bpe
+from nemo_vocab_ext.tokenization.load import load_tokenizer
+from nemo_vocab_ext.tokenization.pieces import pieces_under
+from nemo_vocab_ext.tokenization.train import train_bpe
 from nemo_vocab_ext.vocab import apply_resize, plan_resize
 
 pytestmark = pytest.mark.nemo

@@ -15,24 +15,19 @@ from click.testing import CliRunner
 
 from nemo_vocab_ext.cli_tokenizer import tokenizer as tokenizer_cli
 from nemo_vocab_ext.errors import OutputExistsError, TokenizerError
+from nemo_vocab_ext.tokenization.bytelevel import byte_level_bytes, bytes_to_unicode
+from nemo_vocab_ext.tokenization.check import check_ids_preserved, fertility
 from nemo_vocab_ext.tokenization.load import (
     EOS_TOKEN,
     KIND_GPT2_BPE,
     KIND_SENTENCEPIECE,
     KIND_TOKENIZER_JSON,
-    _byte_level_bytes,
-    bytes_to_unicode,
-    check_ids_preserved,
-    fertility,
     load_tokenizer,
-    merge_bpe,
-    merge_sentencepiece,
-    pieces_under,
     read_vocab_json,
-    train_bpe,
-    train_bpe_files,
-    write_gpt2_bpe,
 )
+from nemo_vocab_ext.tokenization.merge import merge_bpe, merge_sentencepiece, write_gpt2_bpe
+from nemo_vocab_ext.tokenization.pieces import pieces_under
+from nemo_vocab_ext.tokenization.train import train_bpe, train_bpe_files
 
 EN_VOCAB = 1000
 TH_VOCAB = 1500
@@ -111,10 +106,10 @@ def test_byte_alphabet_matches_tokenizers() -> None:
     assert set(table.values()) == set(ByteLevel.alphabet())
     assert table[ord(" ")] == "Ġ" and table[ord("a")] == "a"
     # A byte-level token's bytes: every character of the alphabet is one byte, any other is refused.
-    assert _byte_level_bytes("".join(table[b] for b in range(256))) == bytes(range(256))
-    assert _byte_level_bytes("Ġthe") == b" the" and _byte_level_bytes("") == b""
+    assert byte_level_bytes("".join(table[b] for b in range(256))) == bytes(range(256))
+    assert byte_level_bytes("Ġthe") == b" the" and byte_level_bytes("") == b""
     for outside in (" ", "\n", "\x7f", "\xad", "中"):  # Latin-1 the alphabet moved away, and beyond Latin-1
-        assert _byte_level_bytes(f"ab{outside}") is None
+        assert byte_level_bytes(f"ab{outside}") is None
 
 
 def test_load_gpt2_folder(base_dir: Path) -> None:

@@ -17,15 +17,16 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 
 from nemo_vocab_ext.cli_tokenizer import tokenizer as tokenizer_cli
 from nemo_vocab_ext.errors import OutputExistsError, TokenizerError
-from nemo_vocab_ext.tokenization.load import bytes_to_unicode, fertility, load_tokenizer, pieces_under
+from nemo_vocab_ext.tokenization.bytelevel import bytes_to_unicode
+from nemo_vocab_ext.tokenization.check import check_tokenizer_json, fertility
+from nemo_vocab_ext.tokenization.load import load_tokenizer
 from nemo_vocab_ext.tokenization.merge import (
     STYLE_BYTE_LEVEL,
     STYLE_SENTENCEPIECE,
-    check_tokenizer_json,
     merge_tokenizer_json,
-    pieces_under_json,
     tokenizer_style,
 )
+from nemo_vocab_ext.tokenization.pieces import pieces_under, pieces_under_json
 
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"  # byte-level specials, above the BPE vocabulary
 SP_SPECIALS = ["<unk>", "<s>", "</s>"]  # SentencePiece-style specials at ids 0..2
@@ -472,8 +473,20 @@ def test_pieces_spell_each_new_token(
     for i, ids in zip(new_ids, pieces, strict=True):
         assert all(j < base.vocab_size for j in ids)
         assert b"".join(base.token_bytes(j) for j in ids) == out.token_bytes(i)
-    if style == STYLE_BYTE_LEVEL:  # the text path agrees on bytes; on "▁" text it would prefix a second "▁"
-        assert pieces == pieces_under(base, out, new_ids)
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_pieces_under_splits_tokenizer_json_by_its_model(
+    tokenizers: dict[str, dict[str, Path]], merged: dict[str, Path], style: str
+) -> None:
+    """FVT's entry point: between two tokenizer.json files each new token is spelled by base tokens as the
+    base's BPE model splits it, with no second "▁" from a SentencePiece-style normalizer."""
+    base, out = load_tokenizer(tokenizers[style]["base"]), load_tokenizer(merged[style])
+    new_ids = range(base.vocab_size, out.vocab_size)
+    pieces = pieces_under(base, out, new_ids)
+    assert pieces == pieces_under_json(base, out, new_ids)
+    for i, ids in zip(new_ids, pieces, strict=True):
+        assert b"".join(base.token_bytes(j) for j in ids) == out.token_bytes(i)
 
 
 # ---------------------------------------------------------------------------------- a shipped tokenizer

@@ -433,7 +433,7 @@ class Demo:
             raise DemoError("the extension changed old rows", log)
         # fvt, computed here on its own: each new token's row is the mean of the rows of the pieces the
         # base tokenizer splits it into (the old rows' mean where it has none); padding rows the mean.
-        from nemo_vocab_ext.tokenization.load import pieces_under
+        from nemo_vocab_ext.tokenization.pieces import pieces_under
 
         avg = old[:base_vocab].double().mean(0)
         base_tok, merged_tok = load_tokenizer(self.p.base_tok), load_tokenizer(self.p.merged_tok)

@@ -266,7 +266,8 @@ def make_base_tokenizer(vocab_size: int, out_dir: Path, *, seed: int = 0) -> Pat
 
     Reused when ``out_dir`` already holds one of that size.
     """
-    from nemo_vocab_ext.tokenization.load import load_tokenizer, train_bpe
+    from nemo_vocab_ext.tokenization.load import load_tokenizer
+    from nemo_vocab_ext.tokenization.train import train_bpe
 
     if (out_dir / "vocab.json").is_file() and load_tokenizer(out_dir).vocab_size == vocab_size:
         return out_dir
@@ -281,7 +282,9 @@ def make_base_tokenizer(vocab_size: int, out_dir: Path, *, seed: int = 0) -> Pat
 def make_merged_tokenizer(base_dir: Path, new_tokens: int, out_dir: Path, *, seed: int = 0) -> Path:
     """``base_dir``'s tokenizer plus exactly ``new_tokens`` tokens of a second (Cyrillic) made-up language,
     merged with the project's ``merge_bpe`` (base ids kept). Reused when ``out_dir`` holds it already."""
-    from nemo_vocab_ext.tokenization.load import load_tokenizer, merge_bpe, train_bpe, write_gpt2_bpe
+    from nemo_vocab_ext.tokenization.load import load_tokenizer
+    from nemo_vocab_ext.tokenization.merge import merge_bpe, write_gpt2_bpe
+    from nemo_vocab_ext.tokenization.train import train_bpe
 
     base = load_tokenizer(base_dir)
     if (out_dir / "vocab.json").is_file() and load_tokenizer(out_dir).vocab_size == base.vocab_size + new_tokens:

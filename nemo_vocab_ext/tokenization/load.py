@@ -1,4 +1,5 @@
-"""Tokenizer files: training, loading, merging and sizes as NeMo defines them.
+"""Reading tokenizer files (GPT-2 ``vocab.json`` + ``merges.txt``, a Hugging Face ``tokenizer.json``, a
+SentencePiece ``.model``) into a :class:`TokenizerInfo`, and their sizes as NeMo defines them.
 
 Pure files plus ``tokenizers``/``sentencepiece``: no NeMo import, so the CLI and the checks stay fast and
 work without NeMo installed. Where NeMo's behaviour matters (the vocab size, what its GPT2BPETokenizer
@@ -20,16 +21,14 @@ from __future__ import annotations
 import itertools
 import json
 import operator
-import os
 import re
-import secrets
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from nemo_vocab_ext.errors import TokenizerError
+from nemo_vocab_ext.tokenization.bytelevel import byte_level_bytes, split_utf8, to_byte_level
 
 EOS_TOKEN = "<|endoftext|>"
 
@@ -40,164 +39,15 @@ KIND_SENTENCEPIECE = "sentencepiece"  # SentencePiece .model
 MERGES_HEADER = "#version: 0.2"
 _MERGE_LINES = re.compile(r"(?:\S+ \S+\n)*")  # merges.txt after its header, when every line is well formed
 _SP_BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
-_SP_SPACE = "\u2581"  # SentencePiece's visible space "▁"
+SP_SPACE = "\u2581"  # SentencePiece's visible space "▁"
 
 _LOAD_HINT = "pass a folder with vocab.json + merges.txt, a tokenizer.json or a SentencePiece .model"
-
-
-# --------------------------------------------------------------------------------------------- training
-
-
-def train_bpe(texts: Iterable[str], out_dir: str | Path, vocab_size: int, min_frequency: int = 2) -> Path:
-    """Train a GPT-2 style byte-level BPE and write ``vocab.json`` and ``merges.txt`` into ``out_dir``.
-
-    ``<|endoftext|>`` is id 0, as NeMo's GPT2BPETokenizer expects it in the vocabulary.
-    """
-    return _train_bpe(texts, out_dir, vocab_size, min_frequency, show_progress=False)
-
-
-def _train_bpe(
-    texts: Iterable[str], out_dir: str | Path, vocab_size: int, min_frequency: int, show_progress: bool
-) -> Path:
-    from tokenizers import ByteLevelBPETokenizer
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(
-        texts,
-        vocab_size=vocab_size,
-        min_frequency=min_frequency,
-        special_tokens=[EOS_TOKEN],
-        show_progress=show_progress,
-    )
-    bpe.save_model(str(out))
-    return out
-
-
-def iter_corpus_texts(corpus_paths: Sequence[str | Path], json_key: str | None = None) -> Iterator[str]:
-    """Yield the non-empty texts of plain-text files (one text a line) or JSONL files (``json_key``).
-
-    Streams line by line so corpora larger than memory work. ``json_key`` mirrors NeMo's
-    ``preprocess_data_for_megatron.py --json-keys``: every line is one JSON object holding the text.
-    """
-    paths = [Path(p) for p in corpus_paths]
-    for p in paths:  # fail before training starts, not after an hour on the first file
-        if not p.is_file():
-            raise TokenizerError(f"{p}: corpus file not found; pass existing text or JSONL files")
-    for p in paths:
-        try:
-            with open(p, encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    line = line.rstrip("\r\n")
-                    if not line.strip():
-                        continue
-                    if json_key is None:
-                        yield line
-                        continue
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError:
-                        raise TokenizerError(
-                            f"{p}:{lineno}: not a JSON object; drop --json-key to read plain text"
-                        ) from None
-                    if not isinstance(obj, dict) or json_key not in obj:
-                        raise TokenizerError(
-                            f"{p}:{lineno}: no key {json_key!r} in the JSON object; pass the right --json-key"
-                        )
-                    text = obj[json_key]
-                    if not isinstance(text, str):
-                        raise TokenizerError(f"{p}:{lineno}: {json_key!r} is {type(text).__name__}, not a string")
-                    if text.strip():
-                        yield text
-        except UnicodeDecodeError as e:
-            raise TokenizerError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start}); convert it to UTF-8") from None
-        except OSError as e:
-            raise TokenizerError(f"{p}: cannot read ({e.strerror or e})") from None
-
-
-def train_bpe_files(
-    corpus_paths: Sequence[str | Path],
-    out_dir: str | Path,
-    vocab_size: int,
-    json_key: str | None = None,
-    *,
-    min_frequency: int = 2,
-    show_progress: bool = False,
-) -> Path:
-    """Train a GPT-2 byte-level BPE (``<|endoftext|>`` = 0) on text or JSONL files; write vocab.json + merges.txt."""
-    # 256 byte symbols + <|endoftext|>: anything smaller cannot even hold the alphabet.
-    if vocab_size <= 257:
-        raise TokenizerError(
-            f"vocab size {vocab_size} is too small: byte-level BPE needs 257 ids for bytes and <|endoftext|>"
-        )
-    texts = iter_corpus_texts(corpus_paths, json_key)
-    return _train_bpe(texts, out_dir, vocab_size, min_frequency, show_progress)
 
 
 def read_vocab_json(path: str | Path) -> dict[str, int]:
     with open(path, encoding="utf-8") as f:
         vocab: dict[str, int] = json.load(f)
     return vocab
-
-
-# ------------------------------------------------------------------------------------------- byte level
-
-
-@lru_cache(maxsize=1)
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte alphabet: printable Latin-1 bytes stand for themselves, the 68 others are moved to
-    U+0100.. so that every token is a printable string without spaces (space is ``Ġ``)."""
-    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
-    mapping: dict[int, str] = {}
-    shifted = 0
-    for b in range(256):
-        if b in printable:
-            mapping[b] = chr(b)
-        else:
-            mapping[b] = chr(256 + shifted)
-            shifted += 1
-    return mapping
-
-
-@lru_cache(maxsize=1)
-def _unicode_to_latin1() -> dict[int, int]:
-    """str.translate's table from GPT-2's byte alphabet to the Latin-1 character of each byte; the
-    Latin-1 characters outside the alphabet go to one that Latin-1 cannot encode."""
-    table = {ord(c): b for b, c in bytes_to_unicode().items()}
-    return {**dict.fromkeys(range(256), 0xFFFF), **table}
-
-
-def _byte_level_bytes(token: str) -> bytes | None:
-    """The bytes a byte-level token stands for; None when it holds a character outside the alphabet."""
-    try:
-        return token.translate(_unicode_to_latin1()).encode("latin-1")
-    except UnicodeEncodeError:
-        return None
-
-
-def _to_byte_level(data: bytes) -> str:
-    table = bytes_to_unicode()
-    return "".join(table[b] for b in data)
-
-
-def _split_utf8(data: bytes) -> list[str | int]:
-    """Split bytes into decodable text runs and stray bytes (a token may hold part of a character)."""
-    out: list[str | int] = []
-    rest = data
-    while rest:
-        try:
-            out.append(rest.decode("utf-8"))
-            break
-        except UnicodeDecodeError as e:
-            if e.start:
-                out.append(rest[: e.start].decode("utf-8"))
-            out.append(rest[e.start])
-            rest = rest[e.start + 1 :]
-    return out
-
-
-# ---------------------------------------------------------------------------------------------- loading
 
 
 class TokenizerInfo:
@@ -275,25 +125,25 @@ class TokenizerInfo:
             if sp.is_byte(i):
                 m = _SP_BYTE_PIECE.match(token)
                 return bytes([int(m.group(1), 16)]) if m else b""
-            return token.replace(_SP_SPACE, " ").encode("utf-8")
+            return token.replace(SP_SPACE, " ").encode("utf-8")
         if self.byte_level and token not in self.special_tokens:
-            raw = _byte_level_bytes(token)
+            raw = byte_level_bytes(token)
             if raw is not None:
                 return raw
         m = _SP_BYTE_PIECE.match(token)
         if m:
             return bytes([int(m.group(1), 16)])
-        return token.replace(_SP_SPACE, " ").encode("utf-8")
+        return token.replace(SP_SPACE, " ").encode("utf-8")
 
     def encode_bytes(self, data: bytes) -> list[int]:
         """This tokenizer's ids for a byte string: the text encoded normally, or, where the bytes are not
         whole UTF-8 characters, the BPE model run on them directly (byte level) or byte pieces (SP)."""
         if not data:
             return []
-        parts = _split_utf8(data)
+        parts = split_utf8(data)
         if self.byte_level and any(isinstance(p, int) for p in parts):
             # Part of a character: no text to encode, but byte-level BPE works on bytes anyway.
-            return [t.id for t in self.backend.model.tokenize(_to_byte_level(data))]
+            return [t.id for t in self.backend.model.tokenize(to_byte_level(data))]
         ids: list[int] = []
         for part in parts:
             if isinstance(part, str):
@@ -512,12 +362,23 @@ def _load_gpt2_bpe(vocab_path: Path, merges_path: Path) -> TokenizerInfo:
     )
 
 
-def _has_type(node: Any, name: str) -> bool:
+def has_type(node: Any, name: str) -> bool:
     if isinstance(node, dict):
-        return node.get("type") == name or any(_has_type(v, name) for v in node.values())
+        return node.get("type") == name or any(has_type(v, name) for v in node.values())
     if isinstance(node, list):
-        return any(_has_type(v, name) for v in node)
+        return any(has_type(v, name) for v in node)
     return False
+
+
+def merge_pairs(model: dict[str, Any], path: Path) -> list[tuple[str, str]]:
+    """A tokenizer.json BPE model's merges in rank order."""
+    merges: list[tuple[str, str]] = []
+    for m in model.get("merges") or []:  # tokenizers >= 0.20 writes [a, b]; older files "a b"
+        pair = tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m)
+        if len(pair) != 2:
+            raise TokenizerError(f"{path}: malformed merge {m!r}")
+        merges.append((str(pair[0]), str(pair[1])))
+    return merges
 
 
 def _load_tokenizer_json(path: Path) -> TokenizerInfo:
@@ -535,15 +396,9 @@ def _load_tokenizer_json(path: Path) -> TokenizerInfo:
     if len(tokens) != tk.get_vocab_size(with_added_tokens=True):
         size = tk.get_vocab_size(with_added_tokens=True)
         raise TokenizerError(f"{path}: {len(tokens)} distinct tokens but size {size}; cannot map ids to tokens")
-    model = data.get("model") or {}
-    merges: list[tuple[str, str]] = []
-    for m in model.get("merges") or []:
-        pair = tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m)
-        if len(pair) != 2:
-            raise TokenizerError(f"{path}: malformed merge {m!r}")
-        merges.append((str(pair[0]), str(pair[1])))
+    merges = merge_pairs(data.get("model") or {}, path)
     special = frozenset(t["content"] for t in data.get("added_tokens") or [] if t.get("special"))
-    byte_level = _has_type(data.get("pre_tokenizer"), "ByteLevel") or _has_type(data.get("decoder"), "ByteLevel")
+    byte_level = has_type(data.get("pre_tokenizer"), "ByteLevel") or has_type(data.get("decoder"), "ByteLevel")
     return TokenizerInfo(
         kind=KIND_TOKENIZER_JSON,
         path=path,
@@ -578,7 +433,7 @@ def _load_sentencepiece(path: Path) -> TokenizerInfo:
     )
 
 
-def _load_sp_proto(path: Path) -> Any:
+def load_sp_proto(path: Path) -> Any:
     from sentencepiece import sentencepiece_model_pb2 as pb
 
     proto = pb.ModelProto()
@@ -594,366 +449,10 @@ def _load_sp_proto(path: Path) -> Any:
 def _raw_sentencepiece(path: Path) -> Any:
     import sentencepiece as spm
 
-    proto = _load_sp_proto(path)
+    proto = load_sp_proto(path)
     spec = proto.normalizer_spec
     spec.name = "identity"
     spec.precompiled_charsmap = b""
     spec.add_dummy_prefix = False
     spec.remove_extra_whitespaces = False
     return spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
-
-
-# ---------------------------------------------------------------------------------------- the id check
-
-
-@dataclass(frozen=True)
-class MovedId:
-    token: str
-    base_id: int
-    merged_id: int | None  # None: the token is missing from the merged tokenizer
-
-    def __str__(self) -> str:
-        where = "missing" if self.merged_id is None else str(self.merged_id)
-        return f"{self.token!r}: {self.base_id} \u2192 {where}"
-
-
-@dataclass(frozen=True)
-class MovedMerge:
-    merge: tuple[str, str]
-    base_rank: int
-    merged_rank: int | None
-
-    def __str__(self) -> str:
-        where = "missing" if self.merged_rank is None else str(self.merged_rank)
-        return f"'{self.merge[0]} {self.merge[1]}': rank {self.base_rank} \u2192 {where}"
-
-
-@dataclass
-class IdCheck:
-    """Whether every base token keeps its id (and every base merge its rank) in the merged tokenizer."""
-
-    base_path: str
-    merged_path: str
-    base_tokens: int
-    merged_tokens: int
-    base_merges: int
-    moved: list[MovedId] = field(default_factory=list)
-    merges_changed: list[MovedMerge] = field(default_factory=list)
-    # SentencePiece: base pieces whose score or type changed (the scores play the merge ranks' part).
-    pieces_changed: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.moved and not self.merges_changed and not self.pieces_changed
-
-    def summary(self, examples: int = 3) -> str:
-        """One line: what was checked and, on failure, how much moved with a few examples."""
-        if self.ok:
-            merges = f" and all {self.base_merges} base merges their ranks" if self.base_merges else ""
-            return (
-                f"all {self.base_tokens} base tokens keep their ids{merges} "
-                f"({self.merged_tokens} tokens in {self.merged_path})"
-            )
-        parts = []
-        if self.moved:
-            eg = ", ".join(str(m) for m in self.moved[:examples])
-            parts.append(f"{len(self.moved)} of {self.base_tokens} base token ids moved (e.g. {eg})")
-        if self.merges_changed:
-            eg = ", ".join(str(m) for m in self.merges_changed[:examples])
-            parts.append(f"{len(self.merges_changed)} of {self.base_merges} base merge ranks changed (e.g. {eg})")
-        if self.pieces_changed:
-            eg = ", ".join(repr(p) for p in self.pieces_changed[:examples])
-            parts.append(f"{len(self.pieces_changed)} base pieces changed score or type (e.g. {eg})")
-        # Facts only: callers append what it means for them (scrambled rows, how to rebuild).
-        return f"ids NOT preserved in {self.merged_path}: " + "; ".join(parts)
-
-    def to_dict(self, examples: int = 20) -> dict[str, Any]:
-        return {
-            "ok": self.ok,
-            "base": self.base_path,
-            "merged": self.merged_path,
-            "base_tokens": self.base_tokens,
-            "merged_tokens": self.merged_tokens,
-            "base_merges": self.base_merges,
-            "moved_ids": len(self.moved),
-            "moved_examples": [
-                {"token": m.token, "base_id": m.base_id, "merged_id": m.merged_id} for m in self.moved[:examples]
-            ],
-            "changed_merges": len(self.merges_changed),
-            "changed_merge_examples": [
-                {"merge": " ".join(m.merge), "base_rank": m.base_rank, "merged_rank": m.merged_rank}
-                for m in self.merges_changed[:examples]
-            ],
-            "changed_pieces": len(self.pieces_changed),
-            "changed_piece_examples": self.pieces_changed[:examples],
-            "summary": self.summary(),
-        }
-
-
-def check_ids_preserved(base: TokenizerInfo, merged: TokenizerInfo) -> IdCheck:
-    """THE check that a merged tokenizer is an extension of ``base``: token ``t`` with base id ``i`` has
-    id ``i`` in ``merged``, and base merge ``r`` is still merge ``r`` (a merge ranked earlier or later
-    changes how base-language text is split, even when every id stays put)."""
-    check = IdCheck(
-        base_path=str(base.path),
-        merged_path=str(merged.path),
-        base_tokens=base.vocab_size,
-        merged_tokens=merged.vocab_size,
-        base_merges=len(base.merges),
-    )
-    # Whole-list comparisons first (a resize checks two 50k-token tokenizers beside its copy); the
-    # loops only run to name what moved.
-    if merged.tokens[: len(base.tokens)] != base.tokens:
-        for i, tok in enumerate(base.tokens):
-            if i < merged.vocab_size and merged.tokens[i] == tok:
-                continue
-            check.moved.append(MovedId(tok, i, merged.token_to_id(tok)))
-    if merged.merges[: len(base.merges)] != base.merges:
-        merged_rank = {m: r for r, m in enumerate(merged.merges)}
-        for r, m in enumerate(base.merges):
-            if r < len(merged.merges) and merged.merges[r] == m:
-                continue
-            check.merges_changed.append(MovedMerge(m, r, merged_rank.get(m)))
-    if base.kind == merged.kind == KIND_SENTENCEPIECE:
-        b, m = base.backend, merged.backend
-        for i, tok in enumerate(base.tokens):
-            if i >= merged.vocab_size or merged.tokens[i] != tok:
-                continue  # already reported as moved
-            if _sp_piece_state(b, i) != _sp_piece_state(m, i):
-                check.pieces_changed.append(tok)
-    return check
-
-
-def _sp_piece_state(sp: Any, i: int) -> tuple[float, bool, bool, bool, bool]:
-    return (sp.get_score(i), sp.is_control(i), sp.is_unknown(i), sp.is_unused(i), sp.is_byte(i))
-
-
-# -------------------------------------------------------------------------------------------------- FVT
-
-
-def pieces_under(old: TokenizerInfo, new: TokenizerInfo, new_ids: range) -> list[list[int]]:
-    """For each id in ``new_ids`` of ``new``, the ids ``old`` splits that token's text into.
-
-    Used by the sub-token mean (FVT) init: the new row is the mean of these old rows. The token is
-    turned back into its bytes and encoded with ``old``; an empty list means no usable sub-tokens
-    (a control piece, an empty token) and the caller should fall back to another init.
-    """
-    if new_ids.start < 0 or new_ids.stop > new.vocab_size:
-        raise TokenizerError(f"{new.path}: ids {new_ids.start}..{new_ids.stop - 1} outside 0..{new.vocab_size - 1}")
-    return old.encode_bytes_batch([new.token_bytes(i) for i in new_ids])
-
-
-def fertility(tok: TokenizerInfo, texts: Iterable[str]) -> float:
-    """Tokens per character over ``texts`` (lower = the tokenizer knows the language better)."""
-    batch = [t for t in texts if t]
-    chars = sum(len(t) for t in batch)
-    if not chars:
-        raise TokenizerError("fertility needs at least one non-empty text")
-    return sum(len(ids) for ids in tok.encode_batch(batch)) / chars
-
-
-# ------------------------------------------------------------------------------------------------ merge
-
-
-@dataclass
-class MergeResult:
-    """What a merge wrote and how it relates to the base."""
-
-    out: Path
-    files: tuple[Path, ...]
-    kind: str
-    base_vocab_size: int
-    vocab_size: int
-    tokens_added: int
-    merges_added: int
-    check: IdCheck
-    skipped: list[str] = field(default_factory=list)  # new tokens not carried over (special/control)
-
-    def padded_sizes(self, divisible_by: int = 128, tensor_parallel: Sequence[int] = (1, 2, 4, 8)) -> dict[int, int]:
-        from nemo_vocab_ext.core.sizes import padded_vocab_size
-
-        return {tp: padded_vocab_size(self.vocab_size, divisible_by, tp) for tp in tensor_parallel}
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    # Write beside the target and rename, so a crash never leaves a half-written tokenizer file.
-    # (open(..., "xb") rather than mkstemp: the file gets the umask's permissions, not 0600.)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def write_gpt2_bpe(out_dir: str | Path, tokens: Sequence[str], merges: Sequence[tuple[str, str]]) -> tuple[Path, Path]:
-    """Write ``vocab.json`` + ``merges.txt`` in the layout NeMo's GPT2BPETokenizer reads (header line,
-    final newline: it drops the first and last line of merges.txt)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    vocab_path, merges_path = out / "vocab.json", out / "merges.txt"
-    vocab = {t: i for i, t in enumerate(tokens)}
-    _atomic_write(vocab_path, json.dumps(vocab, ensure_ascii=False).encode("utf-8"))
-    body = "".join(f"{a} {b}\n" for a, b in merges)
-    _atomic_write(merges_path, f"{MERGES_HEADER}\n{body}".encode())
-    return vocab_path, merges_path
-
-
-def _require_byte_level_bpe(tok: TokenizerInfo, role: str) -> None:
-    if tok.kind == KIND_GPT2_BPE:
-        return
-    if tok.kind == KIND_TOKENIZER_JSON and tok.byte_level and tok.merges:
-        return
-    hint = "; use merge_sentencepiece for SentencePiece models" if tok.kind == KIND_SENTENCEPIECE else ""
-    raise TokenizerError(
-        f"{tok.path}: the {role} tokenizer is {tok.kind} ({'byte-level' if tok.byte_level else 'not byte-level'}); "
-        f"merging needs GPT-2 byte-level BPE (vocab.json + merges.txt or a byte-level BPE tokenizer.json){hint}"
-    )
-
-
-def merge_bpe(base_dir: str | Path, new_dir: str | Path, out_dir: str | Path) -> MergeResult:
-    """Merge a new-language byte-level BPE into the base one, base ids and merge ranks untouched.
-
-    The output (``vocab.json`` + ``merges.txt`` in ``out_dir``) holds every base token at its id and
-    every base merge at its rank, then the new tokenizer's tokens the base lacks (in the new tokenizer's
-    id order) and its merges the base lacks (in the new tokenizer's rank order). Appended merges rank
-    after all base merges, so they act only where no base merge applies any more.
-    """
-    base = load_tokenizer(base_dir)
-    new = load_tokenizer(new_dir)
-    out = Path(out_dir)
-    for given in (base, new):
-        if out.resolve() in {f.parent.resolve() for f in given.files}:
-            raise TokenizerError(f"{out}: holds an input tokenizer; write the merged one to another folder")
-    _require_byte_level_bpe(base, "base")
-    _require_byte_level_bpe(new, "new")
-    extra_special = sorted(base.special_tokens - {EOS_TOKEN})
-    if extra_special:
-        raise TokenizerError(
-            f"{base.path}: special tokens {extra_special[:5]} cannot be kept special in vocab.json + merges.txt; "
-            "merging such a tokenizer.json is not supported yet"
-        )
-
-    # Base tokens as NeMo numbers them, including a <|endoftext|> NeMo would add: writing it into
-    # vocab.json at that same id keeps it there once new tokens follow.
-    tokens = list(base.tokens)
-    index = {t: i for i, t in enumerate(tokens)}
-    skipped: list[str] = []
-    for tok in new.tokens:
-        if tok in index:
-            continue
-        if tok in new.special_tokens or tok in new.nemo_added:
-            skipped.append(tok)  # special tokens would become plain vocab entries here, not special
-            continue
-        if _byte_level_bytes(tok) is None:
-            raise TokenizerError(f"{new.path}: token {tok!r} is not a byte-level string; is this a GPT-2 style BPE?")
-        index[tok] = len(tokens)
-        tokens.append(tok)
-
-    merges = list(base.merges)
-    known = set(merges)
-    added_merges = 0
-    for m in new.merges:
-        if m in known:
-            continue
-        for needed in (m[0], m[1], m[0] + m[1]):
-            if needed not in index:  # a merge without its parts or result would break NeMo's tokenizer
-                raise TokenizerError(
-                    f"{new.path}: merge '{m[0]} {m[1]}' needs token {needed!r}, which is in neither vocabulary"
-                )
-        known.add(m)
-        merges.append(m)
-        added_merges += 1
-
-    files = write_gpt2_bpe(out, tokens, merges)
-    merged = load_tokenizer(out)
-    check = check_ids_preserved(base, merged)
-    if not check.ok or merged.vocab_size != len(tokens):  # cannot happen by construction; never ship it if it does
-        raise TokenizerError(f"{out}: internal error, merged tokenizer failed its own check: {check.summary()}")
-    return MergeResult(
-        out=out,
-        files=files,
-        kind=KIND_GPT2_BPE,
-        base_vocab_size=base.vocab_size,
-        vocab_size=merged.vocab_size,
-        tokens_added=merged.vocab_size - base.vocab_size,
-        merges_added=added_merges,
-        check=check,
-        skipped=skipped,
-    )
-
-
-def merge_sentencepiece(base_model: str | Path, new_model: str | Path, out_model: str | Path) -> MergeResult:
-    """Append the new SentencePiece model's normal and user-defined pieces the base lacks.
-
-    Both models must be of the same type. Unigram pieces keep the new model's log-probability scores;
-    BPE pieces get scores below every base piece (SentencePiece BPE merges by score), keeping the new
-    model's order, so base merges still win. The base normalizer and special pieces are kept.
-    """
-    from sentencepiece import sentencepiece_model_pb2 as pb
-
-    base_path, new_path, out = Path(base_model), Path(new_model), Path(out_model)
-    base, new = load_tokenizer(base_path), load_tokenizer(new_path)
-    for tok, role in ((base, "base"), (new, "new")):
-        if tok.kind != KIND_SENTENCEPIECE:
-            raise TokenizerError(
-                f"{tok.path}: the {role} tokenizer is {tok.kind}, not SentencePiece; use merge_bpe for BPE"
-            )
-    base_proto, new_proto = _load_sp_proto(base.path), _load_sp_proto(new_path)
-    base_type, new_type = base_proto.trainer_spec.model_type, new_proto.trainer_spec.model_type
-    type_name = pb.TrainerSpec.ModelType.Name
-    if base_type != new_type:
-        raise TokenizerError(
-            f"{new_path}: a {type_name(new_type)} model cannot be merged into the {type_name(base_type)} base "
-            f"{base_path}; train the new model with --model_type={type_name(base_type).lower()}"
-        )
-    if base_type not in (pb.TrainerSpec.UNIGRAM, pb.TrainerSpec.BPE):
-        raise TokenizerError(f"{base_path}: merging {type_name(base_type)} SentencePiece models is not supported yet")
-
-    piece_type = pb.ModelProto.SentencePiece
-    existing = {p.piece for p in base_proto.pieces}
-    lowest = min((p.score for p in base_proto.pieces if p.type == piece_type.NORMAL), default=0.0)
-    added, skipped = 0, []
-    for p in new_proto.pieces:
-        if p.piece in existing:
-            continue
-        if p.type not in (piece_type.NORMAL, piece_type.USER_DEFINED):
-            skipped.append(p.piece)  # control, unknown, byte and unused pieces belong to the base's setup
-            continue
-        added += 1
-        piece = base_proto.pieces.add()
-        piece.piece, piece.type = p.piece, p.type
-        piece.score = lowest - added if base_type == pb.TrainerSpec.BPE else p.score
-        existing.add(p.piece)
-    base_proto.trainer_spec.vocab_size = len(base_proto.pieces)
-
-    if out.is_dir():
-        out = out / base_path.name
-    if out.resolve() in (base_path.resolve(), new_path.resolve()):
-        raise TokenizerError(f"{out}: is an input model; write the merged model to another path")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out, base_proto.SerializeToString())
-    merged = load_tokenizer(out)
-    check = check_ids_preserved(base, merged)
-    if not check.ok:
-        raise TokenizerError(f"{out}: internal error, merged model failed its own check: {check.summary()}")
-    return MergeResult(
-        out=out,
-        files=(out,),
-        kind=KIND_SENTENCEPIECE,
-        base_vocab_size=base.vocab_size,
-        vocab_size=merged.vocab_size,
-        tokens_added=added,
-        merges_added=0,
-        check=check,
-        skipped=skipped,
-    )
-
-
-def merge_tokenizers(base: str | Path, new: str | Path, out: str | Path) -> MergeResult:
-    """Merge by the base's kind: SentencePiece models with :func:`merge_sentencepiece`, else :func:`merge_bpe`."""
-    if load_tokenizer(base).kind == KIND_SENTENCEPIECE:
-        return merge_sentencepiece(base, new, out)
-    return merge_bpe(base, new, out)

@@ -1,7 +1,7 @@
-"""Hugging Face ``tokenizer.json`` BPE tokenizers: merge a new language's tokenizer into a base one with
-every base id kept, check a merge, and split new tokens into base pieces.
+"""Merging a new language's tokenizer into a base one with every base id kept, for each kind: GPT-2 BPE
+(``vocab.json`` + ``merges.txt``), SentencePiece ``.model`` and Hugging Face ``tokenizer.json``.
 
-Two styles, both a ``BPE`` model:
+tokenizer.json merges take two styles, both a ``BPE`` model:
 
 * byte-level (GPT-2, Llama 3, Qwen2): a ``ByteLevel`` pre-tokenizer/decoder; tokens are strings in GPT-2's
   byte alphabet; special tokens are ``added_tokens``, usually with ids above the BPE vocabulary;
@@ -9,26 +9,34 @@ Two styles, both a ``BPE`` model:
   ``Replace`` and ``Prepend`` normalizers with a ``Replace`` decoder), unknown characters fall back to
   ``<0xNN>`` byte tokens, and ``<unk>``, ``<s>``, ``</s>`` sit at low ids.
 
-Files are read and written as JSON with the standard library; ``tokenizers`` validates what is written.
+tokenizer.json files are read and written as JSON with the standard library; ``tokenizers`` validates what
+is written.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from nemo_vocab_ext.atomic import atomic_output, refuse_existing
 from nemo_vocab_ext.errors import TokenizerError
+from nemo_vocab_ext.tokenization.bytelevel import byte_level_bytes
+from nemo_vocab_ext.tokenization.check import IdCheck, check_ids_preserved, check_tokenizer_json
 from nemo_vocab_ext.tokenization.load import (
-    _SP_SPACE,
+    EOS_TOKEN,
+    KIND_GPT2_BPE,
+    KIND_SENTENCEPIECE,
     KIND_TOKENIZER_JSON,
-    IdCheck,
-    MergeResult,
+    MERGES_HEADER,
+    SP_SPACE,
     TokenizerInfo,
-    _has_type,
-    check_ids_preserved,
+    has_type,
+    load_sp_proto,
     load_tokenizer,
+    merge_pairs,
 )
 
 STYLE_BYTE_LEVEL = "byte-level"
@@ -38,17 +46,204 @@ TOKENIZER_FILE = "tokenizer.json"
 CARRIED_FILES = ("tokenizer_config.json", "special_tokens_map.json")
 
 
+@dataclass
+class MergeResult:
+    """What a merge wrote and how it relates to the base."""
+
+    out: Path
+    files: tuple[Path, ...]
+    kind: str
+    base_vocab_size: int
+    vocab_size: int
+    tokens_added: int
+    merges_added: int
+    check: IdCheck
+    skipped: list[str] = field(default_factory=list)  # new tokens not carried over (special/control)
+
+    def padded_sizes(self, divisible_by: int = 128, tensor_parallel: Sequence[int] = (1, 2, 4, 8)) -> dict[int, int]:
+        from nemo_vocab_ext.core.sizes import padded_vocab_size
+
+        return {tp: padded_vocab_size(self.vocab_size, divisible_by, tp) for tp in tensor_parallel}
+
+
+def write_gpt2_bpe(out_dir: str | Path, tokens: Sequence[str], merges: Sequence[tuple[str, str]]) -> tuple[Path, Path]:
+    """Write ``vocab.json`` + ``merges.txt`` in the layout NeMo's GPT2BPETokenizer reads (header line,
+    final newline: it drops the first and last line of merges.txt)."""
+    out = Path(out_dir)
+    vocab_path, merges_path = out / "vocab.json", out / "merges.txt"
+    vocab = json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False)
+    body = "".join(f"{a} {b}\n" for a, b in merges)
+    for path, text in ((vocab_path, vocab), (merges_path, f"{MERGES_HEADER}\n{body}")):
+        with atomic_output(path, force=True) as tmp:  # a crash never leaves a half-written file
+            tmp.write_bytes(text.encode("utf-8"))
+    return vocab_path, merges_path
+
+
+def _require_byte_level_bpe(tok: TokenizerInfo, role: str) -> None:
+    if tok.kind == KIND_GPT2_BPE:
+        return
+    if tok.kind == KIND_TOKENIZER_JSON and tok.byte_level and tok.merges:
+        return
+    hint = "; use merge_sentencepiece for SentencePiece models" if tok.kind == KIND_SENTENCEPIECE else ""
+    raise TokenizerError(
+        f"{tok.path}: the {role} tokenizer is {tok.kind} ({'byte-level' if tok.byte_level else 'not byte-level'}); "
+        f"merging needs GPT-2 byte-level BPE (vocab.json + merges.txt or a byte-level BPE tokenizer.json){hint}"
+    )
+
+
+def merge_bpe(base_dir: str | Path, new_dir: str | Path, out_dir: str | Path) -> MergeResult:
+    """Merge a new-language byte-level BPE into the base one, base ids and merge ranks untouched.
+
+    The output (``vocab.json`` + ``merges.txt`` in ``out_dir``) holds every base token at its id and
+    every base merge at its rank, then the new tokenizer's tokens the base lacks (in the new tokenizer's
+    id order) and its merges the base lacks (in the new tokenizer's rank order). Appended merges rank
+    after all base merges, so they act only where no base merge applies any more.
+    """
+    base = load_tokenizer(base_dir)
+    new = load_tokenizer(new_dir)
+    out = Path(out_dir)
+    for given in (base, new):
+        if out.resolve() in {f.parent.resolve() for f in given.files}:
+            raise TokenizerError(f"{out}: holds an input tokenizer; write the merged one to another folder")
+    _require_byte_level_bpe(base, "base")
+    _require_byte_level_bpe(new, "new")
+    extra_special = sorted(base.special_tokens - {EOS_TOKEN})
+    if extra_special:
+        raise TokenizerError(
+            f"{base.path}: special tokens {extra_special[:5]} cannot be kept special in vocab.json + merges.txt; "
+            "merging such a tokenizer.json is not supported yet"
+        )
+
+    # Base tokens as NeMo numbers them, including a <|endoftext|> NeMo would add: writing it into
+    # vocab.json at that same id keeps it there once new tokens follow.
+    tokens = list(base.tokens)
+    index = {t: i for i, t in enumerate(tokens)}
+    skipped: list[str] = []
+    for tok in new.tokens:
+        if tok in index:
+            continue
+        if tok in new.special_tokens or tok in new.nemo_added:
+            skipped.append(tok)  # special tokens would become plain vocab entries here, not special
+            continue
+        if byte_level_bytes(tok) is None:
+            raise TokenizerError(f"{new.path}: token {tok!r} is not a byte-level string; is this a GPT-2 style BPE?")
+        index[tok] = len(tokens)
+        tokens.append(tok)
+
+    merges = list(base.merges)
+    known = set(merges)
+    added_merges = 0
+    for m in new.merges:
+        if m in known:
+            continue
+        for needed in (m[0], m[1], m[0] + m[1]):
+            if needed not in index:  # a merge without its parts or result would break NeMo's tokenizer
+                raise TokenizerError(
+                    f"{new.path}: merge '{m[0]} {m[1]}' needs token {needed!r}, which is in neither vocabulary"
+                )
+        known.add(m)
+        merges.append(m)
+        added_merges += 1
+
+    files = write_gpt2_bpe(out, tokens, merges)
+    merged = load_tokenizer(out)
+    check = check_ids_preserved(base, merged)
+    if not check.ok or merged.vocab_size != len(tokens):  # cannot happen by construction; never ship it if it does
+        raise TokenizerError(f"{out}: internal error, merged tokenizer failed its own check: {check.summary()}")
+    return MergeResult(
+        out=out,
+        files=files,
+        kind=KIND_GPT2_BPE,
+        base_vocab_size=base.vocab_size,
+        vocab_size=merged.vocab_size,
+        tokens_added=merged.vocab_size - base.vocab_size,
+        merges_added=added_merges,
+        check=check,
+        skipped=skipped,
+    )
+
+
+def merge_sentencepiece(base_model: str | Path, new_model: str | Path, out_model: str | Path) -> MergeResult:
+    """Append the new SentencePiece model's normal and user-defined pieces the base lacks.
+
+    Both models must be of the same type. Unigram pieces keep the new model's log-probability scores;
+    BPE pieces get scores below every base piece (SentencePiece BPE merges by score), keeping the new
+    model's order, so base merges still win. The base normalizer and special pieces are kept.
+    """
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    base_path, new_path, out = Path(base_model), Path(new_model), Path(out_model)
+    base, new = load_tokenizer(base_path), load_tokenizer(new_path)
+    for tok, role in ((base, "base"), (new, "new")):
+        if tok.kind != KIND_SENTENCEPIECE:
+            raise TokenizerError(
+                f"{tok.path}: the {role} tokenizer is {tok.kind}, not SentencePiece; use merge_bpe for BPE"
+            )
+    base_proto, new_proto = load_sp_proto(base.path), load_sp_proto(new_path)
+    base_type, new_type = base_proto.trainer_spec.model_type, new_proto.trainer_spec.model_type
+    type_name = pb.TrainerSpec.ModelType.Name
+    if base_type != new_type:
+        raise TokenizerError(
+            f"{new_path}: a {type_name(new_type)} model cannot be merged into the {type_name(base_type)} base "
+            f"{base_path}; train the new model with --model_type={type_name(base_type).lower()}"
+        )
+    if base_type not in (pb.TrainerSpec.UNIGRAM, pb.TrainerSpec.BPE):
+        raise TokenizerError(f"{base_path}: merging {type_name(base_type)} SentencePiece models is not supported yet")
+
+    piece_type = pb.ModelProto.SentencePiece
+    existing = {p.piece for p in base_proto.pieces}
+    lowest = min((p.score for p in base_proto.pieces if p.type == piece_type.NORMAL), default=0.0)
+    added, skipped = 0, []
+    for p in new_proto.pieces:
+        if p.piece in existing:
+            continue
+        if p.type not in (piece_type.NORMAL, piece_type.USER_DEFINED):
+            skipped.append(p.piece)  # control, unknown, byte and unused pieces belong to the base's setup
+            continue
+        added += 1
+        piece = base_proto.pieces.add()
+        piece.piece, piece.type = p.piece, p.type
+        piece.score = lowest - added if base_type == pb.TrainerSpec.BPE else p.score
+        existing.add(p.piece)
+    base_proto.trainer_spec.vocab_size = len(base_proto.pieces)
+
+    if out.is_dir():
+        out = out / base_path.name
+    if out.resolve() in (base_path.resolve(), new_path.resolve()):
+        raise TokenizerError(f"{out}: is an input model; write the merged model to another path")
+    with atomic_output(out, force=True) as tmp:
+        tmp.write_bytes(base_proto.SerializeToString())
+    merged = load_tokenizer(out)
+    check = check_ids_preserved(base, merged)
+    if not check.ok:
+        raise TokenizerError(f"{out}: internal error, merged model failed its own check: {check.summary()}")
+    return MergeResult(
+        out=out,
+        files=(out,),
+        kind=KIND_SENTENCEPIECE,
+        base_vocab_size=base.vocab_size,
+        vocab_size=merged.vocab_size,
+        tokens_added=added,
+        merges_added=0,
+        check=check,
+        skipped=skipped,
+    )
+
+
+# ------------------------------------------------------------------------------------------ tokenizer.json
+
+
 def tokenizer_style(data: dict[str, Any], where: Path) -> str:
     """The style of a parsed tokenizer.json: :data:`STYLE_BYTE_LEVEL` or :data:`STYLE_SENTENCEPIECE`."""
     model = data.get("model")
     if not isinstance(model, dict) or model.get("type") != "BPE":
         kind = model.get("type") if isinstance(model, dict) else None
         raise TokenizerError(f"{where}: a {kind or 'non-BPE'} model; merging needs a BPE tokenizer.json")
-    if _has_type(data.get("pre_tokenizer"), "ByteLevel") or _has_type(data.get("decoder"), "ByteLevel"):
+    if has_type(data.get("pre_tokenizer"), "ByteLevel") or has_type(data.get("decoder"), "ByteLevel"):
         return STYLE_BYTE_LEVEL
     # Spaces turned into "▁": a Metaspace step, or Replace/Prepend normalizers and a Replace decoder.
     pipeline = [data.get("normalizer"), data.get("pre_tokenizer"), data.get("decoder")]
-    if _has_type(pipeline, "Metaspace") or _SP_SPACE in json.dumps(pipeline, ensure_ascii=False):
+    if has_type(pipeline, "Metaspace") or SP_SPACE in json.dumps(pipeline, ensure_ascii=False):
         return STYLE_SENTENCEPIECE
     raise TokenizerError(
         f"{where}: neither byte-level (ByteLevel) nor SentencePiece-style (spaces as '▁'); "
@@ -71,14 +266,6 @@ def _require_json_kind(tok: TokenizerInfo, role: str) -> dict[str, Any]:
         )
     data: dict[str, Any] = _read_json(tok.path)
     return data
-
-
-def _merge_pairs(model: dict[str, Any]) -> list[tuple[str, str]]:
-    pairs = []
-    for m in model.get("merges") or []:  # tokenizers >= 0.20 writes [a, b]; older files "a b"
-        a, b = m if isinstance(m, list) else m.split(" ", 1)
-        pairs.append((a, b))
-    return pairs
 
 
 def merge_tokenizer_json(
@@ -126,11 +313,11 @@ def merge_tokenizer_json(
         known.add(token)
     vocab.update((token, base.vocab_size + k) for k, token in enumerate(new_tokens))  # base ids are 0..n-1
 
-    base_merges = _merge_pairs(model)
+    base_merges = merge_pairs(model, base.path)
     known_merges = set(base_merges)
     added_merges = [
         m
-        for m in _merge_pairs(new_data["model"])
+        for m in merge_pairs(new_data["model"], new.path)
         if m not in known_merges and {m[0], m[1], m[0] + m[1]} <= vocab.keys()
     ]
     # In the base's format: "a b" strings (tokenizers < 0.20) unless a part holds a space, else [a, b].
@@ -200,51 +387,3 @@ def _check_added_tokens_decoder(base: TokenizerInfo, companions: dict[str, Path]
                 f"{config_path}: added_tokens_decoder gives id {key} to {content!r} but {base.path} has "
                 f"{actual!r} there; fix the base's files first"
             )
-
-
-def _added_token_state(tok: TokenizerInfo) -> dict[int, tuple[Any, ...]]:
-    return {
-        i: (t.content, t.special, t.single_word, t.lstrip, t.rstrip, t.normalized)
-        for i, t in tok.backend.get_added_tokens_decoder().items()
-    }
-
-
-def check_tokenizer_json(base: TokenizerInfo, merged: TokenizerInfo) -> IdCheck:
-    """:func:`~nemo_vocab_ext.tokenizer.check_ids_preserved`, plus: every base added token is still an
-    added token with the same flags (a special token turned into a plain one splits differently)."""
-    check = check_ids_preserved(base, merged)
-    moved = {m.token for m in check.moved}
-    base_added, merged_added = _added_token_state(base), _added_token_state(merged)
-    for i, state in sorted(base_added.items()):
-        if merged_added.get(i) != state and state[0] not in moved:
-            check.pieces_changed.append(state[0])
-    return check
-
-
-def pieces_under_json(base: TokenizerInfo, merged: TokenizerInfo, new_ids: range) -> list[list[int]]:
-    """For each id in ``new_ids`` of ``merged``, the base ids the base's BPE model splits that token into.
-
-    The token string goes through the base model as stored: GPT-2 byte-alphabet characters for a
-    byte-level tokenizer, ``▁`` for spaces (and ``<0xNN>`` byte fallback) for a SentencePiece-style one,
-    so no normalizer or pre-tokenizer adds a second prefix space. Added tokens of ``merged``: special
-    ones have no pieces (an empty list: the caller falls back to another init), others are encoded
-    as text. The base's unknown token is left out of the pieces.
-    """
-    for tok in (base, merged):
-        if tok.kind != KIND_TOKENIZER_JSON:
-            raise TokenizerError(f"{tok.path}: is {tok.kind}, not a tokenizer.json; use pieces_under")
-    if new_ids.start < 0 or new_ids.stop > merged.vocab_size:
-        raise TokenizerError(
-            f"{merged.path}: ids {new_ids.start}..{new_ids.stop - 1} outside 0..{merged.vocab_size - 1}"
-        )
-    model = base.backend.model
-    unk = base.token_to_id(model.unk_token) if getattr(model, "unk_token", None) else None
-    added = merged.backend.get_added_tokens_decoder()
-    pieces = []
-    for i in new_ids:
-        if i in added:
-            ids = [] if added[i].special else base.encode(added[i].content)
-        else:
-            ids = [t.id for t in model.tokenize(merged.tokens[i])]
-        pieces.append([j for j in ids if j != unk])
-    return pieces

@@ -1,9 +1,8 @@
 """Reading tokenizer files (GPT-2 ``vocab.json`` + ``merges.txt``, a Hugging Face ``tokenizer.json``, a
 SentencePiece ``.model``) into a :class:`TokenizerInfo`, and their sizes as NeMo defines them.
 
-Pure files plus ``tokenizers``/``sentencepiece``: no NeMo import, so the CLI and the checks stay fast and
-work without NeMo installed. Where NeMo's behaviour matters (the vocab size, what its GPT2BPETokenizer
-does with ``merges.txt``) it is reproduced here and pinned by a test against NeMo itself.
+Where NeMo's behaviour matters (the vocab size, what its GPT2BPETokenizer does with ``merges.txt``) it is
+reproduced here, without importing NeMo, and pinned by a test against NeMo itself.
 
 Vocab size as NeMo counts it (NeMo 2.4.1):
 

@@ -8,31 +8,27 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from itertools import islice
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
 from nemo_vocab_ext.atomic import atomic_output
 from nemo_vocab_ext.cli_common import report_errors
-from nemo_vocab_ext.core.sizes import padded_vocab_size
 from nemo_vocab_ext.errors import TokenizerError
 from nemo_vocab_ext.tokenization.check import check_merged
 from nemo_vocab_ext.tokenization.load import KIND_SENTENCEPIECE, KIND_TOKENIZER_JSON, TokenizerInfo, load_tokenizer
 from nemo_vocab_ext.tokenization.merge import MergeResult, merge_bpe, merge_sentencepiece, merge_tokenizer_json
 from nemo_vocab_ext.tokenization.train import iter_corpus_texts, train_bpe_files
 
-F = TypeVar("F", bound=Callable[..., Any])
-
-TENSOR_PARALLEL_SIZES = (1, 2, 4, 8)
 _EXAMPLES = 3
 _BATCH = 2048
 
 
-def _padded_line(vocab_size: int, divisible_by: int) -> str:
-    sizes = ", ".join(f"TP{tp} {padded_vocab_size(vocab_size, divisible_by, tp)}" for tp in TENSOR_PARALLEL_SIZES)
+def _padded_line(result: MergeResult, divisible_by: int) -> str:
+    sizes = ", ".join(f"TP{tp} {size}" for tp, size in result.padded_sizes(divisible_by).items())
     return f"padded size (make_vocab_size_divisible_by={divisible_by}): {sizes}"
 
 
@@ -105,7 +101,7 @@ def merge_cmd(base: Path, new: Path, out: Path, divisible_by: int, force: bool) 
     click.echo(f"merged tokenizer written to {written}")
     click.echo(f"added {result.tokens_added} tokens{merges} from {new}{skipped}")
     click.echo(f"vocab size (as NeMo counts it): {result.vocab_size} (base {result.base_vocab_size})")
-    click.echo(_padded_line(result.vocab_size, divisible_by))
+    click.echo(_padded_line(result, divisible_by))
     click.echo(f"ids preserved: {result.check.summary()}" if result.check.ok else result.check.summary())
 
 

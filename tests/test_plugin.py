@@ -16,10 +16,10 @@ import pytest
 import torch
 from conftest import BASE_VOCAB, LARGER_VOCAB, NemoRestorer, english_texts
 
+from harness.runs import PROBE_ENV, stock_job, write_pretraining_config
+from harness.tiny import NemoRunError, run_concurrently
 from nemo_vocab_ext.checkpoint import Checkpoint
 from nemo_vocab_ext.core.rows import Init
-from nemo_vocab_ext.testing.runs import PROBE_ENV, stock_job, write_pretraining_config
-from nemo_vocab_ext.testing.tiny import NemoRunError, run_concurrently
 from nemo_vocab_ext.tokenizer import load_tokenizer, pieces_under, train_bpe
 from nemo_vocab_ext.vocab import apply_resize, plan_resize
 

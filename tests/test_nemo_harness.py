@@ -16,7 +16,7 @@ import torch
 import yaml
 from conftest import BASE_VOCAB, LARGER_VOCAB, NEMO_MODELS, NemoRestorer
 
-from harness.tiny import ForkServer, NemoJob, NemoRunError, run_concurrently
+from harness.tiny import HARNESS_ROOT, ForkServer, NemoJob, NemoRunError, run_concurrently
 from nemo_vocab_ext.tokenizer import read_vocab_json
 
 EMBEDDING = "model.embedding.word_embeddings.weight"
@@ -91,7 +91,7 @@ _ECHO_SERVER = textwrap.dedent(
 def test_fork_server_runs_each_job_in_a_fresh_fork(tmp_path: Path) -> None:
     script = tmp_path / "echo.py"
     script.write_text(_ECHO_SERVER)
-    server = ForkServer([str(script)], dict(os.environ), tmp_path, "echo")
+    server = ForkServer([str(script)], dict(os.environ, PYTHONPATH=str(HARNESS_ROOT)), tmp_path, "echo")
     try:
         jobs = [([name, code], tmp_path / name) for name, code in [("a", "0"), ("b", "3"), ("c", "raise"), ("d", "0")]]
         a, b, c, d = server.run(jobs)

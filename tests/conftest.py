@@ -1,6 +1,6 @@
 """Session fixtures: tiny tokenizers, and tiny ``.nemo`` models built once with real NeMo on the CPU.
 
-NeMo runs in subprocesses (:mod:`nemo_vocab_ext.testing.make_model` and ``.restore``) forked from
+NeMo runs in subprocesses (:mod:`harness.make_model` and ``.restore``) forked from
 servers that import NeMo once: its imports take ~15 s, and its CPU patches must not leak into the
 test process. Tests that use the ``.nemo`` fixtures or ``restore_nemo`` are marked
 ``@pytest.mark.nemo``.
@@ -18,8 +18,8 @@ import pytest
 import torch
 from click.testing import CliRunner, Result
 
+from harness.tiny import ForkServer, NemoRunError, cpu_env, offline_hf_home
 from nemo_vocab_ext.cli import main
-from nemo_vocab_ext.testing.tiny import ForkServer, NemoRunError, cpu_env, offline_hf_home
 from nemo_vocab_ext.tokenization.train import train_bpe
 
 BASE_VOCAB = 500  # padded to 512 rows (make_vocab_size_divisible_by=128)
@@ -116,7 +116,7 @@ def nemo_models(
         out = outs[name] = root / name / f"{name}.nemo"  # save_to uses the output's folder as scratch: one each
         args = ["--vocab-dir", str(base_tokenizer), "--out", str(out), "--dump", str(saved_state_path(out))]
         jobs.append(([*args, *flags, "--seed", str(seed)], out.parent))
-    server = ForkServer.for_module("nemo_vocab_ext.testing.make_model", nemo_env, root)
+    server = ForkServer.for_module("harness.make_model", nemo_env, root)
     try:
         _raise_first(server.run(jobs))
     finally:
@@ -158,18 +158,18 @@ def saved_state() -> Callable[[Path], dict]:
 
 
 class NemoRestorer:
-    """Restores ``.nemo`` files with real NeMo (``nemo_vocab_ext.testing.restore``), each in a process of its own.
+    """Restores ``.nemo`` files with real NeMo (``harness.restore``), each in a process of its own.
 
     ``restorer(path, vocab_dir=None)`` returns the dump ``{"state_dict": {name: tensor},
     "vocab_size", "padded_vocab_size"}`` and raises :class:`NemoRunError` (``.log`` holds NeMo's
     output) when the restore fails; ``restorer.many(jobs)`` returns each dump or error. The
     processes are forked from one server that imports NeMo once, so a restore takes about a second.
-    TP=1 only: restore at TP=2 with ``torchrun`` (see ``nemo_vocab_ext.testing.tiny.run_concurrently``).
+    TP=1 only: restore at TP=2 with ``torchrun`` (see ``harness.tiny.run_concurrently``).
     """
 
     def __init__(self, root: Path, env: dict[str, str]):
         self.root = root
-        self.server = ForkServer.for_module("nemo_vocab_ext.testing.restore", env, root)
+        self.server = ForkServer.for_module("harness.restore", env, root)
         self._ids = itertools.count()
 
     def __call__(self, path: Path, vocab_dir: Path | None = None) -> dict:

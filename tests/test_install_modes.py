@@ -22,7 +22,7 @@ import pytest
 import torch
 from conftest import BASE_VOCAB, LARGER_VOCAB
 
-from nemo_vocab_ext.testing.runs import PROBE_ENV, write_pretraining_config
+from harness.runs import PROBE_ENV, write_pretraining_config
 
 REPO = Path(__file__).parents[1]
 PROJECT = "nemo_vocab_ext"
@@ -157,6 +157,10 @@ def stock_runs(
     """The stock sequence with a preset, from the default editable install and from the wheel, side by side."""
     root = tmp_path_factory.mktemp("stock_runs")
     env = clean_env(dict(nemo_env, **{PROBE_ENV: "probe.pt"}))
+    harness_only = root / "harness_only"  # the checkout's harness (no install ships it), not its project
+    harness_only.mkdir()
+    (harness_only / "harness").symlink_to(REPO / "harness")
+    env["PYTHONPATH"] = str(harness_only)
     procs = {}
     for way in ("editable", "wheel"):
         folder = root / way
@@ -164,7 +168,7 @@ def stock_runs(
             folder / "conf" / "gpt.yaml", base_tokenizer, exp_dir=folder / "exp", max_steps=1, save_nemo=False
         )
         argv = [
-            str(install(way)), "-m", "nemo_vocab_ext.testing.stock_pretraining",
+            str(install(way)), "-m", "harness.stock_pretraining",
             f"--config-path={config.parent}", f"--config-name={config.stem}",
             f"model.restore_from_path={nemo_tied_dist}",
             f"model.tokenizer.vocab_file={larger_tokenizer}/vocab.json",

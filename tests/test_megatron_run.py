@@ -16,6 +16,7 @@ import torch
 import yaml
 from conftest import BASE_VOCAB, LARGER_VOCAB
 
+from harness.tiny import cpu_env
 from nemo_vocab_ext.checkpoint import DISTRIBUTED
 from nemo_vocab_ext.core.sizes import padded_vocab_size
 from nemo_vocab_ext.errors import CheckpointFormatError, ConfigError, UnsafeCheckpointError
@@ -32,7 +33,6 @@ from nemo_vocab_ext.formats.megatron_run import (
 )
 from nemo_vocab_ext.formats.region import tensor_meta
 from nemo_vocab_ext.formats.torch_dist import COMMON_FILE
-from nemo_vocab_ext.testing.tiny import cpu_env
 
 HIDDEN = 64
 ITERATION = 10
@@ -46,7 +46,7 @@ def generate(out: Path, *flags: str, nproc: int = 1) -> Path:
     argv = [
         *launcher,
         "-m",
-        "nemo_vocab_ext.testing.megatron_run",
+        "harness.megatron_run",
         str(out),
         "--tp",
         str(nproc),
@@ -55,7 +55,6 @@ def generate(out: Path, *flags: str, nproc: int = 1) -> Path:
     ]
     argv += ["--iteration", str(ITERATION), "--divisible-by", str(DIVISIBLE_BY), *flags]
     env = cpu_env(out.parent / "hf_home")
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
     done = subprocess.run([sys.executable, *argv], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return out

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import BASE_VOCAB, LARGER_VOCAB
 
-from nemo_vocab_ext.testing.tiny import NemoJob, run_concurrently
+from harness.tiny import NemoJob, run_concurrently
 
 pytestmark = pytest.mark.nemo
 
@@ -18,7 +18,7 @@ EMBEDDING = "model.embedding.word_embeddings.weight"
 
 def restore_job(folder: Path, nemo: Path, vocab_dir: Path, init: str) -> NemoJob:
     args = ["--nemo", str(nemo), "--vocab-dir", str(vocab_dir), "--dump", str(folder / "dump.pt")]
-    return NemoJob.module("nemo_vocab_ext.testing.restore", [*args, "--vocab-extension", init], folder)
+    return NemoJob.module("harness.restore", [*args, "--vocab-extension", init], folder)
 
 
 def test_subclass_extends_single_file_and_leaves_matching_sizes_alone(

@@ -16,7 +16,7 @@ import torch
 import yaml
 from conftest import BASE_VOCAB, LARGER_VOCAB, NEMO_MODELS, NemoRestorer
 
-from nemo_vocab_ext.testing.tiny import ForkServer, NemoJob, NemoRunError, run_concurrently
+from harness.tiny import HARNESS_ROOT, ForkServer, NemoJob, NemoRunError, run_concurrently
 from nemo_vocab_ext.tokenization.load import read_vocab_json
 
 EMBEDDING = "model.embedding.word_embeddings.weight"
@@ -25,7 +25,7 @@ HIDDEN = 64
 
 
 def test_cpu_patches_do_nothing_on_a_gpu_machine_with_apex(monkeypatch: pytest.MonkeyPatch) -> None:
-    from nemo_vocab_ext.testing import cpu_nemo
+    from harness import cpu_nemo
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(cpu_nemo, "_have_apex", lambda: True)
@@ -37,7 +37,7 @@ def test_cpu_patches_do_nothing_on_a_gpu_machine_with_apex(monkeypatch: pytest.M
 
 @pytest.mark.parametrize("gpu", [True, False])
 def test_cpu_patches_on_a_machine_without_apex(monkeypatch: pytest.MonkeyPatch, gpu: bool) -> None:
-    from nemo_vocab_ext.testing import cpu_nemo
+    from harness import cpu_nemo
 
     called: list[str] = []
     nested = "_patch_optimizer_step_sharding"  # called by _patch_nlp_overrides
@@ -68,7 +68,7 @@ _ECHO_SERVER = textwrap.dedent(
     import os
     import tempfile
 
-    from nemo_vocab_ext.testing.tiny import serve_forked
+    from harness.tiny import serve_forked
 
     SEEN = []  # what each job adds here must not reach the next one
 
@@ -91,7 +91,7 @@ _ECHO_SERVER = textwrap.dedent(
 def test_fork_server_runs_each_job_in_a_fresh_fork(tmp_path: Path) -> None:
     script = tmp_path / "echo.py"
     script.write_text(_ECHO_SERVER)
-    server = ForkServer([str(script)], dict(os.environ), tmp_path, "echo")
+    server = ForkServer([str(script)], dict(os.environ, PYTHONPATH=str(HARNESS_ROOT)), tmp_path, "echo")
     try:
         jobs = [([name, code], tmp_path / name) for name, code in [("a", "0"), ("b", "3"), ("c", "raise"), ("d", "0")]]
         a, b, c, d = server.run(jobs)
@@ -249,7 +249,7 @@ _TRAIN_SCRIPT = textwrap.dedent(
 
 
     def preload():
-        from nemo_vocab_ext.testing.cpu_nemo import apply_cpu_patches
+        from harness.cpu_nemo import apply_cpu_patches
 
         apply_cpu_patches()
         import nemo.collections.nlp.models.language_modeling.megatron_gpt_model  # noqa: F401
@@ -258,13 +258,13 @@ _TRAIN_SCRIPT = textwrap.dedent(
 
     def main(argv):
         vocab_dir, log_dir, max_steps = argv[0], argv[1], int(argv[2])
-        from nemo_vocab_ext.testing.cpu_nemo import apply_cpu_patches, init_cpu_process_group
+        from harness.cpu_nemo import apply_cpu_patches, init_cpu_process_group
 
         apply_cpu_patches()
         from nemo.collections.nlp.models.language_modeling.megatron_gpt_model import MegatronGPTModel
         from nemo.collections.nlp.parts.megatron_trainer_builder import MegatronTrainerBuilder
         from nemo.utils.exp_manager import exp_manager
-        from nemo_vocab_ext.testing.tiny import fit_mock_data_to_vocab, tiny_model_config, tiny_trainer_config
+        from harness.tiny import fit_mock_data_to_vocab, tiny_model_config, tiny_trainer_config
 
         model = tiny_model_config(f"{vocab_dir}/vocab.json", f"{vocab_dir}/merges.txt")
         with open_dict(model):
@@ -291,7 +291,7 @@ _TRAIN_SCRIPT = textwrap.dedent(
 
 
     if __name__ == "__main__":
-        from nemo_vocab_ext.testing.tiny import serve_forked
+        from harness.tiny import serve_forked
 
         sys.exit(serve_forked(main, preload) if sys.argv[1:] == ["--serve"] else main(sys.argv[1:]))
     """

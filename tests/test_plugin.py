@@ -16,10 +16,10 @@ import pytest
 import torch
 from conftest import BASE_VOCAB, LARGER_VOCAB, NemoRestorer, english_texts
 
+from harness.runs import PROBE_ENV, stock_job, write_pretraining_config
+from harness.tiny import NemoRunError, run_concurrently
 from nemo_vocab_ext.checkpoint import Checkpoint
 from nemo_vocab_ext.core.rows import Init
-from nemo_vocab_ext.testing.runs import PROBE_ENV, stock_job, write_pretraining_config
-from nemo_vocab_ext.testing.tiny import NemoRunError, run_concurrently
 from nemo_vocab_ext.tokenization.load import load_tokenizer
 from nemo_vocab_ext.tokenization.pieces import pieces_under
 from nemo_vocab_ext.tokenization.train import train_bpe

@@ -10,8 +10,8 @@ import pytest
 import torch
 from conftest import BASE_VOCAB, LARGER_VOCAB, english_texts
 
-from nemo_vocab_ext.testing.runs import write_pretraining_config
-from nemo_vocab_ext.testing.tiny import NemoJob, run_concurrently
+from harness.runs import write_pretraining_config
+from harness.tiny import NemoJob, run_concurrently
 from nemo_vocab_ext.tokenization.load import load_tokenizer
 
 pytestmark = pytest.mark.nemo
@@ -35,7 +35,7 @@ def test_quality_job_measures_an_extended_untied_model(
     write_pretraining_config(config, base_tokenizer, exp_dir=tmp_path / "exp", tied=False, max_steps=2, save_nemo=False)
     common = ["--config", str(config), "--nemo", str(nemo_untied_dist), "--heldout", str(tmp_path / "heldout.pt")]
     common += ["--base-logits", str(tmp_path / "base_logits.pt"), "--eval-every", "1"]
-    module = "nemo_vocab_ext.testing.quality_job"
+    module = "harness.quality_job"
     base = NemoJob.module(module, [*common, "--out", str(tmp_path / "base.json")], tmp_path / "base")
     assert run_concurrently([base], nemo_env) == [None]
     extended_args = ["--init", "fvt", "--vocab-dir", str(larger_tokenizer), "--out", str(tmp_path / "ext.json")]

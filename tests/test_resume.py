@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from harness.runs import PROBE_ENV, stock_job, write_pretraining_config
+from harness.tiny import NemoJob, NemoRunError, run_concurrently
 from nemo_vocab_ext.formats.torch_dist import read_tensor_infos, read_torch_dist
-from nemo_vocab_ext.testing.runs import PROBE_ENV, stock_job, write_pretraining_config
-from nemo_vocab_ext.testing.tiny import NemoJob, NemoRunError, run_concurrently
 
 pytestmark = pytest.mark.nemo
 

@@ -16,8 +16,8 @@ import pytest
 import torch
 from conftest import BASE_VOCAB, LARGER_VOCAB
 
+from harness.tiny import NemoJob, run_concurrently
 from nemo_vocab_ext.io import load_checkpoint
-from nemo_vocab_ext.testing.tiny import NemoJob, run_concurrently
 
 SCRIPT = "examples/nlp/language_modeling/megatron_gpt_pretraining.py"
 DEFAULT_EXAMPLES_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "nemo-v2.4.0"
@@ -69,7 +69,7 @@ def test_genuine_stock_script_extends_with_the_plugin(
         "exp_manager.checkpoint_callback_params.save_nemo_on_train_end=True",
         "exp_manager.checkpoint_callback_params.monitor=reduced_train_loss",
     ]  # fmt: skip
-    job = NemoJob.module("nemo_vocab_ext.testing.run_script", [str(script), *overrides], tmp_path)
+    job = NemoJob.module("harness.run_script", [str(script), *overrides], tmp_path)
     (error,) = run_concurrently([job], nemo_env)
     assert error is None, error
     log = job.log.read_text()

@@ -584,7 +584,7 @@ _NEMO_SCRIPT = textwrap.dedent(
 def test_nemo_gpt2bpe_reports_our_vocab_size(
     base_dir: Path, merged_dir: Path, work: Path, en_lines: list[str], th_heldout: list[str]
 ) -> None:
-    from nemo_vocab_ext.testing.tiny import cpu_env, offline_hf_home
+    from harness.tiny import cpu_env, offline_hf_home
 
     # A base whose vocab.json lacks <|endoftext|>: NeMo adds it, so its size is one more than the file's.
     vocab = read_vocab_json(base_dir / "vocab.json")

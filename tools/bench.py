@@ -46,6 +46,7 @@ TOOLS = Path(__file__).resolve().parent
 REPO = TOOLS.parent
 sys.path.insert(0, str(TOOLS))
 
+import checkout_root  # noqa: E402, F401 (the harness)
 from make_checkpoint import SIZES, ModelShape, base_tokenizer_dir, largest_stored_tensor_bytes  # noqa: E402
 
 MIB = 1 << 20
@@ -441,7 +442,7 @@ def bench_ops(ops: list[Op], repeat: int, workdir: Path, *, timeout: float) -> l
 
 
 def nemo_env(workdir: Path) -> dict[str, str]:
-    from nemo_vocab_ext.testing.tiny import cpu_env, offline_hf_home
+    from harness.tiny import cpu_env, offline_hf_home
 
     return cpu_env(offline_hf_home(workdir / "hf_home"))
 
@@ -454,7 +455,7 @@ def bench_nemo_resave(inp: Inputs, workdir: Path, repeat: int, *, timeout: float
     for rep in range(repeat):
         remove(out)
         result = out / "result.json"
-        argv = [sys.executable, "-m", "nemo_vocab_ext.testing.bench_nemo", "--mode", "resave"]
+        argv = [sys.executable, "-m", "harness.bench_nemo", "--mode", "resave"]
         argv += ["--nemo", str(inp.dist_nemo), "--out", str(out / "resaved.nemo"), "--result", str(result)]
         read_through([inp.dist_nemo])
         log = workdir / "logs" / f"nemo_resave_{rep}.log"
@@ -503,12 +504,12 @@ class RestoreComparison:
 
 def bench_restore(inp: Inputs, workdir: Path, repeat: int, *, timeout: float) -> RestoreComparison:
     """Stock ``restore_from`` vs the plugin's, both with the merged tokenizer, alternating, in forked NeMo jobs."""
-    from nemo_vocab_ext.testing.tiny import ForkServer
+    from harness.tiny import ForkServer
 
     comparison = RestoreComparison(inp.size)
     root = workdir / "out" / "restore"
     remove(root)
-    server = ForkServer.for_module("nemo_vocab_ext.testing.bench_nemo", nemo_env(workdir), root)
+    server = ForkServer.for_module("harness.bench_nemo", nemo_env(workdir), root)
     try:
         for rep in range(repeat):
             for mode in ("stock", "plugin") if rep % 2 == 0 else ("plugin", "stock"):

@@ -32,12 +32,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import checkout_root  # noqa: F401 (the harness)
 import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from nemo_vocab_ext.testing.runs import PROBE_ENV, stock_job, write_pretraining_config
-from nemo_vocab_ext.testing.tiny import NemoJob, NemoRunError, cpu_env, offline_hf_home, run_concurrently
+from harness.runs import PROBE_ENV, stock_job, write_pretraining_config
+from harness.tiny import NemoJob, NemoRunError, cpu_env, offline_hf_home, run_concurrently
 from nemo_vocab_ext.tokenization.load import EOS_TOKEN, TokenizerInfo, load_tokenizer
 
 MARKER = ".nemo_vocab_ext_demo"  # only a folder holding this file is ever wiped by a rerun
@@ -447,7 +448,7 @@ class Demo:
         folder = self.p.root / "restore_final"
         dump = folder / "d.pt"
         args = ["--nemo", str(self.p.final_nemo), "--vocab-dir", str(self.p.merged_tok), "--dump", str(dump)]
-        job = NemoJob.module("nemo_vocab_ext.testing.restore", args, folder)
+        job = NemoJob.module("harness.restore", args, folder)
         say(6, f"restoring final.nemo with the merged tokenizer, without the plugin; log: {self.p.rel(job.log)}")
         run_nemo(job, self.cpu_env)
         restored = torch.load(dump, map_location="cpu")

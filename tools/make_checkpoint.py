@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import checkout_root  # noqa: F401 (the harness)
 import numpy as np
 import torch
 
@@ -321,7 +322,7 @@ def model_config(shape: ModelShape, tied: bool, tokenizer_dir: Path, dtype_name:
     """The ``model_config.yaml`` NeMo writes for this shape (the CPU-runnable tiny test config, resized)."""
     from omegaconf import OmegaConf
 
-    from nemo_vocab_ext.testing.tiny import tiny_model_config
+    from harness.tiny import tiny_model_config
 
     cfg = tiny_model_config(
         tokenizer_dir / "vocab.json",

@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import checkout_root  # noqa: F401 (the harness)
 import torch
 from demo import (
     CONTINUAL_LR,
@@ -45,14 +46,14 @@ from demo import (
     say,
 )
 
+from harness.runs import PROBE_ENV
+from harness.tiny import ForkServer, NemoRunError, cpu_env, offline_hf_home
 from nemo_vocab_ext import init_costs
 from nemo_vocab_ext.core.rows import Init
-from nemo_vocab_ext.testing.runs import PROBE_ENV
-from nemo_vocab_ext.testing.tiny import ForkServer, NemoRunError, cpu_env, offline_hf_home
 from nemo_vocab_ext.tokenization.load import EOS_TOKEN, TokenizerInfo, load_tokenizer
 
 MARKER = ".nemo_vocab_ext_quality"  # only a folder holding this file is ever wiped by a rerun
-JOB_MODULE = "nemo_vocab_ext.testing.quality_job"
+JOB_MODULE = "harness.quality_job"
 SEQ = 128  # the demo model's sequence length
 # Targets an init must meet on every seed to replace the default (zeros).
 EN_STEP0_TARGET = 0.03  # nats of English loss at step 0 over the unextended model

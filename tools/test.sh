@@ -3,8 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup_env.sh
-.venv/bin/ruff check nemo_vocab_ext hydra_plugins tests tools
-.venv/bin/ruff format --check nemo_vocab_ext hydra_plugins tests tools
-.venv/bin/mypy nemo_vocab_ext hydra_plugins
+.venv/bin/ruff check nemo_vocab_ext hydra_plugins harness tests tools
+.venv/bin/ruff format --check nemo_vocab_ext hydra_plugins harness tests tools
+.venv/bin/mypy nemo_vocab_ext hydra_plugins harness
 # pytest exits 5 when it collects nothing: with `set -e` that fails the run, as it must.
 .venv/bin/pytest "$@"

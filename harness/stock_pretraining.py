@@ -9,7 +9,7 @@ vocabulary, and, when
 ``NEMO_VOCAB_EXT_PROBE`` names a file, a callback that records the vocab tables before the first
 step and the training losses, so tests can check what the plugin did.
 
-    python -m nemo_vocab_ext.testing.stock_pretraining --config-path DIR --config-name NAME [overrides]
+    python -m harness.stock_pretraining --config-path DIR --config-name NAME [overrides]
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from nemo_vocab_ext.testing.cpu_nemo import apply_cpu_patches, init_cpu_process_group
-from nemo_vocab_ext.testing.runs import PROBE_ENV
-from nemo_vocab_ext.testing.tiny import fit_mock_data_to_vocab
+from harness.cpu_nemo import apply_cpu_patches, init_cpu_process_group
+from harness.runs import PROBE_ENV
+from harness.tiny import fit_mock_data_to_vocab
 
 apply_cpu_patches()
 

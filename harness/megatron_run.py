@@ -8,8 +8,8 @@ state dict, keys without a prefix), ``rng_state`` (a ShardedObject per TP/PP ran
 on CUDA and accept only ``torch.cuda`` parameter types. Under ``torchrun --nproc_per_node=N``
 (gloo) each rank saves its shard.
 
-    python -m nemo_vocab_ext.testing.megatron_run OUT --tp 1 --untied
-    torchrun --nproc_per_node=2 -m nemo_vocab_ext.testing.megatron_run OUT --tp 2 --tied
+    python -m harness.megatron_run OUT --tp 1 --untied
+    torchrun --nproc_per_node=2 -m harness.megatron_run OUT --tp 2 --tied
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..core.sizes import padded_vocab_size
-from ..formats.megatron_run import TOKENIZER_DIR, TRACKER_FILE, iteration_folder_name
-from .cpu_nemo import _patch_cuda_calls, init_cpu_process_group
+from harness.cpu_nemo import _patch_cuda_calls, init_cpu_process_group
+from nemo_vocab_ext.core.sizes import padded_vocab_size
+from nemo_vocab_ext.formats.megatron_run import TOKENIZER_DIR, TRACKER_FILE, iteration_folder_name
 
 CHECKPOINT_VERSION = 3.0  # what Megatron-LM and Megatron-Bridge write
 

@@ -1,13 +1,13 @@
 """Restore a ``.nemo`` with real NeMo on a CPU, as the stock continual-training path does, and dump it.
 
-    python -m nemo_vocab_ext.testing.restore --nemo X.nemo [--vocab-dir D] --dump OUT.pt
+    python -m harness.restore --nemo X.nemo [--vocab-dir D] --dump OUT.pt
 
 ``--vocab-dir`` replaces the archived tokenizer by ``D/vocab.json`` and ``D/merges.txt``: how a
 resized model is restored with its new tokenizer. ``OUT.pt`` holds ``{"state_dict": {name: tensor},
 "vocab_size": int, "padded_vocab_size": int}`` (under torchrun, one ``OUT.rank<r>.pt`` per rank with
 that rank's slices). Any load error propagates: the exit status is non-zero.
-``python -m nemo_vocab_ext.testing.restore --serve`` imports NeMo once and runs jobs read from stdin,
-each in a forked child (:class:`nemo_vocab_ext.testing.tiny.ForkServer`).
+``python -m harness.restore --serve`` imports NeMo once and runs jobs read from stdin,
+each in a forked child (:class:`harness.tiny.ForkServer`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m nemo_vocab_ext.testing.restore", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m harness.restore", description=__doc__)
     p.add_argument("--nemo", type=Path, required=True, help="the .nemo archive to restore")
     p.add_argument("--vocab-dir", type=Path, help="restore with this vocab.json and merges.txt instead")
     p.add_argument("--dump", type=Path, required=True, help="where to torch.save the restored tensors")
@@ -51,7 +51,7 @@ def dump_model(model: Any, path: Path) -> None:
 def prepare(nemo: Path, *, vocab_dir: Path | None, extension: dict[str, Any] | None, tp: int = 1) -> tuple[Any, Any]:
     """CPU patches applied, process group up; NeMo's config of ``nemo`` pointed at ``vocab_dir`` and given
     ``model.vocab_extension`` (when set), and the model class that restores it: (config, class)."""
-    from nemo_vocab_ext.testing.cpu_nemo import apply_cpu_patches, init_cpu_process_group
+    from harness.cpu_nemo import apply_cpu_patches, init_cpu_process_group
 
     apply_cpu_patches()
     from nemo.collections.nlp.models.language_modeling.megatron_gpt_model import MegatronGPTModel
@@ -77,14 +77,14 @@ def prepare(nemo: Path, *, vocab_dir: Path | None, extension: dict[str, Any] | N
 
 
 def main(argv: list[str] | None = None) -> int:
-    from nemo_vocab_ext.testing.tiny import job_args
+    from harness.tiny import job_args
 
     args = parse_args(job_args(main, argv))
     extension = None if args.vocab_extension is None else {"init": args.vocab_extension}
     conf, model_class = prepare(args.nemo, vocab_dir=args.vocab_dir, extension=extension, tp=args.tp)
     from nemo.collections.nlp.parts.nlp_overrides import NLPSaveRestoreConnector
 
-    from nemo_vocab_ext.testing.tiny import cpu_trainer
+    from harness.tiny import cpu_trainer
 
     model = model_class.restore_from(
         str(args.nemo),

@@ -1,6 +1,6 @@
 """Time NeMo's own restore paths on a CPU, for ``tools/bench.py``.
 
-    python -m nemo_vocab_ext.testing.bench_nemo --mode stock|plugin|resave --nemo X.nemo --result R.json
+    python -m harness.bench_nemo --mode stock|plugin|resave --nemo X.nemo --result R.json
         [--vocab-dir D] [--init fvt] [--work-dir W] [--out Y.nemo]
 
 ``stock``: ``MegatronGPTModel.restore_from`` (the tokenizer replaced by ``D`` when given, as a
@@ -9,7 +9,7 @@ continual-training run with a merged tokenizer does). ``plugin``: the same call 
 restore, then ``save_to(Y)``. Only the restore (and save) calls are timed, inside the process,
 so the ~15 s of NeMo imports do not dilute the comparison; ``R.json`` gets the seconds, the
 process's peak RSS so far and the restored table's size. ``--serve`` runs jobs from stdin in
-forked children (:class:`nemo_vocab_ext.testing.tiny.ForkServer`), NeMo imported once.
+forked children (:class:`harness.tiny.ForkServer`), NeMo imported once.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m nemo_vocab_ext.testing.bench_nemo", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m harness.bench_nemo", description=__doc__)
     p.add_argument("--mode", choices=["stock", "plugin", "resave"], required=True)
     p.add_argument("--nemo", type=Path, required=True)
     p.add_argument("--result", type=Path, required=True, help="JSON file for the timings")
@@ -36,7 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from nemo_vocab_ext.testing.tiny import job_args
+    from harness.tiny import job_args
 
     args = parse_args(job_args(main, argv))
     extension: dict[str, Any] | None = None
@@ -45,12 +45,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.work_dir is not None:
             args.work_dir.mkdir(parents=True, exist_ok=True)
             extension["work_dir"] = str(args.work_dir)
-    from nemo_vocab_ext.testing.restore import prepare
+    from harness.restore import prepare
 
     conf, model_class = prepare(args.nemo, vocab_dir=args.vocab_dir, extension=extension)
     from nemo.collections.nlp.parts.nlp_overrides import NLPSaveRestoreConnector
 
-    from nemo_vocab_ext.testing.tiny import cpu_trainer
+    from harness.tiny import cpu_trainer
 
     trainer = cpu_trainer(conf)
     start = time.perf_counter()

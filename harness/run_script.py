@@ -1,4 +1,4 @@
-"""Run an unmodified NeMo example script on a CPU: ``python -m nemo_vocab_ext.testing.run_script SCRIPT [overrides]``.
+"""Run an unmodified NeMo example script on a CPU: ``python -m harness.run_script SCRIPT [overrides]``.
 
 Applies the CPU patches, creates the process group when the stock script builds its trainer (NeMo
 only does that at ``fit()``, after megatron-core already needs it), keeps megatron's mock data
@@ -15,12 +15,12 @@ MOCK_DATA_MAX_ID = 256  # below any test tokenizer's size
 
 
 def _prepare() -> None:
-    from nemo_vocab_ext.testing.cpu_nemo import apply_cpu_patches, init_cpu_process_group
+    from harness.cpu_nemo import apply_cpu_patches, init_cpu_process_group
 
     apply_cpu_patches()
     from nemo.collections.nlp.parts.megatron_trainer_builder import MegatronTrainerBuilder
 
-    from nemo_vocab_ext.testing.tiny import fit_mock_data_to_vocab
+    from harness.tiny import fit_mock_data_to_vocab
 
     create_trainer = MegatronTrainerBuilder.create_trainer
 
@@ -35,7 +35,7 @@ def _prepare() -> None:
 
 def main() -> None:
     if len(sys.argv) < 2:
-        raise SystemExit("usage: python -m nemo_vocab_ext.testing.run_script SCRIPT [hydra overrides]")
+        raise SystemExit("usage: python -m harness.run_script SCRIPT [hydra overrides]")
     script = sys.argv[1]
     sys.argv = sys.argv[1:]  # the script sees its own name and overrides, as when run directly
     _prepare()

@@ -1,15 +1,15 @@
 """Build a tiny MegatronGPTModel with real NeMo on a CPU and save it as a ``.nemo``.
 
-    python -m nemo_vocab_ext.testing.make_model --vocab-dir D --out X.nemo [--untied] [--single-file]
+    python -m harness.make_model --vocab-dir D --out X.nemo [--untied] [--single-file]
         [--seed N] [--train-steps 0] [--dump SAVED.pt]
 
 ``D`` holds a GPT-2 style ``vocab.json`` and ``merges.txt``. Run it with the environment of
-:func:`nemo_vocab_ext.testing.tiny.cpu_env` (offline Hugging Face hub), one output folder per
+:func:`harness.tiny.cpu_env` (offline Hugging Face hub), one output folder per
 concurrent run (``save_to`` uses it as scratch space), and ``torchrun`` for ``--tp`` > 1.
 Weights are megatron's random init (norms 1, biases 0), trained on mock data with ``--train-steps``.
-``--dump`` writes what was saved in the format of :mod:`nemo_vocab_ext.testing.restore`.
-``python -m nemo_vocab_ext.testing.make_model --serve`` imports NeMo once and runs jobs read from stdin,
-each in a forked child (:class:`nemo_vocab_ext.testing.tiny.ForkServer`).
+``--dump`` writes what was saved in the format of :mod:`harness.restore`.
+``python -m harness.make_model --serve`` imports NeMo once and runs jobs read from stdin,
+each in a forked child (:class:`harness.tiny.ForkServer`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m nemo_vocab_ext.testing.make_model", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m harness.make_model", description=__doc__)
     p.add_argument("--vocab-dir", type=Path, required=True, help="folder with vocab.json and merges.txt")
     p.add_argument("--out", type=Path, required=True, help="the .nemo file to write")
     p.add_argument("--untied", action="store_true", help="own output layer (share_embeddings_and_output_weights=False)")
@@ -35,17 +35,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from nemo_vocab_ext.testing.tiny import job_args
+    from harness.tiny import job_args
 
     args = parse_args(job_args(main, argv))
-    from nemo_vocab_ext.testing.cpu_nemo import apply_cpu_patches, init_cpu_process_group
+    from harness.cpu_nemo import apply_cpu_patches, init_cpu_process_group
 
     apply_cpu_patches()
     from lightning.pytorch import seed_everything
     from nemo.collections.nlp.models.language_modeling.megatron_gpt_model import MegatronGPTModel
 
-    from nemo_vocab_ext.testing.restore import dump_model
-    from nemo_vocab_ext.testing.tiny import cpu_trainer, fit_mock_data_to_vocab, save_nemo, tiny_model_config
+    from harness.restore import dump_model
+    from harness.tiny import cpu_trainer, fit_mock_data_to_vocab, save_nemo, tiny_model_config
 
     cfg = tiny_model_config(
         args.vocab_dir / "vocab.json", args.vocab_dir / "merges.txt", tied=not args.untied, tp=args.tp

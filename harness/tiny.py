@@ -1,7 +1,7 @@
 """Tiny Megatron GPT configurations, environments and subprocess helpers for real NeMo on a CPU.
 
 Cheap to import (no NeMo): the functions that need NeMo import it when called, inside the NeMo
-process (:mod:`nemo_vocab_ext.testing.make_model`, :mod:`nemo_vocab_ext.testing.restore`).
+process (:mod:`harness.make_model`, :mod:`harness.restore`).
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     from lightning.pytorch import Trainer
 
 STOCK_CONFIG = Path(__file__).with_name("tiny_gpt.yaml")
+# The folder holding this package (the checkout's root): no install ships the harness, its subprocesses find it here.
+HARNESS_ROOT = Path(__file__).absolute().parents[1]
 
 # Any 40-hex name works: offline, huggingface_hub resolves refs/main to this snapshot folder.
 _FAKE_GPT2_SHA = "0123456789abcdef0123456789abcdef01234567"
@@ -50,8 +52,12 @@ def offline_hf_home(path: str | Path) -> Path:
 
 
 def cpu_env(hf_home: str | Path, base: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for a NeMo subprocess on a CPU, offline (``base`` defaults to ``os.environ``)."""
+    """Environment for a NeMo subprocess on a CPU, offline (``base`` defaults to ``os.environ``).
+
+    ``HARNESS_ROOT`` comes first on its ``PYTHONPATH``, so that ``python -m harness.<module>`` runs.
+    """
     env = dict(os.environ if base is None else base)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HARNESS_ROOT), env.get("PYTHONPATH")]))
     env.update(
         {
             "NVIDIA_PYTORCH_VERSION": "24.12",  # NeMo parses it unconditionally outside NVIDIA containers
@@ -197,7 +203,7 @@ class ForkServer:
 
 def _preload_nemo() -> None:
     """What every NeMo job imports: done once by a ``--serve`` process before it forks a child per job."""
-    from nemo_vocab_ext.testing.cpu_nemo import apply_cpu_patches
+    from harness.cpu_nemo import apply_cpu_patches
 
     apply_cpu_patches()
     import nemo.collections.nlp.models.language_modeling.megatron_gpt_model  # noqa: F401

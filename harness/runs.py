@@ -6,7 +6,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from .tiny import NemoJob, tiny_model_config, tiny_trainer_config
+from harness.tiny import NemoJob, tiny_model_config, tiny_trainer_config
 
 # Names a file (relative to the run's folder) for stock_pretraining's Probe: vocab tables at train start, losses.
 PROBE_ENV = "NEMO_VOCAB_EXT_PROBE"
@@ -59,7 +59,7 @@ def write_pretraining_config(
 
 def stock_job(config: Path, overrides: list[str], folder: Path, *, nproc: int = 1) -> NemoJob:
     """The stock call sequence on ``config`` with Hydra ``overrides``, under torchrun when ``nproc`` > 1."""
-    module = ["-m", "nemo_vocab_ext.testing.stock_pretraining"]
+    module = ["-m", "harness.stock_pretraining"]
     launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
     return NemoJob(
         [*launcher, *module, f"--config-path={config.parent}", f"--config-name={config.stem}", *overrides],

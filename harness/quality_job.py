@@ -1,6 +1,6 @@
 """One run of the init-quality experiment (``tools/quality.py``) inside NeMo.
 
-    python -m nemo_vocab_ext.testing.quality_job --config gpt.yaml --nemo base.nemo --heldout heldout.pt \
+    python -m harness.quality_job --config gpt.yaml --nemo base.nemo --heldout heldout.pt \
         --out result.json [--init INIT --vocab-dir MERGED --seed N] [--base-logits base_logits.pt]
 
 Without ``--init``: restore the base ``.nemo`` as it is, measure held-out English loss with real
@@ -9,7 +9,7 @@ With ``--init``: restore it with the merged tokenizer through ``VocabExtensionGP
 plugin's resize, ``model.vocab_extension.init=INIT``), check that every old-token logit equals the
 base model's, measure held-out English and Thai loss, then continue pretraining on the config's
 data with NeMo's training loop (``trainer.fit``), measuring again every ``--eval-every`` steps.
-``python -m nemo_vocab_ext.testing.quality_job --serve`` imports NeMo once and forks a child per job.
+``python -m harness.quality_job --serve`` imports NeMo once and forks a child per job.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ LOGIT_CHECK_SEQS = 4
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m nemo_vocab_ext.testing.quality_job", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m harness.quality_job", description=__doc__)
     p.add_argument("--config", type=Path, required=True, help="a complete pretraining YAML (trainer and model)")
     p.add_argument("--nemo", type=Path, required=True, help="the base .nemo")
     p.add_argument("--heldout", type=Path, required=True, help="torch file: {'en': ids [n, s+1], 'th': ...}")
@@ -109,7 +109,7 @@ def run_base(args: argparse.Namespace, heldout: dict[str, torch.Tensor]) -> dict
     from nemo.collections.nlp.parts.nlp_overrides import NLPSaveRestoreConnector
     from omegaconf import open_dict
 
-    from nemo_vocab_ext.testing.tiny import cpu_trainer
+    from harness.tiny import cpu_trainer
 
     connector = NLPSaveRestoreConnector()
     conf = MegatronGPTModel.restore_from(str(args.nemo), return_config=True, save_restore_connector=connector)
@@ -166,7 +166,7 @@ def run_extended(args: argparse.Namespace, heldout: dict[str, torch.Tensor]) -> 
     probe = HeldOut()
     trainer.callbacks.append(probe)
     if cfg.model.data.get("data_impl") == "mock":  # tests: megatron's mock ids must fit the tiny vocabulary
-        from nemo_vocab_ext.testing.tiny import fit_mock_data_to_vocab
+        from harness.tiny import fit_mock_data_to_vocab
 
         fit_mock_data_to_vocab(new_vocab)
     trainer.fit(model)
@@ -186,12 +186,12 @@ def run_extended(args: argparse.Namespace, heldout: dict[str, torch.Tensor]) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from nemo_vocab_ext.testing.tiny import job_args
+    from harness.tiny import job_args
 
     args = parse_args(job_args(main, argv))
     if args.threads:
         torch.set_num_threads(args.threads)
-    from nemo_vocab_ext.testing.cpu_nemo import apply_cpu_patches, init_cpu_process_group
+    from harness.cpu_nemo import apply_cpu_patches, init_cpu_process_group
 
     apply_cpu_patches()
     init_cpu_process_group(1)

@@ -1,1 +1,0 @@
-"""Test and demo harness: real NeMo on a CPU-only machine. The plugin itself never imports this package."""

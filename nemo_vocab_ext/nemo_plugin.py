@@ -27,14 +27,17 @@ from .core.keys import find_vocab_keys
 from .core.rows import Init
 from .errors import ConfigError, DataError, ResizeError, TokenizerError
 from .formats.nemo import read_dist_tensor_shapes, read_nemo, read_nemo_header, write_nemo_dir
+from .options import DEFAULTS, PADDING_INITS
 from .vocab import (
     apply_resize,
     check_tokenizer_fits,
     checkpoint_tokenizer_files,
+    divisible_by_of,
     embed_tokenizer,
     expected_rows,
     plan_resize,
     refuse_training_checkpoint_of_another_size,
+    tensor_parallel_of,
     vocab_table_shapes,
 )
 
@@ -43,14 +46,14 @@ CONFIG_KEY = "vocab_extension"
 
 @dataclass(frozen=True)
 class ExtensionSettings:
-    """``model.vocab_extension``: every key, with its default."""
+    """``model.vocab_extension``: every key, with its default (a resize's from :class:`ResizeOptions`)."""
 
-    init: str = Init.FVT.value  # fvt | zeros | mean | normal: new tokens' rows (fvt measured best: README)
-    padding_init: str = Init.MEAN.value  # zeros | mean | normal: rows past the tokenizer
-    allow_shrink: bool = False  # allow a table smaller than the trained one (drops rows)
+    init: str = DEFAULTS.init.value  # fvt | zeros | mean | normal: new tokens' rows
+    padding_init: str = DEFAULTS.padding_init.value  # zeros | mean | normal: rows past the tokenizer
+    allow_shrink: bool = DEFAULTS.allow_shrink  # allow a table smaller than the trained one (drops rows)
     check_data: bool = False  # scan model.data.data_prefix for ids >= tokenizer size first
     report: bool = True  # log the resize report
-    seed: int = 0  # seed of the 'normal' init
+    seed: int = DEFAULTS.seed  # seed of the 'normal' init
     work_dir: str | None = None  # where the resized copy is written (default: system temp)
 
     @classmethod
@@ -66,7 +69,7 @@ class ExtensionSettings:
         if unknown:
             raise ConfigError(f"model.vocab_extension: unknown key(s) {unknown}; valid keys: {sorted(known)}")
         settings = cls(**{str(k): v for k, v in values.items()})
-        for name, allowed in (("init", list(Init)), ("padding_init", [Init.ZEROS, Init.MEAN, Init.NORMAL])):
+        for name, allowed in (("init", list(Init)), ("padding_init", PADDING_INITS)):
             if getattr(settings, name) not in {i.value for i in allowed}:
                 choices = [i.value for i in allowed]
                 raise ConfigError(f"model.vocab_extension.{name}={getattr(settings, name)!r}; choose one of {choices}")
@@ -188,7 +191,8 @@ def prepare_restore(restore_path: str | Path, model_cfg: Any, settings: Extensio
     atexit.register(shutil.rmtree, work, ignore_errors=True)
     tokenizer, files = _nemo_tokenizer(model_cfg.tokenizer, artifacts, work)
     new_vocab = int(tokenizer.vocab_size)
-    new_rows = expected_rows(new_vocab, OmegaConf.to_container(model_cfg, resolve=True))  # type: ignore[arg-type]
+    container: dict[str, Any] = OmegaConf.to_container(model_cfg, resolve=True)  # type: ignore[assignment]
+    new_rows = expected_rows(new_vocab, container)
     if settings.check_data:
         check_data(model_cfg, new_vocab)
 
@@ -217,8 +221,8 @@ def prepare_restore(restore_path: str | Path, model_cfg: Any, settings: Extensio
         ckpt,
         old_vocab,
         new_vocab,
-        tensor_parallel=int(model_cfg.get("tensor_model_parallel_size", 1) or 1),
-        divisible_by=int(model_cfg.get("make_vocab_size_divisible_by", 128) or 128),
+        tensor_parallel=tensor_parallel_of(container),
+        divisible_by=divisible_by_of(container),
         init=init,
         padding_init=Init(settings.padding_init),
         allow_shrink=settings.allow_shrink,

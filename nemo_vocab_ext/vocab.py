@@ -37,6 +37,7 @@ from .formats.region import (
     torch_as_array,
 )
 from .init_costs import expected_cost
+from .options import DEFAULTS
 from .tokenizer import TokenizerInfo, check_ids_preserved, load_tokenizer
 
 if TYPE_CHECKING:
@@ -50,7 +51,6 @@ if TYPE_CHECKING:
 # Tables are read and computed as numpy arrays: a resize to a file never imports torch (about 3 s).
 # torch is imported only where torch tensors are made (the plugin, optimizer state, rank files).
 
-DEFAULT_DIVISIBLE_BY = 128
 REPORT_TP_SIZES = (1, 2, 4, 8)
 # Optimizer entries of a distributed training checkpoint that follow a parameter's rows.
 OPTIMIZER_MOMENTS = ("optimizer.state.exp_avg.", "optimizer.state.exp_avg_sq.")
@@ -88,11 +88,11 @@ def _resolve_interpolation(config: dict[str, Any], key: str) -> object:
 
 
 def divisible_by_of(config: dict[str, Any]) -> int:
-    return model_config_int(config, "make_vocab_size_divisible_by", DEFAULT_DIVISIBLE_BY)
+    return model_config_int(config, "make_vocab_size_divisible_by", DEFAULTS.divisible_by)
 
 
 def tensor_parallel_of(config: dict[str, Any]) -> int:
-    return model_config_int(config, "tensor_model_parallel_size", 1)
+    return model_config_int(config, "tensor_model_parallel_size", DEFAULTS.tensor_parallel)
 
 
 def pipeline_parallel_of(config: dict[str, Any]) -> int:
@@ -228,8 +228,8 @@ def plan_resize(
     *,
     tensor_parallel: int | None = None,
     divisible_by: int | None = None,
-    init: Init = Init.ZEROS,
-    padding_init: Init = Init.MEAN,
+    init: Init,
+    padding_init: Init,
     allow_shrink: bool = False,
     shrink_hint: str = "pass --allow-shrink to drop them",
 ) -> ResizePlan:

@@ -183,7 +183,7 @@ def init_rows(
 
 
 def resize_table(
-    table: np.ndarray, plan: RowPlan, init: Init = Init.ZEROS, **options: Any
+    table: np.ndarray, plan: RowPlan, init: Init, **options: Any
 ) -> tuple[np.ndarray, ResizeStats]:
     """The resized copy of a full (joined) vocabulary table and what was done to its rows
     (``options``: those of :func:`rows_after_kept`)."""
@@ -194,10 +194,10 @@ def resize_table(
 def rows_after_kept(
     old: np.ndarray,
     plan: RowPlan,
-    init: Init = Init.ZEROS,
+    init: Init,
     *,
     dtype: DType,
-    padding_init: Init = Init.MEAN,
+    padding_init: Init,
     pieces: Pieces = None,
     rng: np.random.Generator | None = None,
 ) -> tuple[np.ndarray, ResizeStats]:

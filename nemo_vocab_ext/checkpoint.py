@@ -27,6 +27,16 @@ MP_RANK = "mp_rank"  # legacy per-TP-rank files
 TP_PP_RANK = "tp_pp_rank"  # legacy per-(TP, PP)-rank files
 
 
+NEMO_REF = "nemo:"  # a config value naming one of the checkpoint's artifacts
+
+
+def artifact_named(ref: object) -> str | None:
+    """The artifact a config value names (``nemo:<member>``); None for anything else (a path, no value)."""
+    if isinstance(ref, str) and ref.startswith(NEMO_REF):
+        return ref[len(NEMO_REF) :]
+    return None
+
+
 @dataclass
 class Checkpoint:
     """Model weights plus what is needed to rebuild the model.

@@ -22,7 +22,7 @@ import click
 from .cli_common import report_errors, say, stages
 from .core.rows import Init
 from .formats.detect import Format, format_for_destination
-from .options import DEFAULTS, PADDING_INITS
+from .options import DEFAULTS, PADDING_INITS, ResizeOptions
 
 SWITCH_INTERVAL_S = 2e-4
 INIT_CHOICES = click.Choice([i.value for i in Init])
@@ -227,12 +227,9 @@ def resize(
             fmt=fmt,
             tokenizer=tokenizer,
             vocab_size=vocab_size,
-            init=Init(init),
-            padding_init=Init(padding_init),
+            options=ResizeOptions(Init(init), Init(padding_init), seed, allow_shrink),
             tensor_parallel=tp,
             divisible_by=divisible_by,
-            allow_shrink=allow_shrink,
-            seed=seed,
             dry_run=dry_run,
             force=force,
             verify=verify,

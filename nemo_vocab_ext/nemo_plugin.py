@@ -22,26 +22,30 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from .checkpoint import DISTRIBUTED, Checkpoint
+from .checkpoint import DISTRIBUTED, Checkpoint, artifact_named
 from .core.keys import find_vocab_keys
 from .core.rows import Init
 from .errors import ConfigError, DataError, ResizeError, TokenizerError
 from .formats.nemo import read_dist_tensor_shapes, read_nemo, read_nemo_header, write_nemo_dir
-from .options import DEFAULTS, PADDING_INITS
+from .options import DEFAULTS, PADDING_INITS, ResizeOptions
+from .pipeline import Wording, checked_pieces, prepare_resize, with_padding_of
 from .vocab import (
     apply_resize,
-    check_tokenizer_fits,
     checkpoint_tokenizer_files,
-    divisible_by_of,
     embed_tokenizer,
     expected_rows,
-    plan_resize,
     refuse_training_checkpoint_of_another_size,
-    tensor_parallel_of,
     vocab_table_shapes,
 )
 
 CONFIG_KEY = "vocab_extension"
+WORDING = Wording(
+    init_setting="vocab_extension.init=",
+    new_tokenizer="a file-based new tokenizer",
+    without_pieces="set +model.vocab_extension.init=mean (or zeros) without them",
+    shrink_hint="set +model.vocab_extension.allow_shrink=true to drop them",
+    tokenizer_name="model.tokenizer",
+)
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,10 @@ class ExtensionSettings:
                 raise ConfigError(f"model.vocab_extension.{name}={getattr(settings, name)!r}; choose one of {choices}")
         return settings
 
+    def options(self) -> ResizeOptions:
+        """The resize these settings ask for (padded as the model config says: :func:`with_padding_of`)."""
+        return ResizeOptions(Init(self.init), Init(self.padding_init), self.seed, self.allow_shrink)
+
 
 def settings_of(model_cfg: Any) -> ExtensionSettings | None:
     """None when the config has no ``vocab_extension``: the plugin stays out of the way."""
@@ -96,8 +104,8 @@ def _resolve_file(ref: Any, artifacts: dict[str, bytes], workdir: Path, name: st
     """A tokenizer file from the run's config: a local path, or a ``nemo:`` artifact of the checkpoint."""
     if not isinstance(ref, str) or not ref:
         return None
-    if ref.startswith("nemo:"):
-        data = artifacts.get(ref[len("nemo:") :])
+    if (member := artifact_named(ref)) is not None:
+        data = artifacts.get(member)
         if data is None:
             raise ConfigError(f"tokenizer file {ref} is not in the checkpoint being restored")
         out = workdir / name
@@ -196,7 +204,7 @@ def prepare_restore(restore_path: str | Path, model_cfg: Any, settings: Extensio
     if settings.check_data:
         check_data(model_cfg, new_vocab)
 
-    from .tokenizer import load_tokenizer, pieces_under
+    from .tokenizer import load_tokenizer
 
     own_dir = work / "own_tokenizer"
     own_dir.mkdir()
@@ -211,33 +219,16 @@ def prepare_restore(restore_path: str | Path, model_cfg: Any, settings: Extensio
         return None
     ckpt = ckpt or read_nemo(source)
     new_info = _info_from_files(files, work)
-    init = Init(settings.init)
-    if init.needs_pieces and (own is None or new_info is None):
-        raise TokenizerError(
-            f"vocab_extension.init={init} needs the checkpoint's own tokenizer and a file-based new tokenizer; "
-            "set +model.vocab_extension.init=mean (or zeros) without them"
-        )
-    plan = plan_resize(
-        ckpt,
-        old_vocab,
-        new_vocab,
-        tensor_parallel=tensor_parallel_of(container),
-        divisible_by=divisible_by_of(container),
-        init=init,
-        padding_init=Init(settings.padding_init),
-        allow_shrink=settings.allow_shrink,
-        shrink_hint="set +model.vocab_extension.allow_shrink=true to drop them",
+    options = with_padding_of(settings.options(), container, tensor_parallel=None, divisible_by=None)
+    plan = prepare_resize(
+        ckpt, old_vocab, new_vocab, has_new_tokenizer=new_info is not None, options=options, wording=WORDING
     )
     if plan.rows.new_rows != new_rows:  # override_vocab_size: NeMo builds exactly that many rows
         raise ResizeError(
             f"override_vocab_size={new_rows} disagrees with the padded size {plan.rows.new_rows}; unset it"
         )
-    if own is not None and new_info is not None:
-        check_tokenizer_fits(own, new_info, "model.tokenizer")
-    pieces = None
-    if init.needs_pieces and own is not None and new_info is not None and new_vocab > plan.rows.old_vocab:
-        pieces = pieces_under(own, new_info, range(plan.rows.old_vocab, new_vocab))
-    resized, done = apply_resize(ckpt, plan, pieces=pieces, seed=settings.seed)
+    pieces = checked_pieces(plan, own, new_info, WORDING)
+    resized, done = apply_resize(ckpt, plan, pieces=pieces, seed=options.seed)
     resized = embed_tokenizer(resized, {k: Path(v) for k, v in files.items()})
     out = work / "resized"
     # Only the resized tables are written: every other tensor is read where it lies in the source

@@ -3,20 +3,28 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from .atomic import refuse_existing, refuse_overlap, scratch_dir
-from .core.rows import Init
-from .errors import ResizeError, TokenizerError
+from .errors import ResizeError
 from .io import Format, Stage, load_checkpoint, no_stage, save_checkpoint, weights_for
+from .options import ResizeOptions
+from .pipeline import Wording, checked_pieces, prepare_resize, with_padding_of
 from .vocab import (
+    ResizePlan,
     apply_resize_while_writing,
-    check_tokenizer_fits,
     checkpoint_tokenizer_files,
     embed_tokenizer,
-    plan_resize,
     tokenizer_config_files,
+)
+
+WORDING = Wording(
+    init_setting="--init ",
+    new_tokenizer="--tokenizer (the new one)",
+    without_pieces="pass --init mean (or zeros) to resize without them",
+    shrink_hint="pass --allow-shrink to drop them",
+    tokenizer_name="",  # named per run: the --tokenizer path
 )
 
 
@@ -27,18 +35,16 @@ def run_resize(
     fmt: Format = Format.NEMO,
     tokenizer: Path | None,
     vocab_size: int | None,
-    init: Init,
-    padding_init: Init,
+    options: ResizeOptions,
     tensor_parallel: int | None = None,
     divisible_by: int | None = None,
-    allow_shrink: bool = False,
-    seed: int = 0,
     dry_run: bool = False,
     force: bool = False,
     verify: bool = False,
     stage: Stage = no_stage,
 ) -> list[str]:
-    """Resize ``src`` into ``dst`` (written as ``fmt``) and return the report lines; ``dry_run`` writes nothing."""
+    """Resize ``src`` into ``dst`` (written as ``fmt``) and return the report lines; ``dry_run`` writes
+    nothing. ``tensor_parallel`` and ``divisible_by`` override the model config's."""
     from .tokenizer import tokenizer_size
 
     if not dry_run:
@@ -53,38 +59,28 @@ def run_resize(
             f"{src}: a training checkpoint whose optimizer state cannot follow a resized table; "
             "write a .nemo or .safetensors DST (weights only)"
         )
+    wording = replace(WORDING, tokenizer_name=str(tokenizer))
     with scratch_dir() as tmp:
         own_files = checkpoint_tokenizer_files(ckpt, tmp)
-        if init.needs_pieces and (own_files is None or tokenizer is None):
-            raise TokenizerError(
-                f"--init {init} needs the checkpoint's own tokenizer and --tokenizer (the new one); "
-                "pass --init mean (or zeros) to resize without them"
-            )
         # The plan needs only the two sizes. The tokenizers are then read whole and checked, and the
         # new rows computed, beside this process while it copies (a failed check stops the copy at
         # the next entry).
         new_vocab = tokenizer_size(tokenizer) if tokenizer else vocab_size
         assert new_vocab is not None
-        plan = plan_resize(
+        plan = prepare_resize(
             ckpt,
             tokenizer_size(own_files) if own_files else None,
             new_vocab,
-            tensor_parallel=tensor_parallel,
-            divisible_by=divisible_by,
-            init=init,
-            padding_init=padding_init,
-            allow_shrink=allow_shrink,
+            has_new_tokenizer=tokenizer is not None,
+            options=with_padding_of(options, ckpt.config, tensor_parallel=tensor_parallel, divisible_by=divisible_by),
+            wording=wording,
         )
-        checked_pieces: Callable[[], list[list[int]] | None] = (
-            functools.partial(_checked_pieces, own_files, tokenizer, init.needs_pieces)
-            if tokenizer is not None
-            else lambda: None
-        )
+        pieces = functools.partial(_checked_pieces, plan, own_files, tokenizer, wording)
         if dry_run:
-            checked_pieces()
+            pieces()
             return ["plan (dry run, nothing written):", *plan.lines()]
         stage("resizing")
-        resized, finished = apply_resize_while_writing(ckpt, plan, pieces=checked_pieces, seed=seed)
+        resized, finished = apply_resize_while_writing(ckpt, plan, pieces=pieces, seed=options.seed)
         if tokenizer is not None:
             resized = embed_tokenizer(resized, tokenizer_config_files(tokenizer))
         # Record what the rows were padded for, so NeMo builds the same table from this config.
@@ -95,16 +91,15 @@ def run_resize(
     return [f"wrote {dst}", *plan.lines(finished())]
 
 
-def _checked_pieces(own_files: Path | None, tokenizer: Path, needs_pieces: bool) -> list[list[int]] | None:
-    """Read both tokenizers whole and check that the new one keeps the old one's ids; with
-    ``needs_pieces``, fvt's pieces of each new token under the old tokenizer."""
-    from .tokenizer import load_tokenizer, pieces_under
+def _checked_pieces(
+    plan: ResizePlan, own_files: Path | None, tokenizer: Path | None, wording: Wording
+) -> list[list[int]] | None:
+    """Both tokenizers read whole (the new one is read even alone: that checks it) and
+    :func:`~.pipeline.checked_pieces`."""
+    from .tokenizer import load_tokenizer
 
-    new = load_tokenizer(tokenizer)
-    if own_files is None:
+    if tokenizer is None:
         return None
-    own = load_tokenizer(own_files)
-    check_tokenizer_fits(own, new, str(tokenizer))
-    if needs_pieces and new.vocab_size > own.vocab_size:
-        return pieces_under(own, new, range(own.vocab_size, new.vocab_size))
-    return None
+    new = load_tokenizer(tokenizer)
+    own = load_tokenizer(own_files) if own_files is not None else None
+    return checked_pieces(plan, own, new, wording)

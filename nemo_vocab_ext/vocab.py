@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .beside import Beside, start_beside
-from .checkpoint import Checkpoint, Value
+from .checkpoint import NEMO_REF, Checkpoint, Value, artifact_named
 from .core.dtypes import DType, dtype_of
 from .core.keys import UnknownKeysError, VocabKeys, find_vocab_keys
 from .core.rows import INIT_DESCRIPTIONS, Init, RowPlan, ShrinkRefusedError, plan_rows
@@ -388,7 +388,7 @@ def apply_resize_while_writing(
         p + k in ckpt.tensors for k in ckpt.vocab_keys().all() for p in (*OPTIMIZER_MOMENTS, OPTIMIZER_MASTER)
     )
     if ckpt.rank_tensors is not None or follows:
-        resized, done = apply_resize(ckpt, plan, pieces=pieces, seed=seed)
+        resized, done = apply_resize(ckpt, plan, pieces=pieces(), seed=seed)
         return resized, lambda: done
     jobs: dict[Hashable, _TableJob] = {}  # tied copies: one job, one entry written once
     offset = 0  # where the next table's computed rows go in shared memory
@@ -438,7 +438,7 @@ def _resize_into_shared(
 ) -> list[TensorResize]:
     import numpy as np
 
-    resized, done = resize_tables(ckpt, plan, pieces=pieces, seed=seed)
+    resized, done = resize_tables(ckpt, plan, pieces=pieces(), seed=seed)  # the tokenizers checked once
     for job in jobs:
         rows = resized[job.key].tail if job.kept is not None else resized[job.key].array()
         np.frombuffer(shared, rows.dtype, rows.size, job.offset).reshape(rows.shape)[...] = rows
@@ -470,8 +470,7 @@ def _artifact_bytes(ckpt: Checkpoint, cfg_key: str) -> bytes | None:
     ref = (ckpt.config.get("tokenizer") or {}).get(cfg_key)
     if not isinstance(ref, str) or not ref:
         return None
-    if ref.startswith("nemo:"):
-        name = ref[len("nemo:") :]
+    if (name := artifact_named(ref)) is not None:
         if name not in ckpt.artifacts:
             raise ConfigError(f"tokenizer.{cfg_key} refers to artifact '{name}', which the checkpoint does not contain")
         return ckpt.artifacts[name]
@@ -557,13 +556,12 @@ def embed_tokenizer(ckpt: Checkpoint, files: dict[str, Path]) -> Checkpoint:
     tok = dict(config.get("tokenizer") or {})
     artifacts = dict(ckpt.artifacts)
     for cfg_key, path in files.items():
-        old = tok.get(cfg_key)
-        if isinstance(old, str) and old.startswith("nemo:"):
-            artifacts.pop(old[len("nemo:") :], None)
+        if (old := artifact_named(tok.get(cfg_key))) is not None:
+            artifacts.pop(old, None)
         data = path.read_bytes()
         name = artifact_name(data, path.name)
         artifacts[name] = data
-        tok[cfg_key] = f"nemo:{name}"
+        tok[cfg_key] = f"{NEMO_REF}{name}"
     config["tokenizer"] = tok
     return replace(ckpt, config=config, artifacts=artifacts)
 

@@ -182,9 +182,7 @@ def init_rows(
     raise ValueError(f"unknown init {init!r}")
 
 
-def resize_table(
-    table: np.ndarray, plan: RowPlan, init: Init, **options: Any
-) -> tuple[np.ndarray, ResizeStats]:
+def resize_table(table: np.ndarray, plan: RowPlan, init: Init, **options: Any) -> tuple[np.ndarray, ResizeStats]:
     """The resized copy of a full (joined) vocabulary table and what was done to its rows
     (``options``: those of :func:`rows_after_kept`)."""
     tail, stats = rows_after_kept(table, plan, init, **options)

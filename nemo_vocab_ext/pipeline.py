@@ -7,15 +7,38 @@ new token. They differ only in how they obtain the tokenizers and where they wri
 
 from __future__ import annotations
 
+import functools
+import math
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .beside import Beside
 from .checkpoint import Checkpoint
+from .core.dtypes import DType
 from .errors import TokenizerError
+from .formats.region import Deferred, Entries, FileRegion, Stored, byte_prefix, held
 from .options import ResizeOptions
-from .vocab import ResizePlan, check_tokenizer_fits, divisible_by_of, plan_resize, tensor_parallel_of
+from .vocab import (
+    OPTIMIZER_MASTER,
+    OPTIMIZER_MOMENTS,
+    ResizePlan,
+    TensorResize,
+    apply_resize,
+    check_tokenizer_fits,
+    divisible_by_of,
+    plan_resize,
+    resize_tables,
+    same_table,
+    tensor_parallel_of,
+    vocab_table_shapes,
+    with_tables,
+)
 
 if TYPE_CHECKING:
+    import torch
+
     from .tokenizer import TokenizerInfo
 
 
@@ -86,3 +109,118 @@ def checked_pieces(
     if plan.init.needs_pieces and plan.new_vocab > plan.rows.old_vocab:
         return pieces_under(own, new, range(plan.rows.old_vocab, plan.new_vocab))
     return None
+
+
+def read_tokenizers(own: Path | None, new: Path | None) -> tuple[TokenizerInfo | None, TokenizerInfo | None]:
+    """The checkpoint's own tokenizer (its files, written out) and the new one, read whole; the new one
+    is read even alone: that checks it."""
+    from .tokenizer import load_tokenizer
+
+    if new is None:
+        return None, None
+    return (load_tokenizer(own) if own is not None else None), load_tokenizer(new)
+
+
+def resize_while_writing(
+    ckpt: Checkpoint, plan: ResizePlan, tokenizers: tuple[Path | None, Path | None], wording: Wording, seed: int
+) -> tuple[Checkpoint, Callable[[], list[TensorResize]]]:
+    """:func:`~.vocab.apply_resize` with the tokenizers (files ``tokenizers``: own, new) read and checked
+    and the new rows computed beside the caller (:class:`~.beside.Beside`) while it writes the result.
+    The tables are :class:`~.formats.region.Deferred` entries, which writers take last, so the
+    computation overlaps the copy of everything else; their kept rows are copied from the file where
+    they lie, the computed rows come back through the work's shared buffer. A writer that takes an
+    entry once the work has failed gets its error (the copy stops there); the tables raise it when
+    awaited. The second value waits for the work and returns what was done (or raises its error).
+
+    Checkpoints whose resize touches more than the tables (optimizer state, per-rank files) are resized
+    before returning, as by :func:`~.vocab.apply_resize`.
+    """
+    follows = any(
+        p + k in ckpt.tensors for k in ckpt.vocab_keys().all() for p in (*OPTIMIZER_MOMENTS, OPTIMIZER_MASTER)
+    )
+    if ckpt.rank_tensors is not None or follows:
+        pieces = checked_pieces(plan, *read_tokenizers(*tokenizers), wording)
+        resized, done = apply_resize(ckpt, plan, pieces=pieces, seed=seed)
+        return resized, lambda: done
+    jobs: dict[Hashable, _TableJob] = {}  # tied copies: one job, one entry written once
+    offset = 0  # where the next table's computed rows go in the shared buffer
+    for key, (shape, dtype) in vocab_table_shapes(ckpt).items():
+        if (identity := same_table(ckpt, key)) in jobs:
+            continue
+        row_bytes = math.prod(shape[1:]) * dtype.itemsize
+        stored = held(ckpt.tensors, key)
+        raw = stored.raw() if isinstance(stored, Stored) else None
+        # Kept rows are a prefix of the stored bytes; where they are not stored as read, the whole
+        # new table is computed.
+        kept = None if raw is None else byte_prefix(raw, plan.rows.kept * row_bytes)
+        computed = (plan.rows.new_rows - (plan.rows.kept if kept is not None else 0)) * row_bytes
+        jobs[identity] = _TableJob(key, (plan.rows.new_rows, *shape[1:]), dtype, kept, offset, computed)
+        offset += computed
+    work = Beside.start(
+        _resize_tables_into, ckpt, plan, tokenizers, wording, seed, list(jobs.values()), out_bytes=offset
+    )
+
+    def computed_rows(job: _TableJob) -> list[memoryview]:
+        work.result()  # waits for the computation (or raises its error)
+        return [work.out[job.offset : job.offset + job.nbytes]]
+
+    entries = {
+        identity: Deferred(job.shape, job.dtype, functools.partial(computed_rows, job), job.kept or ())
+        for identity, job in jobs.items()
+    }
+    tables = {key: entries[same_table(ckpt, key)] for key in vocab_table_shapes(ckpt)}
+    resized = with_tables(ckpt, plan, tables)
+    return replace(resized, tensors=StopOnFailure(resized.tensors, work)), work.result
+
+
+@dataclass(frozen=True)
+class _TableJob:
+    """One table a resize computes beside the writer, and where its computed rows go in the shared buffer."""
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: DType
+    kept: list[FileRegion] | None  # the kept rows where they lie; None: every row is computed
+    offset: int
+    nbytes: int
+
+
+def _resize_tables_into(
+    out: memoryview,
+    ckpt: Checkpoint,
+    plan: ResizePlan,
+    tokenizers: tuple[Path | None, Path | None],
+    wording: Wording,
+    seed: int,
+    jobs: list[_TableJob],
+) -> list[TensorResize]:
+    """The work beside the copy: the tokenizers read and checked, fvt's pieces taken, the tables
+    resized and their computed rows put in ``out``; what was done."""
+    import numpy as np
+
+    pieces = checked_pieces(plan, *read_tokenizers(*tokenizers), wording)
+    resized, done = resize_tables(ckpt, plan, pieces=pieces, seed=seed)
+    for job in jobs:
+        rows = resized[job.key].tail if job.kept is not None else resized[job.key].array()
+        np.frombuffer(out, rows.dtype, rows.size, job.offset).reshape(rows.shape)[...] = rows
+    return done
+
+
+class StopOnFailure(Entries):
+    """A resize's entries while its work runs beside the writer: taking one that is copied (not the
+    computed tables, which raise the error when awaited) raises the work's error once it has failed,
+    so that a failed check stops the copy instead of finishing it first."""
+
+    def __init__(self, entries: Any, work: Beside[Any]):
+        super().__init__({key: held(entries, key) for key in entries})
+        self._work = work
+
+    def stored(self, key: str) -> Stored | torch.Tensor | bytes | None:
+        value = super().stored(key)
+        if not isinstance(value, Deferred) and (error := self._work.failed()) is not None:
+            raise error
+        return value
+
+    def __getitem__(self, key: str) -> torch.Tensor | bytes | None:
+        value = self.stored(key)
+        return value.load() if isinstance(value, Stored) else value

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from dataclasses import replace
 from pathlib import Path
 
@@ -10,14 +9,8 @@ from .atomic import refuse_existing, refuse_overlap, scratch_dir
 from .errors import ResizeError
 from .io import Format, Stage, load_checkpoint, no_stage, save_checkpoint, weights_for
 from .options import ResizeOptions
-from .pipeline import Wording, checked_pieces, prepare_resize, with_padding_of
-from .vocab import (
-    ResizePlan,
-    apply_resize_while_writing,
-    checkpoint_tokenizer_files,
-    embed_tokenizer,
-    tokenizer_config_files,
-)
+from .pipeline import Wording, checked_pieces, prepare_resize, read_tokenizers, resize_while_writing, with_padding_of
+from .vocab import checkpoint_tokenizer_files, embed_tokenizer, tokenizer_config_files
 
 WORDING = Wording(
     init_setting="--init ",
@@ -75,12 +68,11 @@ def run_resize(
             options=with_padding_of(options, ckpt.config, tensor_parallel=tensor_parallel, divisible_by=divisible_by),
             wording=wording,
         )
-        pieces = functools.partial(_checked_pieces, plan, own_files, tokenizer, wording)
         if dry_run:
-            pieces()
+            checked_pieces(plan, *read_tokenizers(own_files, tokenizer), wording)
             return ["plan (dry run, nothing written):", *plan.lines()]
         stage("resizing")
-        resized, finished = apply_resize_while_writing(ckpt, plan, pieces=pieces, seed=options.seed)
+        resized, finished = resize_while_writing(ckpt, plan, (own_files, tokenizer), wording, options.seed)
         if tokenizer is not None:
             resized = embed_tokenizer(resized, tokenizer_config_files(tokenizer))
         # Record what the rows were padded for, so NeMo builds the same table from this config.
@@ -89,17 +81,3 @@ def run_resize(
             resized.config["tensor_model_parallel_size"] = tensor_parallel
         save_checkpoint(resized, dst, fmt, force=force, verify=verify, stage=stage)
     return [f"wrote {dst}", *plan.lines(finished())]
-
-
-def _checked_pieces(
-    plan: ResizePlan, own_files: Path | None, tokenizer: Path | None, wording: Wording
-) -> list[list[int]] | None:
-    """Both tokenizers read whole (the new one is read even alone: that checks it) and
-    :func:`~.pipeline.checked_pieces`."""
-    from .tokenizer import load_tokenizer
-
-    if tokenizer is None:
-        return None
-    new = load_tokenizer(tokenizer)
-    own = load_tokenizer(own_files) if own_files is not None else None
-    return checked_pieces(plan, own, new, wording)

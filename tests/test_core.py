@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import pytest
 import torch
@@ -22,7 +20,9 @@ from nemo_vocab_ext.core.resize import (
 from nemo_vocab_ext.core.rows import Init, ShrinkRefusedError, plan_rows
 from nemo_vocab_ext.core.sizes import padded_vocab_size, tp_row_range
 from nemo_vocab_ext.formats.region import Deferred, held, torch_as_array
-from nemo_vocab_ext.vocab import apply_resize_while_writing, plan_resize, resize_tables, vocab_tables
+from nemo_vocab_ext.pipeline import resize_while_writing
+from nemo_vocab_ext.resize_job import WORDING
+from nemo_vocab_ext.vocab import plan_resize, resize_tables, vocab_tables
 
 
 @pytest.mark.parametrize(
@@ -154,23 +154,11 @@ def test_rows_after_kept_are_the_whole_difference_and_the_old_table_is_only_read
     tail, stats = rows_after_kept(old, plan_rows(5, 8, 7, 12), Init.MEAN, dtype=F32, padding_init=Init.MEAN)
     assert np.array_equal(tail, np.full((7, 2), [20.0, 21.0])) and (stats.initialised, stats.padding) == (2, 5)
     assert np.array_equal(old, _table(8))
-    # fvt's pieces may still be computing: they are asked for once the mean is taken, whatever the init.
-    asked: list[Init] = []
-
-    def pieces_asked_by(init: Init) -> Callable[[], list[list[int]]]:
-        def pieces() -> list[list[int]]:
-            asked.append(init)
-            return [[0, 2]]  # new token 5 is old tokens 0 and 2
-
-        return pieces
-
-    fvt, _ = rows_after_kept(
-        old, plan_rows(5, 8, 6, 8), Init.FVT, dtype=F32, padding_init=Init.MEAN, pieces=pieces_asked_by(Init.FVT)
-    )
+    # fvt takes each new token's pieces as given (new token 5 is old tokens 0 and 2); other inits ignore them.
+    fvt, _ = rows_after_kept(old, plan_rows(5, 8, 6, 8), Init.FVT, dtype=F32, padding_init=Init.MEAN, pieces=[[0, 2]])
     zeros, _ = rows_after_kept(
-        old, plan_rows(5, 8, 6, 8), Init.ZEROS, dtype=F32, padding_init=Init.MEAN, pieces=pieces_asked_by(Init.ZEROS)
+        old, plan_rows(5, 8, 6, 8), Init.ZEROS, dtype=F32, padding_init=Init.MEAN, pieces=[[0, 2]]
     )
-    assert asked == [Init.FVT, Init.ZEROS]
     assert np.array_equal(fvt[0], [10.0, 11.0]) and np.array_equal(zeros[0], [0.0, 0.0])
 
 
@@ -248,7 +236,7 @@ def test_real_sizes_on_meta_device(vocab_old: int, vocab_new: int, hidden: int, 
         ("new tokens", vocab_new - vocab_old),
         ("new padding", new_rows - vocab_new),
     ]
-    resized, finished = apply_resize_while_writing(ckpt, plan, pieces=lambda: None)
+    resized, finished = resize_while_writing(ckpt, plan, (None, None), WORDING, seed=0)
     for key in (emb, out):
         entry = held(resized.tensors, key)
         assert isinstance(entry, Deferred) and (entry.shape, entry.dtype) == ((new_rows, hidden), BF16)

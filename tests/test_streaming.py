@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -18,15 +19,17 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from nemo_vocab_ext.beside import Beside
 from nemo_vocab_ext.checkpoint import DISTRIBUTED, SINGLE, Checkpoint
 from nemo_vocab_ext.core.dtypes import dtype_of
 from nemo_vocab_ext.errors import CheckpointFormatError, ResizeError
 from nemo_vocab_ext.formats import region, torch_zip
 from nemo_vocab_ext.formats.folder import tar_out
-from nemo_vocab_ext.formats.region import Deferred, FileRegion, OutFile, Stored, torch_as_array
+from nemo_vocab_ext.formats.region import Deferred, Entries, FileRegion, OutFile, Stored, torch_as_array
 from nemo_vocab_ext.formats.safetensors_io import read_safetensors
 from nemo_vocab_ext.formats.torch_zip import StoredTensor, load_all, read_torch_file, write_torch_file
 from nemo_vocab_ext.io import Format, load_checkpoint, save_checkpoint
+from nemo_vocab_ext.pipeline import StopOnFailure
 
 
 def whole(path: Path) -> FileRegion:
@@ -170,8 +173,8 @@ def test_a_failed_computation_leaves_no_output(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("fmt", "layout", "name"), WRITERS)
 def test_a_computation_that_has_failed_stops_the_copy(tmp_path: Path, fmt: Format, layout: str, name: str) -> None:
-    """A resize whose check fails on its thread (a tokenizer that moves ids) stops the writer at the next
-    entry: no waiting for the rest of the copy to learn of the error."""
+    """A resize whose work beside the copy has failed (a tokenizer that moves ids) stops the writer at the
+    next entry it takes: no waiting for the rest of the copy to learn of the error."""
     read: list[str] = []
 
     class Watched(Stored):  # an entry that records when a writer reads it
@@ -182,16 +185,22 @@ def test_a_computation_that_has_failed_stops_the_copy(tmp_path: Path, fmt: Forma
             read.append(self.key)
             return torch.ones(4)
 
-    error = ResizeError("the new tokenizer moves base ids")
+    def check() -> None:
+        raise ResizeError("the new tokenizer moves base ids")
+
+    work = Beside.start(check)
+    while work.failed() is None:
+        time.sleep(0.01)
     tensors = {
         "model.embedding.word_embeddings.weight": Deferred(
-            (4,), dtype_of(torch.float32), lambda: pytest.fail("values asked of a failed computation"), lambda: error
+            (4,), dtype_of(torch.float32), lambda: pytest.fail("values asked of a failed computation")
         ),
         "model.decoder.final_layernorm.weight": Watched("a"),
         "model.decoder.layers.0.mlp.linear_fc1.weight": Watched("b"),
     }
+    entries = StopOnFailure(Entries(tensors), work)
     with pytest.raises(ResizeError, match="moves base ids"):
-        save_checkpoint(Checkpoint(tensors, {"hidden_size": 4}, layout), tmp_path / name, fmt)
+        save_checkpoint(Checkpoint(entries, {"hidden_size": 4}, layout), tmp_path / name, fmt)
     assert read == [] and list(tmp_path.iterdir()) == []
 
 

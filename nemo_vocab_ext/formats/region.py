@@ -340,9 +340,9 @@ class Deferred(Stored):
     """A tensor computed elsewhere (another process or thread) while the checkpoint is written: its
     shape and dtype are known now, its bytes as parts: ``ready``, regions of other files known now
     (rows kept as they are stored), then what ``result`` returns once computed: bytes, regions, or
-    numpy arrays in C order (as :func:`torch_as_array` gives them). Writers write every other entry
-    first, so the computation overlaps their copying, then copy the ready parts before they wait;
-    between entries they ask ``failure`` whether the computation has already failed, and stop if so."""
+    numpy arrays in C order (as :func:`torch_as_array` gives them), or the computation's error.
+    Writers write every other entry first (:func:`write_order`), so the computation overlaps their
+    copying, then copy the ready parts before they wait."""
 
     shape: tuple[int, ...]
     dtype: DType
@@ -352,13 +352,11 @@ class Deferred(Stored):
         shape: tuple[int, ...],
         dtype: DType,
         result: Callable[[], Sequence[FileRegion | memoryview | np.ndarray]],
-        failure: Callable[[], BaseException | None] = lambda: None,
         ready: Sequence[FileRegion] = (),
     ):
         self.shape = shape
         self.dtype = dtype
         self._result = result
-        self._failure = failure
         self._ready = list(ready)
 
     def parts(self) -> Iterator[Part]:
@@ -374,10 +372,6 @@ class Deferred(Stored):
         if (got := sum(map(part_length, [*self._ready, *computed]))) != self.nbytes:
             raise CheckpointFormatError(f"computed {got} bytes for a {self.dtype} tensor of shape {self.shape}")
         yield from computed
-
-    def failed(self) -> BaseException | None:
-        """The computation's error if it has already failed; None while it runs or once it succeeded."""
-        return self._failure()
 
     def data(self) -> memoryview:
         out = bytearray(self.nbytes)
@@ -447,15 +441,8 @@ def mapped_array(value: Stored) -> np.ndarray | None:
 
 def write_order(items: Iterable[T], value_of: Callable[[T], object]) -> Iterator[T]:
     """``items`` in the order every writer writes their data: as given, those whose value is
-    :class:`Deferred` last. Before each item it raises the error of a computation that has already
-    failed, so that a failed resize stops the copy instead of finishing it first."""
-    ordered = sorted(items, key=lambda item: isinstance(value_of(item), Deferred))
-    computed = [value for item in ordered if isinstance(value := value_of(item), Deferred)]
-    for item in ordered:
-        for value in computed:
-            if (error := value.failed()) is not None:
-                raise error
-        yield item
+    :class:`Deferred` last, so that their computation overlaps the copy of the rest."""
+    return iter(sorted(items, key=lambda item: isinstance(value_of(item), Deferred)))
 
 
 class Entries(MutableMapping[str, Any]):

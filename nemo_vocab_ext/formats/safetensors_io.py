@@ -133,7 +133,7 @@ def _write_file(path: Path, planned: list[_Planned], tensors: Mapping[str, Value
         out = OutFile(f)
         out.write(struct.pack("<Q", len(text)))
         out.write(text)
-        for p in write_order(order, lambda p: held(tensors, p.key)):  # the same order, checked as it goes
+        for p in order:
             # Stored bytes that are already what we write are copied, not decoded.
             if out.put(entry_parts(held(tensors, p.key))) != p.nbytes:
                 raise CheckpointFormatError(f"entry '{p.key}' changed size while it was written")

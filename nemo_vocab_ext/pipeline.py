@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Any
 from .beside import Beside
 from .checkpoint import Checkpoint
 from .core.dtypes import DType
+from .entries import Deferred, Entries, Region, Stored, held
 from .errors import TokenizerError
-from .formats.region import Deferred, Entries, FileRegion, Stored, byte_prefix, held
+from .formats.byteio import byte_prefix
 from .options import ResizeOptions
 from .vocab import (
     OPTIMIZER_MASTER,
@@ -126,7 +127,7 @@ def resize_while_writing(
 ) -> tuple[Checkpoint, Callable[[], list[TensorResize]]]:
     """:func:`~.vocab.apply_resize` with the tokenizers (files ``tokenizers``: own, new) read and checked
     and the new rows computed beside the caller (:class:`~.beside.Beside`) while it writes the result.
-    The tables are :class:`~.formats.region.Deferred` entries, which writers take last, so the
+    The tables are :class:`~.entries.Deferred` entries, which writers take last, so the
     computation overlaps the copy of everything else; their kept rows are copied from the file where
     they lie, the computed rows come back through the work's shared buffer. A writer that takes an
     entry once the work has failed gets its error (the copy stops there); the tables raise it when
@@ -180,7 +181,7 @@ class _TableJob:
     key: str
     shape: tuple[int, ...]
     dtype: DType
-    kept: list[FileRegion] | None  # the kept rows where they lie; None: every row is computed
+    kept: list[Region] | None  # the kept rows where they lie; None: every row is computed
     offset: int
     nbytes: int
 

@@ -11,25 +11,24 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from .checkpoint import NEMO_REF, Checkpoint, Value, artifact_named
+from .checkpoint import NEMO_REF, Checkpoint, Value, artifact_name, artifact_named
 from .core.dtypes import DType, dtype_of
 from .core.keys import UnknownKeysError, VocabKeys, find_vocab_keys
 from .core.rows import INIT_DESCRIPTIONS, Init, RowPlan, ShrinkRefusedError, plan_rows
 from .core.sizes import padded_vocab_size, positive_count
-from .errors import CheckpointFormatError, ConfigError, ResizeError, TokenizerError, VocabExtError
-from .formats.region import (
+from .entries import (
     Entries,
     Stored,
     array_as_torch,
     array_bytes,
     held,
     is_tensor,
-    mapped_array,
-    read_array,
     same_bytes_key,
     tensor_meta,
     torch_as_array,
 )
+from .errors import CheckpointFormatError, ConfigError, ResizeError, TokenizerError, VocabExtError
+from .formats.byteio import mapped_array, read_array
 from .init_costs import expected_cost
 from .options import DEFAULTS
 from .tokenizer import TokenizerInfo, check_ids_preserved, load_tokenizer
@@ -100,8 +99,8 @@ def expected_rows(
 
 def vocab_tables(ckpt: Checkpoint) -> dict[str, np.ndarray]:
     """Global vocab-sized tables keyed as stored (tensor-parallel rank files joined), as numpy arrays
-    of their stored elements (:func:`~.formats.region.read_array`). A table stored as one region of a
-    file is mapped, read-only, where it lies (:func:`~.formats.region.mapped_array`): a resize reads
+    of their stored elements (:func:`~.formats.byteio.read_array`). A table stored as one region of a
+    file is mapped, read-only, where it lies (:func:`~.formats.byteio.mapped_array`): a resize reads
     it without copying 200 MB into memory first. Tied copies (one storage under two names) share one
     array.
     """
@@ -310,7 +309,7 @@ def same_table(ckpt: Checkpoint, key: str) -> Hashable:
 
 def with_tables(ckpt: Checkpoint, plan: ResizePlan, new_tables: dict[str, Any]) -> Checkpoint:
     """``ckpt`` with its vocab tables replaced (and their optimizer state following ``plan``); the tables
-    may be tensors or :class:`~.formats.region.Deferred` entries. Nothing else is read."""
+    may be tensors or :class:`~.entries.Deferred` entries. Nothing else is read."""
     # Untouched entries stay as held (on disk until written); only the resized ones are in memory.
     tensors: dict[str, object] = {k: held(ckpt.tensors, k) for k in ckpt.tensors}
     for key, new in new_tables.items():
@@ -446,11 +445,6 @@ def load_checkpoint_tokenizer(ckpt: Checkpoint, workdir: Path) -> TokenizerInfo 
     """The checkpoint's own tokenizer (from its ``nemo:`` artifacts), or None."""
     where = checkpoint_tokenizer_files(ckpt, workdir)
     return None if where is None else load_tokenizer(where)
-
-
-def artifact_name(data: bytes, basename: str) -> str:
-    """NeMo names artifacts ``<32 hex>_<basename>``; a content digest keeps it reproducible."""
-    return f"{hashlib.md5(data).hexdigest()}_{basename}"
 
 
 def embed_tokenizer(ckpt: Checkpoint, files: dict[str, Path]) -> Checkpoint:

@@ -19,7 +19,7 @@ from nemo_vocab_ext.core.resize import (
 )
 from nemo_vocab_ext.core.rows import Init, ShrinkRefusedError, plan_rows
 from nemo_vocab_ext.core.sizes import padded_vocab_size, tp_row_range
-from nemo_vocab_ext.formats.region import Deferred, held, torch_as_array
+from nemo_vocab_ext.entries import Deferred, held, torch_as_array
 from nemo_vocab_ext.pipeline import resize_while_writing
 from nemo_vocab_ext.resize_job import WORDING
 from nemo_vocab_ext.vocab import plan_resize, resize_tables, vocab_tables

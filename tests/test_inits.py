@@ -10,7 +10,7 @@ from nemo_vocab_ext.checkpoint import Checkpoint
 from nemo_vocab_ext.core.dtypes import BY_NAME
 from nemo_vocab_ext.core.resize import init_rows, resize_table
 from nemo_vocab_ext.core.rows import INIT_DESCRIPTIONS, Init, plan_rows
-from nemo_vocab_ext.formats.region import torch_as_array
+from nemo_vocab_ext.entries import torch_as_array
 from nemo_vocab_ext.init_costs import expected_cost
 from nemo_vocab_ext.vocab import apply_resize, plan_resize
 

@@ -20,7 +20,7 @@ CHECKPOINT_SUFFIXES = (".nemo", ".ckpt", ".safetensors")
 
 def entry_bytes(value: object) -> tuple[object, bytes]:
     """An entry's (shape and dtype, bytes); bytes entries and empty ones as they are."""
-    from nemo_vocab_ext.formats.region import is_tensor, tensor_bytes
+    from nemo_vocab_ext.entries import is_tensor, tensor_bytes
 
     if value is None:
         return None, b""

@@ -21,21 +21,10 @@ from typing import Any, TypeGuard
 
 from ..checkpoint import DISTRIBUTED, MP_RANK, SINGLE, TP_PP_RANK, Checkpoint, Value
 from ..core.dtypes import BY_SAFETENSORS, UINT8, DType
+from ..entries import Entries, Stored, entry_parts, held, is_tensor, same_bytes_key, tensor_meta, write_order
 from ..errors import CheckpointFormatError, ConfigError
+from .byteio import FileRegion, InRegion, OutFile
 from .folder import InFolder
-from .region import (
-    Entries,
-    FileRegion,
-    InRegion,
-    OutFile,
-    Stored,
-    entry_parts,
-    held,
-    is_tensor,
-    same_bytes_key,
-    tensor_meta,
-    write_order,
-)
 from .untrusted import MAX_CONFIG_BYTES, check_artifacts, check_config
 
 INDEX = "model.safetensors.index.json"

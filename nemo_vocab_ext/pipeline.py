@@ -119,7 +119,8 @@ def read_tokenizers(own: Path | None, new: Path | None) -> tuple[TokenizerInfo |
 
     if new is None:
         return None, None
-    return (load_tokenizer(own) if own is not None else None), load_tokenizer(new)
+    new_tokenizer = load_tokenizer(new)  # first: the user's file, named first when both are broken
+    return (load_tokenizer(own) if own is not None else None), new_tokenizer
 
 
 def resize_while_writing(

@@ -8,6 +8,7 @@ runs truly in parallel and the copy never waits for it.
 from __future__ import annotations
 
 import atexit
+import mmap
 import os
 import pickle
 import select
@@ -22,14 +23,32 @@ Outcome = tuple[bool, Any]  # (True, value) or (False, the error)
 
 
 class Beside(Generic[T]):
-    """Work started by :func:`start_beside`. Calling it waits for the value (or raises the error),
-    as often as asked; :meth:`failed` never waits."""
+    """Work run beside the caller: :meth:`start` it, ask :meth:`failed` (never waits) between steps of
+    the caller's own work, and take its :meth:`result` (waits; raises the work's error) when needed.
 
-    def __init__(self) -> None:
+    The work may fill ``out``, a buffer of ``out_bytes`` bytes shared with the caller (a forked
+    child's memory is its own: this one is mapped into both), readable there once the result is in.
+    """
+
+    def __init__(self, out_bytes: int) -> None:
         self._lock = threading.Lock()
         self._outcome: Outcome | None = None
+        self.out = memoryview(mmap.mmap(-1, max(out_bytes, 1)))[:out_bytes]
 
-    def __call__(self) -> T:
+    @staticmethod
+    def start(fn: Callable[..., T], *args: Any, out_bytes: int = 0) -> Beside[T]:
+        """Start ``fn(*args)`` (with ``out_bytes``, ``fn(out, *args)``) in a forked process when nothing
+        but this thread runs in this process (a fork copies no other thread, so one holding a lock
+        would leave it locked in the child); on a thread otherwise, or where there is no fork. torch
+        counts as running threads once imported: its native pools are invisible to ``threading`` and
+        not safe to use after a fork."""
+        on_thread = threading.active_count() > 1 or "torch" in sys.modules or not hasattr(os, "fork")
+        work: Beside[T] = _OnThread(out_bytes) if on_thread else _InChild(out_bytes)
+        work._run(fn, (work.out, *args) if out_bytes else args)
+        return work
+
+    def result(self) -> T:
+        """The work's value, once it is done (as often as asked); its error is raised."""
         with self._lock:
             if self._outcome is None:
                 self._outcome = self._wait()
@@ -50,21 +69,14 @@ class Beside(Generic[T]):
             self._lock.release()
         return outcome[1] if outcome is not None and not outcome[0] else None
 
+    def _run(self, fn: Callable[..., T], args: tuple[Any, ...]) -> None:
+        raise NotImplementedError
+
     def _wait(self) -> Outcome:
         raise NotImplementedError
 
     def _ended(self) -> bool:
         raise NotImplementedError
-
-
-def start_beside(fn: Callable[..., T], *args: Any) -> Beside[T]:
-    """Start ``fn(*args)`` in a forked process when nothing but this thread runs in this process (a
-    fork copies no other thread, so one holding a lock would leave it locked in the child); on a
-    thread otherwise, or where there is no fork. torch counts as running threads once imported: its
-    native pools are invisible to ``threading`` and not safe to use after a fork."""
-    if threading.active_count() > 1 or "torch" in sys.modules or not hasattr(os, "fork"):
-        return _OnThread(fn, args)
-    return _InChild(fn, args)
 
 
 def end_children() -> None:
@@ -88,8 +100,7 @@ atexit.register(end_children)
 
 
 class _OnThread(Beside[T]):
-    def __init__(self, fn: Callable[..., T], args: tuple[Any, ...]):
-        super().__init__()
+    def _run(self, fn: Callable[..., T], args: tuple[Any, ...]) -> None:
         self._done = threading.Event()
         self._result: Outcome = (False, RuntimeError(f"{fn.__name__} did not run"))
 
@@ -112,8 +123,7 @@ class _OnThread(Beside[T]):
 
 
 class _InChild(Beside[T]):
-    def __init__(self, fn: Callable[..., T], args: tuple[Any, ...]):
-        super().__init__()
+    def _run(self, fn: Callable[..., T], args: tuple[Any, ...]) -> None:
         self._name = fn.__name__
         read, write = os.pipe()
         self._pid = os.fork()

@@ -1,17 +1,18 @@
 """The form every format adapter reads into and writes from: a config, artifacts, and entries by key.
 
-Entries are read lazily (an :class:`~.formats.region.Entries` mapping) so that a command holds one
+Entries are read lazily (an :class:`~.entries.Entries` mapping) so that a command holds one
 tensor at a time; a plain dict of in-memory values works the same everywhere.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Union
 
 from .core.keys import VocabKeys, find_vocab_keys
-from .formats.region import is_tensor, tensor_meta
+from .entries import is_tensor, tensor_meta
 
 if TYPE_CHECKING:
     import torch
@@ -25,6 +26,21 @@ DISTRIBUTED = "distributed"  # torch_dist directory: stacked decoder layers, glo
 SINGLE = "single"  # one state dict file: per-layer keys (model_weights.ckpt, Lightning .ckpt)
 MP_RANK = "mp_rank"  # legacy per-TP-rank files
 TP_PP_RANK = "tp_pp_rank"  # legacy per-(TP, PP)-rank files
+
+
+NEMO_REF = "nemo:"  # a config value naming one of the checkpoint's artifacts
+
+
+def artifact_named(ref: object) -> str | None:
+    """The artifact a config value names (``nemo:<member>``); None for anything else (a path, no value)."""
+    if isinstance(ref, str) and ref.startswith(NEMO_REF):
+        return ref[len(NEMO_REF) :]
+    return None
+
+
+def artifact_name(data: bytes, basename: str) -> str:
+    """NeMo names artifacts ``<32 hex>_<basename>``; a content digest keeps it reproducible."""
+    return f"{hashlib.md5(data).hexdigest()}_{basename}"
 
 
 @dataclass

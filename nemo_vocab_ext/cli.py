@@ -22,6 +22,7 @@ import click
 from .cli_common import report_errors, say, stages
 from .core.rows import Init
 from .formats.detect import Format, format_for_destination
+from .options import DEFAULTS, PADDING_INITS, ResizeOptions
 
 SWITCH_INTERVAL_S = 2e-4
 INIT_CHOICES = click.Choice([i.value for i in Init])
@@ -177,22 +178,22 @@ def convert(src: Path, dst: Path, to: str | None, layout: str | None, force: boo
     "--init",
     "init",
     type=INIT_CHOICES,
-    default=Init.FVT.value,
+    default=DEFAULTS.init.value,
     show_default=True,
     help="How new tokens' rows start (fvt needs both tokenizers; zeros, mean and normal need none).",
 )
 @click.option(
     "--padding-init",
-    type=click.Choice([Init.ZEROS.value, Init.MEAN.value, Init.NORMAL.value]),
-    default=Init.MEAN.value,
+    type=click.Choice([i.value for i in PADDING_INITS]),
+    default=DEFAULTS.padding_init.value,
     show_default=True,
 )
 @click.option("--tp", type=click.IntRange(min=1), help="Tensor-parallel size to pad for (default: the config's).")
 @click.option(
     "--divisible-by", type=click.IntRange(min=1), help="make_vocab_size_divisible_by (default: the config's)."
 )
-@click.option("--allow-shrink", is_flag=True, help="Allow dropping trained rows.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the 'normal' init.")
+@click.option("--allow-shrink", is_flag=True, default=DEFAULTS.allow_shrink, help="Allow dropping trained rows.")
+@click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True, help="Seed of the 'normal' init.")
 @click.option("--dry-run", is_flag=True, help="Print the plan; write nothing.")
 @click.option("--force", is_flag=True, help="Overwrite DST.")
 @VERIFY_OPTION
@@ -226,12 +227,9 @@ def resize(
             fmt=fmt,
             tokenizer=tokenizer,
             vocab_size=vocab_size,
-            init=Init(init),
-            padding_init=Init(padding_init),
+            options=ResizeOptions(Init(init), Init(padding_init), seed, allow_shrink),
             tensor_parallel=tp,
             divisible_by=divisible_by,
-            allow_shrink=allow_shrink,
-            seed=seed,
             dry_run=dry_run,
             force=force,
             verify=verify,

@@ -7,8 +7,8 @@ from typing import Any
 
 from .atomic import scratch_dir
 from .checkpoint import Checkpoint
+from .entries import tensor_meta
 from .errors import VocabExtError
-from .formats.region import tensor_meta
 from .vocab import (
     divisible_by_of,
     expected_rows,

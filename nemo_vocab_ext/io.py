@@ -8,9 +8,9 @@ from pathlib import Path
 
 from .atomic import atomic_output
 from .checkpoint import Checkpoint, Value
+from .entries import Entries, held, is_tensor, tensor_meta
 from .errors import CheckpointFormatError
 from .formats.detect import Format, detect_format
-from .formats.region import Entries, held, is_tensor, tensor_meta
 
 
 def load_checkpoint(path: str | Path, fmt: Format | None = None) -> tuple[Checkpoint, Format]:

@@ -22,35 +22,42 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from .checkpoint import DISTRIBUTED, Checkpoint
+from .checkpoint import DISTRIBUTED, Checkpoint, artifact_named
 from .core.keys import find_vocab_keys
 from .core.rows import Init
 from .errors import ConfigError, DataError, ResizeError, TokenizerError
 from .formats.nemo import read_dist_tensor_shapes, read_nemo, read_nemo_header, write_nemo_dir
+from .options import DEFAULTS, PADDING_INITS, ResizeOptions
+from .pipeline import Wording, checked_pieces, prepare_resize, with_padding_of
 from .vocab import (
     apply_resize,
-    check_tokenizer_fits,
     checkpoint_tokenizer_files,
     embed_tokenizer,
     expected_rows,
-    plan_resize,
     refuse_training_checkpoint_of_another_size,
     vocab_table_shapes,
 )
 
 CONFIG_KEY = "vocab_extension"
+WORDING = Wording(
+    init_setting="vocab_extension.init=",
+    new_tokenizer="a file-based new tokenizer",
+    without_pieces="set +model.vocab_extension.init=mean (or zeros) without them",
+    shrink_hint="set +model.vocab_extension.allow_shrink=true to drop them",
+    tokenizer_name="model.tokenizer",
+)
 
 
 @dataclass(frozen=True)
 class ExtensionSettings:
-    """``model.vocab_extension``: every key, with its default."""
+    """``model.vocab_extension``: every key, with its default (a resize's from :class:`ResizeOptions`)."""
 
-    init: str = Init.FVT.value  # fvt | zeros | mean | normal: new tokens' rows (fvt measured best: README)
-    padding_init: str = Init.MEAN.value  # zeros | mean | normal: rows past the tokenizer
-    allow_shrink: bool = False  # allow a table smaller than the trained one (drops rows)
+    init: str = DEFAULTS.init.value  # fvt | zeros | mean | normal: new tokens' rows
+    padding_init: str = DEFAULTS.padding_init.value  # zeros | mean | normal: rows past the tokenizer
+    allow_shrink: bool = DEFAULTS.allow_shrink  # allow a table smaller than the trained one (drops rows)
     check_data: bool = False  # scan model.data.data_prefix for ids >= tokenizer size first
     report: bool = True  # log the resize report
-    seed: int = 0  # seed of the 'normal' init
+    seed: int = DEFAULTS.seed  # seed of the 'normal' init
     work_dir: str | None = None  # where the resized copy is written (default: system temp)
 
     @classmethod
@@ -66,11 +73,15 @@ class ExtensionSettings:
         if unknown:
             raise ConfigError(f"model.vocab_extension: unknown key(s) {unknown}; valid keys: {sorted(known)}")
         settings = cls(**{str(k): v for k, v in values.items()})
-        for name, allowed in (("init", list(Init)), ("padding_init", [Init.ZEROS, Init.MEAN, Init.NORMAL])):
+        for name, allowed in (("init", list(Init)), ("padding_init", PADDING_INITS)):
             if getattr(settings, name) not in {i.value for i in allowed}:
                 choices = [i.value for i in allowed]
                 raise ConfigError(f"model.vocab_extension.{name}={getattr(settings, name)!r}; choose one of {choices}")
         return settings
+
+    def options(self) -> ResizeOptions:
+        """The resize these settings ask for (padded as the model config says: :func:`with_padding_of`)."""
+        return ResizeOptions(Init(self.init), Init(self.padding_init), self.seed, self.allow_shrink)
 
 
 def settings_of(model_cfg: Any) -> ExtensionSettings | None:
@@ -93,8 +104,8 @@ def _resolve_file(ref: Any, artifacts: dict[str, bytes], workdir: Path, name: st
     """A tokenizer file from the run's config: a local path, or a ``nemo:`` artifact of the checkpoint."""
     if not isinstance(ref, str) or not ref:
         return None
-    if ref.startswith("nemo:"):
-        data = artifacts.get(ref[len("nemo:") :])
+    if (member := artifact_named(ref)) is not None:
+        data = artifacts.get(member)
         if data is None:
             raise ConfigError(f"tokenizer file {ref} is not in the checkpoint being restored")
         out = workdir / name
@@ -188,12 +199,12 @@ def prepare_restore(restore_path: str | Path, model_cfg: Any, settings: Extensio
     atexit.register(shutil.rmtree, work, ignore_errors=True)
     tokenizer, files = _nemo_tokenizer(model_cfg.tokenizer, artifacts, work)
     new_vocab = int(tokenizer.vocab_size)
-    new_rows = expected_rows(new_vocab, OmegaConf.to_container(model_cfg, resolve=True))  # type: ignore[arg-type]
+    container: dict[str, Any] = OmegaConf.to_container(model_cfg, resolve=True)  # type: ignore[assignment]
+    new_rows = expected_rows(new_vocab, container)
     if settings.check_data:
         check_data(model_cfg, new_vocab)
 
     from .tokenization.load import load_tokenizer
-    from .tokenization.pieces import pieces_under
 
     own_dir = work / "own_tokenizer"
     own_dir.mkdir()
@@ -208,33 +219,16 @@ def prepare_restore(restore_path: str | Path, model_cfg: Any, settings: Extensio
         return None
     ckpt = ckpt or read_nemo(source)
     new_info = _info_from_files(files, work)
-    init = Init(settings.init)
-    if init.needs_pieces and (own is None or new_info is None):
-        raise TokenizerError(
-            f"vocab_extension.init={init} needs the checkpoint's own tokenizer and a file-based new tokenizer; "
-            "set +model.vocab_extension.init=mean (or zeros) without them"
-        )
-    plan = plan_resize(
-        ckpt,
-        old_vocab,
-        new_vocab,
-        tensor_parallel=int(model_cfg.get("tensor_model_parallel_size", 1) or 1),
-        divisible_by=int(model_cfg.get("make_vocab_size_divisible_by", 128) or 128),
-        init=init,
-        padding_init=Init(settings.padding_init),
-        allow_shrink=settings.allow_shrink,
-        shrink_hint="set +model.vocab_extension.allow_shrink=true to drop them",
+    options = with_padding_of(settings.options(), container, tensor_parallel=None, divisible_by=None)
+    plan = prepare_resize(
+        ckpt, old_vocab, new_vocab, has_new_tokenizer=new_info is not None, options=options, wording=WORDING
     )
     if plan.rows.new_rows != new_rows:  # override_vocab_size: NeMo builds exactly that many rows
         raise ResizeError(
             f"override_vocab_size={new_rows} disagrees with the padded size {plan.rows.new_rows}; unset it"
         )
-    if own is not None and new_info is not None:
-        check_tokenizer_fits(own, new_info, "model.tokenizer")
-    pieces = None
-    if init.needs_pieces and own is not None and new_info is not None and new_vocab > plan.rows.old_vocab:
-        pieces = pieces_under(own, new_info, range(plan.rows.old_vocab, new_vocab))
-    resized, done = apply_resize(ckpt, plan, pieces=pieces, seed=settings.seed)
+    pieces = checked_pieces(plan, own, new_info, WORDING)
+    resized, done = apply_resize(ckpt, plan, pieces=pieces, seed=options.seed)
     resized = embed_tokenizer(resized, {k: Path(v) for k, v in files.items()})
     out = work / "resized"
     # Only the resized tables are written: every other tensor is read where it lies in the source

@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from .atomic import refuse_existing, refuse_overlap, scratch_dir
-from .core.rows import Init
-from .errors import ResizeError, TokenizerError
+from .errors import ResizeError
 from .io import Format, Stage, load_checkpoint, no_stage, save_checkpoint, weights_for
-from .vocab import (
-    apply_resize_while_writing,
-    check_tokenizer_fits,
-    checkpoint_tokenizer_files,
-    embed_tokenizer,
-    plan_resize,
-    tokenizer_config_files,
+from .options import ResizeOptions
+from .pipeline import Wording, checked_pieces, prepare_resize, read_tokenizers, resize_while_writing, with_padding_of
+from .vocab import checkpoint_tokenizer_files, embed_tokenizer, tokenizer_config_files
+
+WORDING = Wording(
+    init_setting="--init ",
+    new_tokenizer="--tokenizer (the new one)",
+    without_pieces="pass --init mean (or zeros) to resize without them",
+    shrink_hint="pass --allow-shrink to drop them",
+    tokenizer_name="",  # named per run: the --tokenizer path
 )
 
 
@@ -27,18 +28,16 @@ def run_resize(
     fmt: Format = Format.NEMO,
     tokenizer: Path | None,
     vocab_size: int | None,
-    init: Init = Init.ZEROS,
-    padding_init: Init = Init.MEAN,
+    options: ResizeOptions,
     tensor_parallel: int | None = None,
     divisible_by: int | None = None,
-    allow_shrink: bool = False,
-    seed: int = 0,
     dry_run: bool = False,
     force: bool = False,
     verify: bool = False,
     stage: Stage = no_stage,
 ) -> list[str]:
-    """Resize ``src`` into ``dst`` (written as ``fmt``) and return the report lines; ``dry_run`` writes nothing."""
+    """Resize ``src`` into ``dst`` (written as ``fmt``) and return the report lines; ``dry_run`` writes
+    nothing. ``tensor_parallel`` and ``divisible_by`` override the model config's."""
     from .tokenization.load import tokenizer_size
 
     if not dry_run:
@@ -53,38 +52,27 @@ def run_resize(
             f"{src}: a training checkpoint whose optimizer state cannot follow a resized table; "
             "write a .nemo or .safetensors DST (weights only)"
         )
+    wording = replace(WORDING, tokenizer_name=str(tokenizer))
     with scratch_dir() as tmp:
         own_files = checkpoint_tokenizer_files(ckpt, tmp)
-        if init.needs_pieces and (own_files is None or tokenizer is None):
-            raise TokenizerError(
-                f"--init {init} needs the checkpoint's own tokenizer and --tokenizer (the new one); "
-                "pass --init mean (or zeros) to resize without them"
-            )
         # The plan needs only the two sizes. The tokenizers are then read whole and checked, and the
         # new rows computed, beside this process while it copies (a failed check stops the copy at
         # the next entry).
         new_vocab = tokenizer_size(tokenizer) if tokenizer else vocab_size
         assert new_vocab is not None
-        plan = plan_resize(
+        plan = prepare_resize(
             ckpt,
             tokenizer_size(own_files) if own_files else None,
             new_vocab,
-            tensor_parallel=tensor_parallel,
-            divisible_by=divisible_by,
-            init=init,
-            padding_init=padding_init,
-            allow_shrink=allow_shrink,
-        )
-        checked_pieces: Callable[[], list[list[int]] | None] = (
-            functools.partial(_checked_pieces, own_files, tokenizer, init.needs_pieces)
-            if tokenizer is not None
-            else lambda: None
+            has_new_tokenizer=tokenizer is not None,
+            options=with_padding_of(options, ckpt.config, tensor_parallel=tensor_parallel, divisible_by=divisible_by),
+            wording=wording,
         )
         if dry_run:
-            checked_pieces()
+            checked_pieces(plan, *read_tokenizers(own_files, tokenizer), wording)
             return ["plan (dry run, nothing written):", *plan.lines()]
         stage("resizing")
-        resized, finished = apply_resize_while_writing(ckpt, plan, pieces=checked_pieces, seed=seed)
+        resized, finished = resize_while_writing(ckpt, plan, (own_files, tokenizer), wording, options.seed)
         if tokenizer is not None:
             resized = embed_tokenizer(resized, tokenizer_config_files(tokenizer))
         # Record what the rows were padded for, so NeMo builds the same table from this config.
@@ -93,19 +81,3 @@ def run_resize(
             resized.config["tensor_model_parallel_size"] = tensor_parallel
         save_checkpoint(resized, dst, fmt, force=force, verify=verify, stage=stage)
     return [f"wrote {dst}", *plan.lines(finished())]
-
-
-def _checked_pieces(own_files: Path | None, tokenizer: Path, needs_pieces: bool) -> list[list[int]] | None:
-    """Read both tokenizers whole and check that the new one keeps the old one's ids; with
-    ``needs_pieces``, fvt's pieces of each new token under the old tokenizer."""
-    from .tokenization.load import load_tokenizer
-    from .tokenization.pieces import pieces_under
-
-    new = load_tokenizer(tokenizer)
-    if own_files is None:
-        return None
-    own = load_tokenizer(own_files)
-    check_tokenizer_fits(own, new, str(tokenizer))
-    if needs_pieces and new.vocab_size > own.vocab_size:
-        return pieces_under(own, new, range(own.vocab_size, new.vocab_size))
-    return None

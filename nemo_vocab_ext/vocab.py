@@ -5,53 +5,42 @@ Works on ``Checkpoint`` objects only, so the CLI and the NeMo plugin share one i
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import math
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from .beside import Beside, start_beside
-from .checkpoint import Checkpoint, Value
+from .checkpoint import NEMO_REF, Checkpoint, Value, artifact_name, artifact_named
 from .core.dtypes import DType, dtype_of
 from .core.keys import UnknownKeysError, VocabKeys, find_vocab_keys
 from .core.rows import INIT_DESCRIPTIONS, Init, RowPlan, ShrinkRefusedError, plan_rows
 from .core.sizes import padded_vocab_size, positive_count
-from .errors import CheckpointFormatError, ConfigError, ResizeError, TokenizerError, VocabExtError
-from .formats.region import (
-    Deferred,
+from .entries import (
     Entries,
-    FileRegion,
     Stored,
     array_as_torch,
     array_bytes,
-    byte_prefix,
     held,
     is_tensor,
-    mapped_array,
-    read_array,
     same_bytes_key,
     tensor_meta,
     torch_as_array,
 )
+from .errors import CheckpointFormatError, ConfigError, ResizeError, TokenizerError, VocabExtError
+from .formats.byteio import mapped_array, read_array
 from .init_costs import expected_cost
+from .options import DEFAULTS
 from .tokenization.check import check_ids_preserved
 from .tokenization.load import TokenizerInfo, load_tokenizer
 
 if TYPE_CHECKING:
-    import mmap
-
     import numpy as np
     import torch
-
-    from .core.resize import Pieces
 
 # Tables are read and computed as numpy arrays: a resize to a file never imports torch (about 3 s).
 # torch is imported only where torch tensors are made (the plugin, optimizer state, rank files).
 
-DEFAULT_DIVISIBLE_BY = 128
 REPORT_TP_SIZES = (1, 2, 4, 8)
 # Optimizer entries of a distributed training checkpoint that follow a parameter's rows.
 OPTIMIZER_MOMENTS = ("optimizer.state.exp_avg.", "optimizer.state.exp_avg_sq.")
@@ -89,11 +78,11 @@ def _resolve_interpolation(config: dict[str, Any], key: str) -> object:
 
 
 def divisible_by_of(config: dict[str, Any]) -> int:
-    return model_config_int(config, "make_vocab_size_divisible_by", DEFAULT_DIVISIBLE_BY)
+    return model_config_int(config, "make_vocab_size_divisible_by", DEFAULTS.divisible_by)
 
 
 def tensor_parallel_of(config: dict[str, Any]) -> int:
-    return model_config_int(config, "tensor_model_parallel_size", 1)
+    return model_config_int(config, "tensor_model_parallel_size", DEFAULTS.tensor_parallel)
 
 
 def pipeline_parallel_of(config: dict[str, Any]) -> int:
@@ -111,8 +100,8 @@ def expected_rows(
 
 def vocab_tables(ckpt: Checkpoint) -> dict[str, np.ndarray]:
     """Global vocab-sized tables keyed as stored (tensor-parallel rank files joined), as numpy arrays
-    of their stored elements (:func:`~.formats.region.read_array`). A table stored as one region of a
-    file is mapped, read-only, where it lies (:func:`~.formats.region.mapped_array`): a resize reads
+    of their stored elements (:func:`~.formats.byteio.read_array`). A table stored as one region of a
+    file is mapped, read-only, where it lies (:func:`~.formats.byteio.mapped_array`): a resize reads
     it without copying 200 MB into memory first. Tied copies (one storage under two names) share one
     array.
     """
@@ -121,7 +110,7 @@ def vocab_tables(ckpt: Checkpoint) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     read: dict[Hashable, np.ndarray] = {}
     for key in vocab_table_shapes(ckpt):
-        if (identity := _identity(ckpt, key)) in read:
+        if (identity := same_table(ckpt, key)) in read:
             out[key] = read[identity]
             continue
         if ckpt.rank_tensors is None:
@@ -229,8 +218,8 @@ def plan_resize(
     *,
     tensor_parallel: int | None = None,
     divisible_by: int | None = None,
-    init: Init = Init.ZEROS,
-    padding_init: Init = Init.MEAN,
+    init: Init,
+    padding_init: Init,
     allow_shrink: bool = False,
     shrink_hint: str = "pass --allow-shrink to drop them",
 ) -> ResizePlan:
@@ -278,16 +267,14 @@ def resize_tables(
     ckpt: Checkpoint,
     plan: ResizePlan,
     *,
-    pieces: Pieces = None,
+    pieces: Sequence[Sequence[int]] | None = None,
     seed: int = 0,
 ) -> tuple[dict[str, ResizedTable], list[TensorResize]]:
     """The resized vocab tables (global, keyed as stored; tied copies resized once, into one object) and
     what was done. Each is its old table (read-only where it is mapped from its file) and the rows
     computed after its kept ones, numpy arrays of stored elements.
 
-    ``pieces`` (fvt's) may be a callable that computes them, or waits for them, after checking the
-    tokenizers; it is called once the old tables are hashed and their statistics taken, and its
-    error is raised.
+    ``pieces``: fvt's, of each new token (:func:`~.pipeline.checked_pieces`).
     """
     import numpy as np
 
@@ -313,7 +300,7 @@ def resize_tables(
     return resized, done
 
 
-def _identity(ckpt: Checkpoint, key: str) -> Hashable:
+def same_table(ckpt: Checkpoint, key: str) -> Hashable:
     """Equal for tied copies of one table. Rank layouts hold rank 0's view in ``tensors``; a table not
     on rank 0 (a later pipeline stage) is its own."""
     if key not in ckpt.tensors:
@@ -323,7 +310,7 @@ def _identity(ckpt: Checkpoint, key: str) -> Hashable:
 
 def with_tables(ckpt: Checkpoint, plan: ResizePlan, new_tables: dict[str, Any]) -> Checkpoint:
     """``ckpt`` with its vocab tables replaced (and their optimizer state following ``plan``); the tables
-    may be tensors or :class:`~.formats.region.Deferred` entries. Nothing else is read."""
+    may be tensors or :class:`~.entries.Deferred` entries. Nothing else is read."""
     # Untouched entries stay as held (on disk until written); only the resized ones are in memory.
     tensors: dict[str, object] = {k: held(ckpt.tensors, k) for k in ckpt.tensors}
     for key, new in new_tables.items():
@@ -351,7 +338,7 @@ def apply_resize(
     ckpt: Checkpoint,
     plan: ResizePlan,
     *,
-    pieces: Pieces = None,
+    pieces: Sequence[Sequence[int]] | None = None,
     seed: int = 0,
 ) -> tuple[Checkpoint, list[TensorResize]]:
     """A new Checkpoint whose vocab tables (torch tensors, and their optimizer state) follow ``plan``,
@@ -364,91 +351,6 @@ def apply_resize(
             made[id(table)] = array_as_torch(table.array(), shapes[key][1])
     tensors = {key: made[id(table)] for key, table in resized.items()}
     return with_tables(ckpt, plan, tensors), done
-
-
-def apply_resize_while_writing(
-    ckpt: Checkpoint,
-    plan: ResizePlan,
-    *,
-    pieces: Callable[[], Sequence[Sequence[int]] | None] = lambda: None,
-    seed: int = 0,
-) -> tuple[Checkpoint, Callable[[], list[TensorResize]]]:
-    """:func:`apply_resize` with the new rows computed beside this process (in a forked process where
-    it can be, :func:`~.beside.start_beside`; ``pieces`` is called there) while the caller writes the
-    result. The tables are :class:`~.formats.region.Deferred` entries, which writers take last, so the
-    computation overlaps the copy of everything else; their kept rows are copied from the file where
-    they lie, the computed rows come back through shared memory. The second value waits for the
-    computation and returns what was done (or raises what it raised).
-
-    Checkpoints whose resize touches more than the tables (optimizer state, per-rank files) are resized
-    before returning, as by :func:`apply_resize`.
-    """
-    import mmap
-
-    follows = any(
-        p + k in ckpt.tensors for k in ckpt.vocab_keys().all() for p in (*OPTIMIZER_MOMENTS, OPTIMIZER_MASTER)
-    )
-    if ckpt.rank_tensors is not None or follows:
-        resized, done = apply_resize(ckpt, plan, pieces=pieces, seed=seed)
-        return resized, lambda: done
-    jobs: dict[Hashable, _TableJob] = {}  # tied copies: one job, one entry written once
-    offset = 0  # where the next table's computed rows go in shared memory
-    for key, (shape, dtype) in vocab_table_shapes(ckpt).items():
-        if (identity := _identity(ckpt, key)) in jobs:
-            continue
-        row_bytes = math.prod(shape[1:]) * dtype.itemsize
-        stored = held(ckpt.tensors, key)
-        raw = stored.raw() if isinstance(stored, Stored) else None
-        # Kept rows are a prefix of the stored bytes; where they are not stored as read, the whole
-        # new table is computed.
-        kept = None if raw is None else byte_prefix(raw, plan.rows.kept * row_bytes)
-        computed = (plan.rows.new_rows - (plan.rows.kept if kept is not None else 0)) * row_bytes
-        jobs[identity] = _TableJob(key, (plan.rows.new_rows, *shape[1:]), dtype, kept, offset, computed)
-        offset += computed
-    shared = mmap.mmap(-1, max(offset, 1))  # shared with a forked child
-    work = start_beside(_resize_into_shared, ckpt, plan, pieces, seed, list(jobs.values()), shared)
-    entries = {
-        identity: Deferred(
-            job.shape, job.dtype, functools.partial(_computed_rows, work, job, shared), work.failed, job.kept or ()
-        )
-        for identity, job in jobs.items()
-    }
-    tables = {key: entries[_identity(ckpt, key)] for key in vocab_table_shapes(ckpt)}
-    return with_tables(ckpt, plan, tables), work
-
-
-@dataclass(frozen=True)
-class _TableJob:
-    """One table a resize computes beside the writer, and where its computed rows go in shared memory."""
-
-    key: str
-    shape: tuple[int, ...]
-    dtype: DType
-    kept: list[FileRegion] | None  # the kept rows where they lie; None: every row is computed
-    offset: int
-    nbytes: int
-
-
-def _resize_into_shared(
-    ckpt: Checkpoint,
-    plan: ResizePlan,
-    pieces: Callable[[], Sequence[Sequence[int]] | None],
-    seed: int,
-    jobs: list[_TableJob],
-    shared: mmap.mmap,
-) -> list[TensorResize]:
-    import numpy as np
-
-    resized, done = resize_tables(ckpt, plan, pieces=pieces, seed=seed)
-    for job in jobs:
-        rows = resized[job.key].tail if job.kept is not None else resized[job.key].array()
-        np.frombuffer(shared, rows.dtype, rows.size, job.offset).reshape(rows.shape)[...] = rows
-    return done
-
-
-def _computed_rows(work: Beside[list[TensorResize]], job: _TableJob, shared: mmap.mmap) -> list[memoryview]:
-    work()  # waits for the computation (or raises its error)
-    return [memoryview(shared)[job.offset : job.offset + job.nbytes]]
 
 
 def _split_into_ranks(
@@ -471,8 +373,7 @@ def _artifact_bytes(ckpt: Checkpoint, cfg_key: str) -> bytes | None:
     ref = (ckpt.config.get("tokenizer") or {}).get(cfg_key)
     if not isinstance(ref, str) or not ref:
         return None
-    if ref.startswith("nemo:"):
-        name = ref[len("nemo:") :]
+    if (name := artifact_named(ref)) is not None:
         if name not in ckpt.artifacts:
             raise ConfigError(f"tokenizer.{cfg_key} refers to artifact '{name}', which the checkpoint does not contain")
         return ckpt.artifacts[name]
@@ -547,24 +448,18 @@ def load_checkpoint_tokenizer(ckpt: Checkpoint, workdir: Path) -> TokenizerInfo 
     return None if where is None else load_tokenizer(where)
 
 
-def artifact_name(data: bytes, basename: str) -> str:
-    """NeMo names artifacts ``<32 hex>_<basename>``; a content digest keeps it reproducible."""
-    return f"{hashlib.md5(data).hexdigest()}_{basename}"
-
-
 def embed_tokenizer(ckpt: Checkpoint, files: dict[str, Path]) -> Checkpoint:
     """Replace the tokenizer artifacts with ``files`` (config key -> file) and point the config at them."""
     config = dict(ckpt.config)
     tok = dict(config.get("tokenizer") or {})
     artifacts = dict(ckpt.artifacts)
     for cfg_key, path in files.items():
-        old = tok.get(cfg_key)
-        if isinstance(old, str) and old.startswith("nemo:"):
-            artifacts.pop(old[len("nemo:") :], None)
+        if (old := artifact_named(tok.get(cfg_key))) is not None:
+            artifacts.pop(old, None)
         data = path.read_bytes()
         name = artifact_name(data, path.name)
         artifacts[name] = data
-        tok[cfg_key] = f"nemo:{name}"
+        tok[cfg_key] = f"{NEMO_REF}{name}"
     config["tokenizer"] = tok
     return replace(ckpt, config=config, artifacts=artifacts)
 

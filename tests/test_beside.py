@@ -10,7 +10,7 @@ import textwrap
 SCRIPT = textwrap.dedent(
     """
     import os, sys, threading, time
-    from nemo_vocab_ext.beside import end_children, start_beside
+    from nemo_vocab_ext.beside import Beside, end_children
     from nemo_vocab_ext.errors import TokenizerError
 
     def pid_and_double(x):
@@ -19,45 +19,55 @@ SCRIPT = textwrap.dedent(
     def fail(message):
         raise TokenizerError(message)
 
-    def error_of(call):
+    def error_of(work):
         try:
-            call()
+            work.result()
         except BaseException as e:
             return e
         raise AssertionError("no error")
 
     sys.stdout.write("once ")  # buffered: a child that flushed its copy would print it again
-    result = start_beside(pid_and_double, 21)
-    pid, value = result()
+    result = Beside.start(pid_and_double, 21)
+    pid, value = result.result()
     assert value == 42 and pid != os.getpid(), (pid, value)
-    assert result() == (pid, 42)  # asked again: the same answer
+    assert result.result() == (pid, 42)  # asked again: the same answer
 
-    failed = start_beside(fail, "tokens moved")
+    # The work fills a buffer the caller reads (a child's own memory would not be seen).
+    def fill(out, byte):
+        out[:] = bytes([byte]) * len(out)
+        return os.getpid()
+
+    filled = Beside.start(fill, 7, out_bytes=3)
+    assert filled.result() != os.getpid() and bytes(filled.out) == bytes([7, 7, 7])
+
+    failed = Beside.start(fail, "tokens moved")
     for _ in range(2):
         e = error_of(failed)
         assert isinstance(e, TokenizerError) and str(e) == "tokens moved", e
 
-    e = error_of(start_beside(os._exit, 3))
+    e = error_of(Beside.start(os._exit, 3))
     assert isinstance(e, RuntimeError) and "exit code 3" in str(e), e
 
     # failed() never waits: None while the work runs, its error once it has failed.
-    slow = start_beside(time.sleep, 0.3)
-    assert slow.failed() is None and slow() is None and slow.failed() is None
-    failing = start_beside(fail, "found later")
+    slow = Beside.start(time.sleep, 0.3)
+    assert slow.failed() is None and slow.result() is None and slow.failed() is None
+    failing = Beside.start(fail, "found later")
     deadline = time.monotonic() + 60
     while failing.failed() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     assert str(failing.failed()) == "found later"
 
     # A command that fails first ends the work still running beside it.
-    endless = start_beside(time.sleep, 600)
+    endless = Beside.start(time.sleep, 600)
     end_children()
     e = error_of(endless)
     assert isinstance(e, RuntimeError) and "exit code -15" in str(e), e
 
     # torch imported: its native threads make a fork unsafe, so the work runs on a thread.
     sys.modules["torch"] = None
-    assert start_beside(pid_and_double, 2)() == (os.getpid(), 4)
+    assert Beside.start(pid_and_double, 2).result() == (os.getpid(), 4)
+    on_thread = Beside.start(fill, 5, out_bytes=2)
+    assert on_thread.result() == os.getpid() and bytes(on_thread.out) == bytes([5, 5])
     del sys.modules["torch"]
 
     # Another thread running: a fork would copy none of it, so the work runs on a thread.
@@ -65,9 +75,9 @@ SCRIPT = textwrap.dedent(
     other = threading.Thread(target=stop.wait)
     other.start()
     try:
-        pid, value = start_beside(pid_and_double, 1)()
+        pid, value = Beside.start(pid_and_double, 1).result()
         assert (pid, value) == (os.getpid(), 2)
-        e = error_of(start_beside(fail, "on a thread"))
+        e = error_of(Beside.start(fail, "on a thread"))
         assert isinstance(e, TokenizerError) and str(e) == "on a thread", e
     finally:
         stop.set()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import pytest
 import torch
@@ -21,8 +19,10 @@ from nemo_vocab_ext.core.resize import (
 )
 from nemo_vocab_ext.core.rows import Init, ShrinkRefusedError, plan_rows
 from nemo_vocab_ext.core.sizes import padded_vocab_size, tp_row_range
-from nemo_vocab_ext.formats.region import Deferred, held, torch_as_array
-from nemo_vocab_ext.vocab import apply_resize_while_writing, plan_resize, resize_tables, vocab_tables
+from nemo_vocab_ext.entries import Deferred, held, torch_as_array
+from nemo_vocab_ext.pipeline import resize_while_writing
+from nemo_vocab_ext.resize_job import WORDING
+from nemo_vocab_ext.vocab import plan_resize, resize_tables, vocab_tables
 
 
 @pytest.mark.parametrize(
@@ -74,7 +74,7 @@ def test_row_classes_copy_drop_init_and_pad() -> None:
     # 5 real tokens padded to 8 rows, grown to 7 tokens padded to 12 rows.
     table = _table(8)
     plan = plan_rows(5, 8, 7, 12)
-    out, stats = resize_table(table, plan, Init.ZEROS, dtype=F32)
+    out, stats = resize_table(table, plan, Init.ZEROS, dtype=F32, padding_init=Init.MEAN)
     assert out.shape == (12, 2) and out.dtype == np.float32
     assert np.array_equal(out[:5], table[:5])  # old real rows bit-exact
     assert np.array_equal(out[5:7], np.zeros((2, 2)))  # new tokens: zeros, NOT the old padding rows 5..7
@@ -92,21 +92,21 @@ def test_row_classes_copy_drop_init_and_pad() -> None:
 def test_mean_init_uses_old_real_rows_only() -> None:
     table = _table(4)
     table[3] = 1000.0  # a trained padding row must not leak into the statistics
-    out, _ = resize_table(table, plan_rows(3, 4, 5, 6), Init.MEAN, dtype=F32)
+    out, _ = resize_table(table, plan_rows(3, 4, 5, 6), Init.MEAN, dtype=F32, padding_init=Init.MEAN)
     assert np.array_equal(out[3:], np.tile([10.0, 11.0], (3, 1)))
 
 
 def test_fvt_is_the_mean_of_piece_rows_with_mean_fallback() -> None:
     table = _table(4)
     pieces = [[0, 2], [3], [], [1, 9], [3, 1, 2]]  # piece 9 is outside the table: falls back too
-    out, stats = resize_table(table, plan_rows(4, 4, 9, 10), Init.FVT, dtype=F32, pieces=pieces)
+    out, stats = resize_table(table, plan_rows(4, 4, 9, 10), Init.FVT, dtype=F32, padding_init=Init.MEAN, pieces=pieces)
     assert np.array_equal(out[4], [10.0, 11.0])  # mean of rows 0 and 2
     assert np.array_equal(out[5], table[3])
     assert np.array_equal(out[6], [15.0, 16.0]) and np.array_equal(out[7], [15.0, 16.0])  # the mean
     assert np.array_equal(out[8], [20.0, 21.0])  # three pieces, longest first in the arithmetic
     assert stats.fvt_fallbacks == 2
     with pytest.raises(ValueError, match="pieces"):
-        resize_table(table, plan_rows(4, 4, 7, 8), Init.FVT, dtype=F32)
+        resize_table(table, plan_rows(4, 4, 7, 8), Init.FVT, dtype=F32, padding_init=Init.MEAN)
 
 
 def test_fvt_blocks_of_tokens_give_the_per_token_means() -> None:
@@ -114,7 +114,9 @@ def test_fvt_blocks_of_tokens_give_the_per_token_means() -> None:
     rng = np.random.default_rng(0)
     table = rng.integers(-64, 64, size=(3000, 3)).astype(np.float32)
     pieces = [[int(t) for t in rng.integers(0, 3000, size=n)] for n in rng.integers(1, 7, size=2500)]
-    out, stats = resize_table(table, plan_rows(3000, 3000, 5500, 5504), Init.FVT, dtype=F32, pieces=pieces)
+    out, stats = resize_table(
+        table, plan_rows(3000, 3000, 5500, 5504), Init.FVT, dtype=F32, padding_init=Init.MEAN, pieces=pieces
+    )
     expected = np.stack([table[ids].astype(np.float64).mean(axis=0) for ids in pieces]).astype(np.float32)
     assert np.array_equal(out[3000:5500], expected) and stats.fvt_fallbacks == 0
 
@@ -123,18 +125,20 @@ def test_normal_init_matches_old_row_statistics_and_is_seeded() -> None:
     rng = np.random.default_rng(0)
     table = (rng.standard_normal((4000, 3)) * [1.0, 2.0, 0.5] + [3.0, -1.0, 0.0]).astype(np.float32)
     plan = plan_rows(4000, 4000, 8000, 8000)
-    out, _ = resize_table(table, plan, Init.NORMAL, dtype=F32, rng=np.random.default_rng(1))
+    out, _ = resize_table(table, plan, Init.NORMAL, dtype=F32, padding_init=Init.MEAN, rng=np.random.default_rng(1))
     new = out[4000:]
     assert np.allclose(new.mean(0), table.mean(0), atol=0.1)
     assert np.allclose(new.std(0), table.std(0), rtol=0.1)
-    again, _ = resize_table(table, plan, Init.NORMAL, dtype=F32, rng=np.random.default_rng(1))
+    again, _ = resize_table(table, plan, Init.NORMAL, dtype=F32, padding_init=Init.MEAN, rng=np.random.default_rng(1))
     assert np.array_equal(out, again)
 
 
 def test_shrink_is_refused_unless_allowed() -> None:
     with pytest.raises(ShrinkRefusedError, match="3 trained rows would be dropped"):
         plan_rows(8, 8, 5, 8)
-    out, _ = resize_table(_table(8), plan_rows(8, 8, 5, 8, allow_shrink=True), Init.ZEROS, dtype=F32)
+    out, _ = resize_table(
+        _table(8), plan_rows(8, 8, 5, 8, allow_shrink=True), Init.ZEROS, dtype=F32, padding_init=Init.MEAN
+    )
     assert np.array_equal(out[:5], _table(5))
 
 
@@ -147,28 +151,20 @@ def test_rows_after_kept_are_the_whole_difference_and_the_old_table_is_only_read
     tail, stats = rows_after_kept(old, plan, Init.ZEROS, dtype=F32, padding_init=Init.MEAN)
     assert np.array_equal(tail, np.full((4, 2), [25.0, 26.0])) and (stats.copied, stats.padding) == (4, 4)
     # Growing 5 tokens in 8 rows to 7 in 12: 2 new tokens and 5 padding rows, all the mean of the 5 old tokens.
-    tail, stats = rows_after_kept(old, plan_rows(5, 8, 7, 12), Init.MEAN, dtype=F32)
+    tail, stats = rows_after_kept(old, plan_rows(5, 8, 7, 12), Init.MEAN, dtype=F32, padding_init=Init.MEAN)
     assert np.array_equal(tail, np.full((7, 2), [20.0, 21.0])) and (stats.initialised, stats.padding) == (2, 5)
     assert np.array_equal(old, _table(8))
-    # fvt's pieces may still be computing: they are asked for once the mean is taken, whatever the init.
-    asked: list[Init] = []
-
-    def pieces_asked_by(init: Init) -> Callable[[], list[list[int]]]:
-        def pieces() -> list[list[int]]:
-            asked.append(init)
-            return [[0, 2]]  # new token 5 is old tokens 0 and 2
-
-        return pieces
-
-    fvt, _ = rows_after_kept(old, plan_rows(5, 8, 6, 8), Init.FVT, dtype=F32, pieces=pieces_asked_by(Init.FVT))
-    zeros, _ = rows_after_kept(old, plan_rows(5, 8, 6, 8), Init.ZEROS, dtype=F32, pieces=pieces_asked_by(Init.ZEROS))
-    assert asked == [Init.FVT, Init.ZEROS]
+    # fvt takes each new token's pieces as given (new token 5 is old tokens 0 and 2); other inits ignore them.
+    fvt, _ = rows_after_kept(old, plan_rows(5, 8, 6, 8), Init.FVT, dtype=F32, padding_init=Init.MEAN, pieces=[[0, 2]])
+    zeros, _ = rows_after_kept(
+        old, plan_rows(5, 8, 6, 8), Init.ZEROS, dtype=F32, padding_init=Init.MEAN, pieces=[[0, 2]]
+    )
     assert np.array_equal(fvt[0], [10.0, 11.0]) and np.array_equal(zeros[0], [0.0, 0.0])
 
 
 def test_bf16_rows_stay_bit_exact() -> None:
     table = torch_as_array(torch.randn(6, 4).to(torch.bfloat16))
-    out, _ = resize_table(table, plan_rows(6, 6, 9, 12), Init.MEAN, dtype=BF16)
+    out, _ = resize_table(table, plan_rows(6, 6, 9, 12), Init.MEAN, dtype=BF16, padding_init=Init.MEAN)
     assert out.dtype == np.uint16 and np.array_equal(out[:6], table)
 
 
@@ -199,7 +195,13 @@ def test_widening_and_rounding_agree_with_torch_on_every_kind_of_value(dtype: to
 
 def test_integer_tables_are_not_resized_with_statistics() -> None:
     with pytest.raises(ValueError, match="only floating-point tables"):
-        resize_table(np.zeros((4, 2), dtype=np.int64), plan_rows(4, 4, 6, 6), Init.MEAN, dtype=BY_NAME["int64"])
+        resize_table(
+            np.zeros((4, 2), dtype=np.int64),
+            plan_rows(4, 4, 6, 6),
+            Init.MEAN,
+            dtype=BY_NAME["int64"],
+            padding_init=Init.MEAN,
+        )
 
 
 @pytest.mark.parametrize(("tp_from", "tp_to"), [(1, 2), (2, 1), (2, 4), (4, 2), (1, 4)])
@@ -211,7 +213,7 @@ def test_tp_resplit_moves_every_rank_range(tp_from: int, tp_to: int) -> None:
     joined = join_vocab_shards(shards)
     assert np.array_equal(joined, full)
     new_rows = padded_vocab_size(11, 2, tp_to)
-    out, _ = resize_table(joined, plan_rows(5, old_rows, 11, new_rows), Init.ZEROS, dtype=F32)
+    out, _ = resize_table(joined, plan_rows(5, old_rows, 11, new_rows), Init.ZEROS, dtype=F32, padding_init=Init.MEAN)
     blocks = split_vocab_rows(out, tp_to)
     for rank, block in enumerate(blocks):
         start, stop = tp_row_range(new_rows, tp_to, rank)
@@ -228,13 +230,13 @@ def test_real_sizes_on_meta_device(vocab_old: int, vocab_new: int, hidden: int, 
     emb, out = "model.embedding.word_embeddings.weight", "model.output_layer.weight"
     tables = {k: torch.empty(old_rows, hidden, device="meta", dtype=torch.bfloat16) for k in (emb, out)}
     ckpt = Checkpoint(tables, {"tensor_model_parallel_size": tp}, DISTRIBUTED)
-    plan = plan_resize(ckpt, vocab_old, vocab_new, init=Init.MEAN)
+    plan = plan_resize(ckpt, vocab_old, vocab_new, init=Init.MEAN, padding_init=Init.MEAN)
     assert (plan.rows.old_rows, plan.rows.new_rows, plan.tensor_parallel) == (old_rows, new_rows, tp)
     assert [(c.name, c.rows) for c in plan.rows.classes()][-2:] == [
         ("new tokens", vocab_new - vocab_old),
         ("new padding", new_rows - vocab_new),
     ]
-    resized, finished = apply_resize_while_writing(ckpt, plan, pieces=lambda: None)
+    resized, finished = resize_while_writing(ckpt, plan, (None, None), WORDING, seed=0)
     for key in (emb, out):
         entry = held(resized.tensors, key)
         assert isinstance(entry, Deferred) and (entry.shape, entry.dtype) == ((new_rows, hidden), BF16)
@@ -268,7 +270,7 @@ def test_tied_copies_are_read_and_resized_once() -> None:
     ckpt = Checkpoint({emb: table, head: table}, {}, DISTRIBUTED)
     tables = vocab_tables(ckpt)
     assert tables[emb] is tables[head] and tables[emb].shape == (8, 2)
-    plan = plan_resize(ckpt, 5, 7, divisible_by=4, init=Init.MEAN)
+    plan = plan_resize(ckpt, 5, 7, divisible_by=4, init=Init.MEAN, padding_init=Init.MEAN)
     new, done = resize_tables(ckpt, plan)
     assert new[emb] is new[head] and new[emb].array().shape == (8, 2) and [t.key for t in done] == [emb]
     assert np.array_equal(new[emb].array()[:5], torch_as_array(table)[:5])

@@ -214,7 +214,7 @@ def test_legacy_rank_layouts_read_resize_and_write(tmp_path: Path, tp: int, pp: 
     assert np.array_equal(table, np.arange(32, dtype=np.float32).reshape(16, 2))  # rank blocks joined
     # The shapes the plan uses, without joining (or reading) the blocks.
     assert vocab_table_shapes(back) == {k: (t.shape, dtype_of(torch.float32)) for k, t in vocab_tables(back).items()}
-    plan = plan_resize(back, 10, 20, tensor_parallel=tp, divisible_by=4, init=Init.ZEROS)
+    plan = plan_resize(back, 10, 20, tensor_parallel=tp, divisible_by=4, init=Init.ZEROS, padding_init=Init.MEAN)
     grown, _ = apply_resize(back, plan)
     assert grown.rank_tensors is not None
     blocks = [grown.rank_tensors[(t, 0)]["model.language_model.embedding.word_embeddings.weight"] for t in range(tp)]

@@ -10,7 +10,7 @@ from nemo_vocab_ext.checkpoint import Checkpoint
 from nemo_vocab_ext.core.dtypes import BY_NAME
 from nemo_vocab_ext.core.resize import init_rows, resize_table
 from nemo_vocab_ext.core.rows import INIT_DESCRIPTIONS, Init, plan_rows
-from nemo_vocab_ext.formats.region import torch_as_array
+from nemo_vocab_ext.entries import torch_as_array
 from nemo_vocab_ext.init_costs import expected_cost
 from nemo_vocab_ext.vocab import apply_resize, plan_resize
 
@@ -32,7 +32,14 @@ F32 = BY_NAME["float32"]
 
 def _new_rows(init: Init, table: torch.Tensor = OLD, pieces: list[list[int]] | None = PIECES) -> torch.Tensor:
     plan = plan_rows(4, table.shape[0], 7, 8)
-    out, _ = resize_table(torch_as_array(table), plan, init, dtype=F32, pieces=pieces if init.needs_pieces else None)
+    out, _ = resize_table(
+        torch_as_array(table),
+        plan,
+        init,
+        dtype=F32,
+        padding_init=Init.MEAN,
+        pieces=pieces if init.needs_pieces else None,
+    )
     rows = torch.from_numpy(out)
     assert torch.equal(rows[:4], table[:4])  # old rows bit-exact whatever the init
     assert torch.equal(rows[7], table[:4].mean(0))  # padding: the mean of the old real rows
@@ -79,7 +86,7 @@ def test_normal_is_a_seeded_sample_around_the_old_rows() -> None:
 @pytest.mark.parametrize("init", [i for i in Init if i.needs_pieces])
 def test_piece_inits_need_pieces_and_padding_cannot_use_them(init: Init) -> None:
     with pytest.raises(ValueError, match="pieces"):
-        resize_table(torch_as_array(OLD), plan_rows(4, 5, 7, 8), init, dtype=F32)
+        resize_table(torch_as_array(OLD), plan_rows(4, 5, 7, 8), init, dtype=F32, padding_init=Init.MEAN)
     with pytest.raises(ValueError, match="padding"):
         resize_table(torch_as_array(OLD), plan_rows(4, 5, 7, 8), Init.MEAN, dtype=F32, padding_init=init)
 
@@ -88,7 +95,7 @@ def test_piece_inits_need_pieces_and_padding_cannot_use_them(init: Init) -> None
 def test_untied_output_layer_uses_its_own_rows(init: Init) -> None:
     out_layer = OLD * -2 + 1  # different statistics from the embedding's
     ckpt = Checkpoint({EMB: OLD.clone(), OUT: out_layer.clone()}, {}, "distributed")
-    plan = plan_resize(ckpt, 4, 7, tensor_parallel=1, divisible_by=4, init=init)
+    plan = plan_resize(ckpt, 4, 7, tensor_parallel=1, divisible_by=4, init=init, padding_init=Init.MEAN)
     assert not plan.tied and plan.rows.new_rows == 8
     grown, done = apply_resize(ckpt, plan, pieces=PIECES if init.needs_pieces else None, seed=5)
     assert [d.key for d in done] == [EMB, OUT]
@@ -109,7 +116,7 @@ def test_untied_output_layer_uses_its_own_rows(init: Init) -> None:
 def test_untied_normal_samples_each_table_around_its_own_statistics() -> None:
     out_layer = OLD * -2 + 1  # mean [-7, -11], covariance 4x the embedding's
     ckpt = Checkpoint({EMB: OLD.clone(), OUT: out_layer.clone()}, {}, "distributed")
-    plan = plan_resize(ckpt, 4, 3004, tensor_parallel=1, divisible_by=4, init=Init.NORMAL)
+    plan = plan_resize(ckpt, 4, 3004, tensor_parallel=1, divisible_by=4, init=Init.NORMAL, padding_init=Init.MEAN)
     grown, _ = apply_resize(ckpt, plan, seed=5)
     emb, out = grown.tensors[EMB], grown.tensors[OUT]
     assert isinstance(emb, torch.Tensor) and isinstance(out, torch.Tensor)
@@ -145,7 +152,7 @@ def _tp_checkpoint(tied: bool) -> tuple[Checkpoint, torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("tied", [True, False])
 def test_tp_split_tables_take_statistics_over_the_global_old_rows(init: Init, tied: bool) -> None:
     ckpt, full, full_out = _tp_checkpoint(tied)
-    plan = plan_resize(ckpt, 6, 9, tensor_parallel=2, divisible_by=2, init=init)
+    plan = plan_resize(ckpt, 6, 9, tensor_parallel=2, divisible_by=2, init=init, padding_init=Init.MEAN)
     assert plan.rows.new_rows == 12
     grown, _ = apply_resize(ckpt, plan, pieces=PIECES6 if init.needs_pieces else None, seed=1)
     assert grown.rank_tensors is not None
@@ -173,7 +180,7 @@ def test_tp_split_tables_take_statistics_over_the_global_old_rows(init: Init, ti
 def test_tp_split_normal_samples_around_the_global_statistics(tied: bool) -> None:
     # Rank 0's real rows alone have mean [4, 6] and a 33% smaller x-variance; rank 1's mean [10, 6].
     ckpt, full, full_out = _tp_checkpoint(tied)
-    plan = plan_resize(ckpt, 6, 3006, tensor_parallel=2, divisible_by=2, init=Init.NORMAL)
+    plan = plan_resize(ckpt, 6, 3006, tensor_parallel=2, divisible_by=2, init=Init.NORMAL, padding_init=Init.MEAN)
     grown, _ = apply_resize(ckpt, plan, seed=1)
     assert grown.rank_tensors is not None
     for key, source in ((LEGACY_EMB, full), (LEGACY_OUT, full_out)):
@@ -187,6 +194,8 @@ def test_tp_split_normal_samples_around_the_global_statistics(tied: bool) -> Non
 def test_integer_like_rows_survive_in_bf16() -> None:
     # The float64 statistics are cast once: exact for these values in bfloat16 too.
     bits = torch_as_array(OLD.bfloat16())
-    out, _ = resize_table(bits, plan_rows(4, 5, 7, 8), Init.FVT, dtype=BY_NAME["bfloat16"], pieces=PIECES)
+    out, _ = resize_table(
+        bits, plan_rows(4, 5, 7, 8), Init.FVT, dtype=BY_NAME["bfloat16"], padding_init=Init.MEAN, pieces=PIECES
+    )
     assert np.array_equal(out[:4], bits[:4])
     assert torch.equal(torch.from_numpy(out[4:7].view(np.int16)).view(torch.bfloat16).float(), FVT)

@@ -19,6 +19,7 @@ from conftest import BASE_VOCAB, LARGER_VOCAB
 from harness.tiny import cpu_env
 from nemo_vocab_ext.checkpoint import DISTRIBUTED
 from nemo_vocab_ext.core.sizes import padded_vocab_size
+from nemo_vocab_ext.entries import tensor_meta
 from nemo_vocab_ext.errors import CheckpointFormatError, ConfigError, UnsafeCheckpointError
 from nemo_vocab_ext.formats.megatron_run import (
     EMBEDDING_KEY,
@@ -31,7 +32,6 @@ from nemo_vocab_ext.formats.megatron_run import (
     iteration_folder_name,
     read_megatron_run,
 )
-from nemo_vocab_ext.formats.region import tensor_meta
 from nemo_vocab_ext.formats.torch_dist import COMMON_FILE
 
 HIDDEN = 64

@@ -258,7 +258,9 @@ def test_normal_seed_padding_report_and_work_dir_keys(
     assert not start[LARGER_VOCAB:].any()  # padding_init=zeros
     # The new rows are the normal init's draws for seed 7 (and not seed 0's, the default).
     ckpt = Checkpoint({EMBEDDING: old}, {}, "distributed")
-    plan = plan_resize(ckpt, BASE_VOCAB, LARGER_VOCAB, tensor_parallel=1, divisible_by=128, init=Init.NORMAL)
+    plan = plan_resize(
+        ckpt, BASE_VOCAB, LARGER_VOCAB, tensor_parallel=1, divisible_by=128, init=Init.NORMAL, padding_init=Init.MEAN
+    )
     drawn = {seed: apply_resize(ckpt, plan, seed=seed)[0].tensors[EMBEDDING] for seed in (NORMAL_SEED, 0)}
     assert torch.equal(start[BASE_VOCAB:LARGER_VOCAB], drawn[NORMAL_SEED][BASE_VOCAB:LARGER_VOCAB])
     assert not torch.equal(start[BASE_VOCAB:LARGER_VOCAB], drawn[0][BASE_VOCAB:LARGER_VOCAB])

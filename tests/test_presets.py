@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ from omegaconf import OmegaConf
 
 from nemo_vocab_ext.errors import ConfigError
 from nemo_vocab_ext.nemo_plugin import ExtensionSettings, settings_of
+from nemo_vocab_ext.options import DEFAULTS
 
 PRESETS = Path(__file__).parents[1] / "conf_overrides"
 
@@ -34,3 +36,17 @@ def test_settings_defaults_and_errors() -> None:
         settings_of(OmegaConf.create({"vocab_extension": {"inti": "mean"}}))
     with pytest.raises(ConfigError, match="choose one of"):
         settings_of(OmegaConf.create({"vocab_extension": {"padding_init": "fvt"}}))
+
+
+def test_presets_state_the_product_defaults_besides_their_init() -> None:
+    """Each preset documents every key; all but its init are the defaults every entry point uses."""
+    defaults = ExtensionSettings()
+    for preset in sorted((PRESETS / "vocab_extension").glob("*.yaml")):
+        settings = ExtensionSettings.from_config(OmegaConf.load(preset))
+        assert replace(settings, init=defaults.init) == defaults, preset.name
+    assert (defaults.init, defaults.padding_init, defaults.seed, defaults.allow_shrink) == (
+        DEFAULTS.init.value,
+        DEFAULTS.padding_init.value,
+        DEFAULTS.seed,
+        DEFAULTS.allow_shrink,
+    )

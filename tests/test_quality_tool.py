@@ -95,7 +95,7 @@ def test_the_resize_report_quotes_the_packaged_measurement(tmp_path: Path) -> No
     ckpt = Checkpoint({"model.embedding.word_embeddings.weight": torch.zeros(8, 2)}, {}, "distributed")
     for init in Init:
         row = result["inits"][str(init)]
-        lines = plan_resize(ckpt, 8, 12, tensor_parallel=1, divisible_by=4, init=init).lines()
+        lines = plan_resize(ckpt, 8, 12, tensor_parallel=1, divisible_by=4, init=init, padding_init=Init.MEAN).lines()
         (line,) = [line for line in lines if line.startswith(f"expected cost of '{init}': ")]
         assert line.endswith(init_costs.expected_cost(init))
         assert (

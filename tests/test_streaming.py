@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -18,15 +19,18 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from nemo_vocab_ext.beside import Beside
 from nemo_vocab_ext.checkpoint import DISTRIBUTED, SINGLE, Checkpoint
 from nemo_vocab_ext.core.dtypes import dtype_of
+from nemo_vocab_ext.entries import Deferred, Entries, Stored, torch_as_array
 from nemo_vocab_ext.errors import CheckpointFormatError, ResizeError
-from nemo_vocab_ext.formats import region, torch_zip
+from nemo_vocab_ext.formats import byteio, torch_zip
+from nemo_vocab_ext.formats.byteio import FileRegion, OutFile
 from nemo_vocab_ext.formats.folder import tar_out
-from nemo_vocab_ext.formats.region import Deferred, FileRegion, OutFile, Stored, torch_as_array
 from nemo_vocab_ext.formats.safetensors_io import read_safetensors
 from nemo_vocab_ext.formats.torch_zip import StoredTensor, load_all, read_torch_file, write_torch_file
 from nemo_vocab_ext.io import Format, load_checkpoint, save_checkpoint
+from nemo_vocab_ext.pipeline import StopOnFailure
 
 
 def whole(path: Path) -> FileRegion:
@@ -170,8 +174,8 @@ def test_a_failed_computation_leaves_no_output(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("fmt", "layout", "name"), WRITERS)
 def test_a_computation_that_has_failed_stops_the_copy(tmp_path: Path, fmt: Format, layout: str, name: str) -> None:
-    """A resize whose check fails on its thread (a tokenizer that moves ids) stops the writer at the next
-    entry: no waiting for the rest of the copy to learn of the error."""
+    """A resize whose work beside the copy has failed (a tokenizer that moves ids) stops the writer at the
+    next entry it takes: no waiting for the rest of the copy to learn of the error."""
     read: list[str] = []
 
     class Watched(Stored):  # an entry that records when a writer reads it
@@ -182,16 +186,22 @@ def test_a_computation_that_has_failed_stops_the_copy(tmp_path: Path, fmt: Forma
             read.append(self.key)
             return torch.ones(4)
 
-    error = ResizeError("the new tokenizer moves base ids")
+    def check() -> None:
+        raise ResizeError("the new tokenizer moves base ids")
+
+    work = Beside.start(check)
+    while work.failed() is None:
+        time.sleep(0.01)
     tensors = {
         "model.embedding.word_embeddings.weight": Deferred(
-            (4,), dtype_of(torch.float32), lambda: pytest.fail("values asked of a failed computation"), lambda: error
+            (4,), dtype_of(torch.float32), lambda: pytest.fail("values asked of a failed computation")
         ),
         "model.decoder.final_layernorm.weight": Watched("a"),
         "model.decoder.layers.0.mlp.linear_fc1.weight": Watched("b"),
     }
+    entries = StopOnFailure(Entries(tensors), work)
     with pytest.raises(ResizeError, match="moves base ids"):
-        save_checkpoint(Checkpoint(tensors, {"hidden_size": 4}, layout), tmp_path / name, fmt)
+        save_checkpoint(Checkpoint(entries, {"hidden_size": 4}, layout), tmp_path / name, fmt)
     assert read == [] and list(tmp_path.iterdir()) == []
 
 
@@ -218,7 +228,7 @@ def test_tables_are_mapped_where_they_lie_read_only(tmp_path: Path) -> None:
     save_checkpoint(stored, tmp_path / "m.safetensors", Format.SAFETENSORS)
     entry = read_safetensors(tmp_path / "m.safetensors").tensors.stored("t")
     assert entry.raw()[0].offset % 4096  # the header and the 3-byte entry put the table off a page boundary
-    mapped = region.mapped_array(entry)
+    mapped = byteio.mapped_array(entry)
     assert mapped is not None and not mapped.flags.writeable and np.array_equal(mapped, table.numpy())
 
     class TwoRegions(Stored):
@@ -230,18 +240,18 @@ def test_tables_are_mapped_where_they_lie_read_only(tmp_path: Path) -> None:
         def load(self) -> torch.Tensor:
             raise AssertionError("not read")
 
-    assert region.mapped_array(TwoRegions()) is None
+    assert byteio.mapped_array(TwoRegions()) is None
     with open(tmp_path / "m.safetensors", "r+b") as f:
         f.truncate(entry.raw()[0].offset + 10)
-    assert region.mapped_array(entry) is None  # read_array then names the truncation
+    assert byteio.mapped_array(entry) is None  # read_array then names the truncation
 
 
 def test_byte_prefix_takes_whole_regions_then_part_of_the_last() -> None:
     a, b = FileRegion(Path("a"), 100, 10), FileRegion(Path("b"), 0, 10)
-    assert region.byte_prefix([a, b], 15) == [a, FileRegion(Path("b"), 0, 5)]
-    assert region.byte_prefix([a, b], 10) == [a] and region.byte_prefix([a, b], 0) == []
+    assert byteio.byte_prefix([a, b], 15) == [a, FileRegion(Path("b"), 0, 5)]
+    assert byteio.byte_prefix([a, b], 10) == [a] and byteio.byte_prefix([a, b], 0) == []
     with pytest.raises(ValueError, match="5 bytes short"):
-        region.byte_prefix([a, b], 25)
+        byteio.byte_prefix([a, b], 25)
 
 
 def test_tar_stream_is_a_plain_tar(tmp_path: Path) -> None:
@@ -341,7 +351,7 @@ def test_outputs_are_whole_where_blocks_cannot_be_reserved(
     save_file(tensors, tmp_path / "src.safetensors", metadata={"nemo_vocab_ext.config": "{}"})
     src, _ = load_checkpoint(tmp_path / "src.safetensors")
     save_checkpoint(src, tmp_path / "reserved.safetensors", Format.SAFETENSORS)
-    monkeypatch.setattr(region, "_fallocate", lambda: None if fallocate == "missing" else (lambda *_: -1))
+    monkeypatch.setattr(byteio, "_fallocate", lambda: None if fallocate == "missing" else (lambda *_: -1))
     save_checkpoint(src, tmp_path / "plain.safetensors", Format.SAFETENSORS)
     save_checkpoint(src, tmp_path / "plain.nemo", Format.NEMO)
     reserved, plain = ((tmp_path / f"{n}.safetensors").read_bytes() for n in ("reserved", "plain"))

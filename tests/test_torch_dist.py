@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from nemo_vocab_ext.core.dtypes import BY_NAME, dtype_of
 from nemo_vocab_ext.errors import CheckpointFormatError, OutputExistsError, UnsafeCheckpointError, UnsupportedError
-from nemo_vocab_ext.formats.region import FileRegion
+from nemo_vocab_ext.formats.byteio import FileRegion
 from nemo_vocab_ext.formats.safe_pickle import restricted_unpickle, safe_torch_load
 from nemo_vocab_ext.formats.torch_dist import (
     DEFAULT_METADATA_JSON,

@@ -11,7 +11,7 @@ untied output layer uses its own rows, and a tensor-parallel table must be joine
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,8 +25,6 @@ _BLOCK_ROWS = 1024  # float64 statistics are taken this many rows at a time: a w
 # piece position is added in; 1024 tokens ran 1.9x slower at 1.3B. The sums do not depend on it.
 _FVT_BLOCK_TOKENS = 128
 _BF16_NAN = np.uint16(0x7FC0)  # the quiet NaN torch writes
-# fvt's pieces of each new token, or what gives them (see rows_after_kept).
-Pieces = Sequence[Sequence[int]] | Callable[[], Sequence[Sequence[int]] | None] | None
 
 
 def _not_floating(dtype: DType) -> ValueError:
@@ -182,9 +180,7 @@ def init_rows(
     raise ValueError(f"unknown init {init!r}")
 
 
-def resize_table(
-    table: np.ndarray, plan: RowPlan, init: Init = Init.ZEROS, **options: Any
-) -> tuple[np.ndarray, ResizeStats]:
+def resize_table(table: np.ndarray, plan: RowPlan, init: Init, **options: Any) -> tuple[np.ndarray, ResizeStats]:
     """The resized copy of a full (joined) vocabulary table and what was done to its rows
     (``options``: those of :func:`rows_after_kept`)."""
     tail, stats = rows_after_kept(table, plan, init, **options)
@@ -194,11 +190,11 @@ def resize_table(
 def rows_after_kept(
     old: np.ndarray,
     plan: RowPlan,
-    init: Init = Init.ZEROS,
+    init: Init,
     *,
     dtype: DType,
-    padding_init: Init = Init.MEAN,
-    pieces: Pieces = None,
+    padding_init: Init,
+    pieces: Sequence[Sequence[int]] | None = None,
     rng: np.random.Generator | None = None,
 ) -> tuple[np.ndarray, ResizeStats]:
     """Rows ``[plan.kept, plan.new_rows)`` of the resized table, and what was done to its rows.
@@ -206,8 +202,7 @@ def rows_after_kept(
     The resized table is ``old[: plan.kept]`` followed by these rows, so the kept rows need never be
     copied in memory: a writer copies their stored bytes as they lie. ``old`` is the full (joined) old
     table of ``dtype``'s stored elements, only read. ``pieces[i]`` are the old tokenizer's ids for new
-    token ``plan.old_vocab + i`` (inits that ``needs_pieces``); a callable that gives them (or raises)
-    is called, whatever the init, once the old rows' statistics are taken: they may still be computing.
+    token ``plan.old_vocab + i`` (inits that ``needs_pieces``).
     """
     _check_table(old, plan)
     if padding_init.needs_pieces:
@@ -218,8 +213,6 @@ def rows_after_kept(
     # One pass over the old rows for their mean, which both row classes may use.
     wants_mean = any(i is not Init.ZEROS and n for i, n in ((init, new_count), (padding_init, pad_count)))
     mean = _row_mean(old_real, dtype) if wants_mean and old_real.shape[0] else None
-    if callable(pieces):
-        pieces = pieces()
     tail = np.empty((plan.new_rows - plan.kept, *old.shape[1:]), dtype=old.dtype)
     fallbacks = init_rows(old_real, tail[:new_count], init, dtype=dtype, pieces=pieces, rng=rng, mean=mean)
     init_rows(old_real, tail[new_count:], padding_init, dtype=dtype, rng=rng, mean=mean)

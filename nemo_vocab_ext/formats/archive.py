@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import CheckpointFormatError, UnsafeCheckpointError
-from .region import FileRegion
+from .byteio import FileRegion
 from .untrusted import normalize_member, plain_member_name
 
 _COPY_CHUNK = 1 << 20  # what a streamed member holds in memory at a time

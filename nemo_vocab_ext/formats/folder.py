@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..errors import CheckpointFormatError, UnsafeCheckpointError
-from .region import FileRegion, OutFile
+from .byteio import FileRegion, OutFile
 from .untrusted import plain_member_name
 
 _BLOCK = tarfile.BLOCKSIZE

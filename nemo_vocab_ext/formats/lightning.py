@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoint import DISTRIBUTED, SINGLE, Checkpoint
+from ..entries import Entries, held
 from ..errors import CheckpointFormatError, ConfigError
+from .byteio import FileRegion, OutFile
 from .folder import InFolder
-from .region import Entries, FileRegion, OutFile, held
 from .torch_dist import COMMON_FILE, METADATA_FILE, dist_entries, parse_metadata, write_torch_dist
 from .torch_zip import read_torch_file, torch_file_bytes, write_torch_file
 from .untrusted import check_artifacts, check_config

@@ -20,10 +20,11 @@ from typing import Any
 
 import yaml
 
-from ..checkpoint import DISTRIBUTED, Checkpoint
+from ..checkpoint import DISTRIBUTED, NEMO_REF, Checkpoint, artifact_name
+from ..entries import Entries
 from ..errors import CheckpointFormatError, ConfigError, UnsupportedError
+from .byteio import FileRegion
 from .dcp_records import Opaque
-from .region import Entries, FileRegion
 from .torch_dist import COMMON_FILE, METADATA_FILE, METADATA_JSON, open_torch_dist
 from .torch_pickle import register_name
 from .torch_zip import read_torch_file, torch_file_bytes
@@ -247,8 +248,6 @@ def _read_run_config(path: Path) -> dict[str, Any]:
 
 def _tokenizer_artifacts(folder: Path, config: dict[str, Any]) -> dict[str, bytes]:
     """The tokenizer files saved in ``<iteration>/tokenizer/``, as artifacts the config's tokenizer points at."""
-    from ..vocab import artifact_name
-
     artifacts: dict[str, bytes] = {}
     tok = config["tokenizer"]
     for filename, key in _TOKENIZER_FILES.items():
@@ -257,7 +256,7 @@ def _tokenizer_artifacts(folder: Path, config: dict[str, Any]) -> dict[str, byte
             data = path.read_bytes()
             name = artifact_name(data, filename)
             artifacts[name] = data
-            tok[key] = f"nemo:{name}"
+            tok[key] = f"{NEMO_REF}{name}"
     return artifacts
 
 

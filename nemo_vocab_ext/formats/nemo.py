@@ -12,10 +12,11 @@ from typing import Any
 import yaml
 
 from ..checkpoint import DISTRIBUTED, MP_RANK, SINGLE, TP_PP_RANK, Checkpoint, Value
+from ..entries import Entries, held
 from ..errors import CheckpointFormatError, ConfigError, UnsupportedError
 from .archive import NemoArchive, extract_gzip, is_gzip
+from .byteio import FileRegion
 from .folder import DirOut, InFolder, OutFolder, tar_out
-from .region import Entries, FileRegion, held
 from .torch_dist import (
     COMMON_FILE,
     METADATA_FILE,

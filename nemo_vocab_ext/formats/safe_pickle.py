@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import IO, Any
 
 from ..core.dtypes import DTYPES
+from ..entries import Stored
 from ..errors import CheckpointFormatError, UnsafeCheckpointError, UnsupportedError
 from . import dcp_records
-from .region import Stored
 from .torch_pickle import TORCH_OBJECTS, UNSUPPORTED_TORCH_NAMES, BadRecord
 
 # Beyond tensors and torch's own objects (torch's weights-only set: dtypes, storages, torch.Size,

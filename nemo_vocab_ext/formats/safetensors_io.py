@@ -21,21 +21,10 @@ from typing import Any, TypeGuard
 
 from ..checkpoint import DISTRIBUTED, MP_RANK, SINGLE, TP_PP_RANK, Checkpoint, Value
 from ..core.dtypes import BY_SAFETENSORS, UINT8, DType
+from ..entries import Entries, Stored, entry_parts, held, is_tensor, same_bytes_key, tensor_meta, write_order
 from ..errors import CheckpointFormatError, ConfigError
+from .byteio import FileRegion, InRegion, OutFile
 from .folder import InFolder
-from .region import (
-    Entries,
-    FileRegion,
-    InRegion,
-    OutFile,
-    Stored,
-    entry_parts,
-    held,
-    is_tensor,
-    same_bytes_key,
-    tensor_meta,
-    write_order,
-)
 from .untrusted import MAX_CONFIG_BYTES, check_artifacts, check_config
 
 INDEX = "model.safetensors.index.json"
@@ -133,7 +122,7 @@ def _write_file(path: Path, planned: list[_Planned], tensors: Mapping[str, Value
         out = OutFile(f)
         out.write(struct.pack("<Q", len(text)))
         out.write(text)
-        for p in write_order(order, lambda p: held(tensors, p.key)):  # the same order, checked as it goes
+        for p in order:
             # Stored bytes that are already what we write are copied, not decoded.
             if out.put(entry_parts(held(tensors, p.key))) != p.nbytes:
                 raise CheckpointFormatError(f"entry '{p.key}' changed size while it was written")

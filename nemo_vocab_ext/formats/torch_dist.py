@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Union
 
 from ..core.dtypes import DType
+from ..entries import Stored, held, tensor_bytes, tensor_meta, write_order
 from ..errors import CheckpointFormatError, OutputExistsError
+from .byteio import FileRegion, InRegion
 from .dcp_records import (
     BytesStorageMetadata,
     ChunkStorageMetadata,
@@ -35,7 +37,6 @@ from .dcp_records import (
     dumps,
 )
 from .folder import DirOut, OutFolder
-from .region import FileRegion, InRegion, Stored, held, tensor_bytes, tensor_meta, write_order
 from .safe_pickle import restricted_unpickle
 from .torch_pickle import MAX_DIMS, Layout, Size
 from .torch_zip import StoredTensor, read_torch_file, write_torch_file

@@ -22,18 +22,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..core.dtypes import UINT8, DType, dtype_of
+from ..entries import Stored, entry_parts, is_tensor, same_bytes_key, write_order
 from ..errors import CheckpointFormatError
 from . import torch_pickle
-from .region import (
-    FileRegion,
-    OutFile,
-    Stored,
-    entry_parts,
-    is_tensor,
-    read_tensor,
-    same_bytes_key,
-    write_order,
-)
+from .byteio import FileRegion, OutFile, read_tensor
 from .safe_pickle import Resolve, config_global, restricted_loads
 from .torch_pickle import MAX_DIMS, TORCH_OBJECTS, TORCH_UTILS, BadRecord, StorageType
 

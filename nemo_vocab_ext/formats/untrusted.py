@@ -10,12 +10,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from ..checkpoint import artifact_named
 from ..errors import CheckpointFormatError, ConfigError, UnsafeCheckpointError
 
 MAX_CONFIG_BYTES = 16 << 20  # a model config's text; NeMo's are a few kB
 MAX_CONFIG_VALUES = 1_000_000  # values in a config with every alias expanded; NeMo's have about a thousand
 MAX_CONFIG_DEPTH = 64  # NeMo's configs nest a few levels; deep ones overflow the recursion of dumpers
-NEMO_REF = "nemo:"  # a config value naming an artifact stored beside it
 
 
 def normalize_member(name: str) -> str:
@@ -108,8 +108,8 @@ def _check_refs(config: object, source: object) -> None:
     seen: set[int] = set()
     while stack:
         value = stack.pop()
-        if isinstance(value, str) and value.startswith(NEMO_REF):
-            plain_member_name(value[len(NEMO_REF) :], source)
+        if (member := artifact_named(value)) is not None:
+            plain_member_name(member, source)
             continue
         children = _children(value)
         if children is not None and id(value) not in seen:

@@ -1,31 +1,25 @@
-"""Entries that stay on disk until asked for, and the byte moves that serve them.
-
-Every reader describes each stored entry by where its bytes lie (a :class:`FileRegion`) instead of
-loading it. A writer then either loads one entry at a time, or, when the bytes it needs are exactly
-the stored ones, copies them file to file without decoding (``copy_file_range``: in the kernel, as
-``cp`` does). Either way at most one entry is in memory.
+"""Bytes where they lie in files, and the moves that serve them: regions read straight into
+memory or mapped, and an output file that takes regions of other files in the kernel
+(``copy_file_range``, as ``cp`` does) with its space allocated before it is written.
 """
 
 from __future__ import annotations
 
-import abc
 import functools
 import math
 import os
-import sys
-from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-from ..core.dtypes import DType, dtype_of
+from ..core.dtypes import DType
+from ..entries import Part, Region, Stored, array_bytes, part_length, tensor_bytes, torch_as_array
 from ..errors import CheckpointFormatError
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
-
-T = TypeVar("T")
 
 _CHUNK = 64 << 20  # bounded user-space buffer where the kernel cannot copy for us
 
@@ -70,9 +64,6 @@ class FileRegion:
         return RegionReader(self)
 
 
-Part = FileRegion | memoryview  # what OutFile.put appends: a file's bytes where they lie, or bytes in memory
-
-
 class RegionReader:
     """A read-only, seekable file over one region (what ``zipfile`` needs to read a nested archive)."""
 
@@ -111,28 +102,6 @@ class RegionReader:
         self.close()
 
 
-def is_tensor(value: object) -> bool:
-    """Whether ``value`` is a torch tensor, without importing torch (no tensor exists before it is;
-    another thread may be importing it, so its module may not define ``Tensor`` yet)."""
-    tensor_type = getattr(sys.modules.get("torch"), "Tensor", None)
-    return tensor_type is not None and isinstance(value, tensor_type)
-
-
-def tensor_bytes(t: torch.Tensor) -> memoryview:
-    """A contiguous tensor's bytes, without a copy."""
-    import torch
-
-    flat = t.reshape(-1) if t.is_contiguous() else t.contiguous().reshape(-1)
-    return array_bytes(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
-
-
-def array_bytes(values: np.ndarray) -> memoryview:
-    """An array's bytes in C order (without a copy when it is C-contiguous)."""
-    import numpy as np
-
-    return memoryview(np.ascontiguousarray(values).reshape(-1).view(np.uint8))  # type: ignore[arg-type]
-
-
 def read_tensor(region: FileRegion, dtype: DType, shape: tuple[int, ...]) -> torch.Tensor:
     """A new tensor filled straight from the file (no intermediate buffer); the first use of torch."""
     import torch
@@ -140,25 +109,6 @@ def read_tensor(region: FileRegion, dtype: DType, shape: tuple[int, ...]) -> tor
     t = torch.empty(shape, dtype=dtype.torch)
     region.read_into(tensor_bytes(t))
     return t
-
-
-def torch_as_array(t: torch.Tensor) -> np.ndarray:
-    """A tensor's elements as a numpy array of :attr:`DType.numpy` (bfloat16: its bits); a view when it can be."""
-    import numpy as np
-
-    cpu = t.detach().cpu()
-    return np.frombuffer(tensor_bytes(cpu), dtype=dtype_of(cpu.dtype).numpy).reshape(tuple(cpu.shape))
-
-
-def array_as_torch(values: np.ndarray, dtype: DType) -> torch.Tensor:
-    """The tensor of ``dtype`` whose elements are ``values`` (as :func:`torch_as_array` gives them), sharing memory."""
-    import numpy as np
-    import torch
-
-    flat = np.ascontiguousarray(values).reshape(-1)
-    if not flat.flags.writeable:  # torch warns on read-only memory; a computed table is small next to the model
-        flat = flat.copy()
-    return torch.from_numpy(flat.view(np.uint8)).view(dtype.torch).reshape(values.shape)
 
 
 def read_array(value: Stored | torch.Tensor, out: np.ndarray | None = None) -> np.ndarray:
@@ -215,14 +165,14 @@ class OutFile:
         Returns the bytes appended."""
         appended = 0
         for part in parts:
-            if isinstance(part, FileRegion):
-                self.copy_from(part)
-            else:
+            if isinstance(part, memoryview):
                 self.write(part)
+            else:
+                self.copy_from(part)
             appended += part_length(part)
         return appended
 
-    def copy_from(self, region: FileRegion) -> None:
+    def copy_from(self, region: Region) -> None:
         """Append ``region``'s bytes: in the kernel when it can, else through a bounded buffer."""
         self._f.flush()
         start = self._f.tell()
@@ -280,41 +230,6 @@ def _fallocate() -> Callable[[int, int, int, int], int] | None:
     return fallocate  # type: ignore[no-any-return]
 
 
-class Stored(abc.ABC):
-    """One checkpoint entry still on disk: a tensor (``shape``/``dtype`` set) or a byte blob."""
-
-    shape: tuple[int, ...] | None  # None: an opaque byte entry
-    dtype: DType | None
-
-    @abc.abstractmethod
-    def load(self) -> torch.Tensor | bytes:
-        """Read the entry into memory."""
-
-    def data(self) -> memoryview:
-        """The entry's bytes (a tensor's in C order), in memory: what a writer writes when it cannot copy them."""
-        loaded = self.load()
-        return memoryview(loaded) if isinstance(loaded, bytes) else tensor_bytes(loaded)
-
-    def raw(self) -> list[FileRegion] | None:
-        """Regions that, concatenated, are the entry's bytes (a tensor's in C order); None if it must be decoded."""
-        return None
-
-    def parts(self) -> Iterable[Part]:
-        """What a writer appends, in order, to write the entry's bytes (:meth:`OutFile.put`): its
-        regions where it lies as stored, else its bytes in memory."""
-        raw = self.raw()
-        return raw if raw is not None else [self.data()]
-
-    @property
-    def nbytes(self) -> int:
-        assert self.shape is not None and self.dtype is not None
-        return math.prod(self.shape) * self.dtype.itemsize
-
-    def identity(self) -> Hashable:
-        """Equal for two entries that are the same stored bytes (tied weights saved once)."""
-        return id(self)
-
-
 class InRegion(Stored):
     """An entry whose bytes are exactly one region (a safetensors tensor, a raw byte entry)."""
 
@@ -336,81 +251,7 @@ class InRegion(Stored):
         return self.region
 
 
-class Deferred(Stored):
-    """A tensor computed elsewhere (another process or thread) while the checkpoint is written: its
-    shape and dtype are known now, its bytes as parts: ``ready``, regions of other files known now
-    (rows kept as they are stored), then what ``result`` returns once computed: bytes, regions, or
-    numpy arrays in C order (as :func:`torch_as_array` gives them). Writers write every other entry
-    first, so the computation overlaps their copying, then copy the ready parts before they wait;
-    between entries they ask ``failure`` whether the computation has already failed, and stop if so."""
-
-    shape: tuple[int, ...]
-    dtype: DType
-
-    def __init__(
-        self,
-        shape: tuple[int, ...],
-        dtype: DType,
-        result: Callable[[], Sequence[FileRegion | memoryview | np.ndarray]],
-        failure: Callable[[], BaseException | None] = lambda: None,
-        ready: Sequence[FileRegion] = (),
-    ):
-        self.shape = shape
-        self.dtype = dtype
-        self._result = result
-        self._failure = failure
-        self._ready = list(ready)
-
-    def parts(self) -> Iterator[Part]:
-        yield from self._ready
-        computed: list[Part] = []
-        for part in self._result():
-            if isinstance(part, FileRegion | memoryview):
-                computed.append(part)
-            elif part.dtype == self.dtype.numpy:
-                computed.append(array_bytes(part))
-            else:
-                raise CheckpointFormatError(f"computed {part.dtype} values for a {self.dtype} tensor")
-        if (got := sum(map(part_length, [*self._ready, *computed]))) != self.nbytes:
-            raise CheckpointFormatError(f"computed {got} bytes for a {self.dtype} tensor of shape {self.shape}")
-        yield from computed
-
-    def failed(self) -> BaseException | None:
-        """The computation's error if it has already failed; None while it runs or once it succeeded."""
-        return self._failure()
-
-    def data(self) -> memoryview:
-        out = bytearray(self.nbytes)
-        view, done = memoryview(out), 0
-        for part in self.parts():
-            n = part_length(part)
-            if isinstance(part, FileRegion):
-                part.read_into(view[done : done + n])
-            else:
-                view[done : done + n] = part
-            done += n
-        return view
-
-    def load(self) -> torch.Tensor:
-        import numpy as np
-
-        return array_as_torch(np.frombuffer(self.data(), dtype=self.dtype.numpy).reshape(self.shape), self.dtype)
-
-
-def entry_parts(value: Stored | torch.Tensor | bytes) -> Iterable[Part]:
-    """What a writer appends for an entry as held: a stored one's :meth:`Stored.parts`, else its bytes."""
-    if isinstance(value, Stored):
-        return value.parts()
-    if isinstance(value, bytes | bytearray):
-        return [memoryview(value)]
-    return [tensor_bytes(value.detach().cpu())]
-
-
-def part_length(part: Part) -> int:
-    return part.length if isinstance(part, FileRegion) else part.nbytes
-
-
-def byte_prefix(regions: Iterable[FileRegion], length: int) -> list[FileRegion]:
+def byte_prefix(regions: Iterable[Region], length: int) -> list[Region]:
     """The regions holding the first ``length`` bytes of ``regions`` joined end to end."""
     out = []
     for region in regions:
@@ -443,70 +284,3 @@ def mapped_array(value: Stored) -> np.ndarray | None:
         return None
     values = np.frombuffer(mapped, dtype=value.dtype.numpy, count=math.prod(value.shape), offset=region.offset - start)
     return values.reshape(value.shape)
-
-
-def write_order(items: Iterable[T], value_of: Callable[[T], object]) -> Iterator[T]:
-    """``items`` in the order every writer writes their data: as given, those whose value is
-    :class:`Deferred` last. Before each item it raises the error of a computation that has already
-    failed, so that a failed resize stops the copy instead of finishing it first."""
-    ordered = sorted(items, key=lambda item: isinstance(value_of(item), Deferred))
-    computed = [value for item in ordered if isinstance(value := value_of(item), Deferred)]
-    for item in ordered:
-        for value in computed:
-            if (error := value.failed()) is not None:
-                raise error
-        yield item
-
-
-class Entries(MutableMapping[str, Any]):
-    """Checkpoint entries by key; :class:`Stored` ones are read on each access, never cached.
-
-    Iterating keys reads nothing; ``stored(key)`` gives the entry as held (for shapes, raw copies).
-    """
-
-    def __init__(self, items: Mapping[str, Any]):
-        self._items = dict(items)
-
-    def __setitem__(self, key: str, value: Any) -> None:
-        self._items[key] = value
-
-    def __delitem__(self, key: str) -> None:
-        del self._items[key]
-
-    def __getitem__(self, key: str) -> torch.Tensor | bytes | None:
-        value = self._items[key]
-        return value.load() if isinstance(value, Stored) else value
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._items  # Mapping's default would read the entry
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._items)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def stored(self, key: str) -> Stored | torch.Tensor | bytes | None:
-        return self._items[key]
-
-
-def held(entries: Mapping[str, object], key: str) -> Any:
-    """The entry as the mapping holds it: a :class:`Stored` for lazy entries, else the value."""
-    return entries.stored(key) if isinstance(entries, Entries) else entries[key]
-
-
-def same_bytes_key(value: Stored | torch.Tensor) -> Hashable:
-    """Equal for two tensor entries that are the same bytes (tied weights), so they are written once."""
-    if isinstance(value, Stored):
-        return ("stored", value.identity())
-    return ("memory", value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), value.dtype)
-
-
-def tensor_meta(entries: Mapping[str, object], key: str) -> tuple[tuple[int, ...], DType] | None:
-    """Shape and dtype of a tensor entry without reading it; None for byte blobs and empty entries."""
-    value = held(entries, key)
-    if isinstance(value, Stored):
-        return (value.shape, value.dtype) if value.shape is not None and value.dtype is not None else None
-    if is_tensor(value):
-        return tuple(value.shape), dtype_of(value.dtype)  # type: ignore[attr-defined]
-    return None

@@ -22,6 +22,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from .atomic import SCRATCH_STEM, remove_stale, temp_dir
 from .checkpoint import DISTRIBUTED, Checkpoint, artifact_named
 from .core.keys import find_vocab_keys
 from .core.rows import Init
@@ -195,7 +196,11 @@ def prepare_restore(restore_path: str | Path, model_cfg: Any, settings: Extensio
     """Return an extracted, resized .nemo folder to restore from instead, or None when sizes already agree."""
     source = Path(restore_path)
     config, artifacts, layout = read_nemo_header(source)
-    work = Path(tempfile.mkdtemp(prefix="nemo_vocab_ext.", dir=settings.work_dir))
+    # Named with this process's id like every temporary of the package: a later run removes it if
+    # this one is killed before its atexit cleanup.
+    scratch = Path(settings.work_dir) if settings.work_dir else Path(tempfile.gettempdir())
+    remove_stale(scratch, SCRATCH_STEM)
+    work = temp_dir(scratch, SCRATCH_STEM)
     atexit.register(shutil.rmtree, work, ignore_errors=True)
     tokenizer, files = _nemo_tokenizer(model_cfg.tokenizer, artifacts, work)
     new_vocab = int(tokenizer.vocab_size)

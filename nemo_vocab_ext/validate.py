@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from .atomic import scratch_dir
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, artifact_named
 from .errors import VocabExtError
 from .vocab import divisible_by_of, expected_rows, load_checkpoint_tokenizer, tensor_parallel_of, vocab_table_shapes
 
@@ -41,10 +41,8 @@ class Report:
 
 
 def _check_artifacts(ckpt: Checkpoint, report: Report) -> None:
-    refs = {
-        k: v for k, v in (ckpt.config.get("tokenizer") or {}).items() if isinstance(v, str) and v.startswith("nemo:")
-    }
-    missing = [f"tokenizer.{k} -> {v}" for k, v in refs.items() if v[len("nemo:") :] not in ckpt.artifacts]
+    refs = {k: name for k, v in (ckpt.config.get("tokenizer") or {}).items() if (name := artifact_named(v)) is not None}
+    missing = [f"tokenizer.{k} -> nemo:{name}" for k, name in refs.items() if name not in ckpt.artifacts]
     if missing:
         report.add("artifacts", False, f"missing: {', '.join(missing)}; re-save the model with its tokenizer files")
     else:

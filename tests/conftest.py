@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import subprocess
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -61,6 +63,13 @@ def sources_unchanged(*paths: Path) -> Iterator[None]:
     yield
     for path, digest in before.items():
         assert path.exists() and tree_digest(path) == digest, f"{path} was modified"
+
+
+def dead_pid() -> int:
+    """The id of a process that has ended: what a killed run's temporaries carry."""
+    done = subprocess.Popen([sys.executable, "-c", "pass"])
+    done.wait()
+    return done.pid
 
 
 CLI_WRITERS = ("convert", "resize")  # commands whose second argument is their output

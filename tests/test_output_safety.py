@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import dead_pid
 
 from nemo_vocab_ext.checkpoint import DISTRIBUTED, SINGLE, Checkpoint
 from nemo_vocab_ext.cli import main
@@ -178,9 +179,7 @@ def test_a_replaced_output_moved_aside_by_a_killed_run_is_put_back(base: Path, t
     folder = base.parent
     old = cli("convert", base, folder / "x.ckpt", tmpdir=tmpdir_)
     assert old.returncode == 0, old.stderr
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    aside = folder / f".x.ckpt.{dead.pid}.aside.tmp"
+    aside = folder / f".x.ckpt.{dead_pid()}.aside.tmp"
     (folder / "x.ckpt").rename(aside)
     kept = snapshot(aside)
     refused = cli("convert", base, folder / "x.ckpt", tmpdir=tmpdir_)  # no --force: the old one is back

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import BASE_VOCAB, LARGER_VOCAB, NemoRestorer, english_texts
+from conftest import BASE_VOCAB, LARGER_VOCAB, NemoRestorer, dead_pid, english_texts
 
 from harness.runs import PROBE_ENV, stock_job, write_pretraining_config
 from harness.tiny import NemoRunError, run_concurrently
@@ -64,6 +64,8 @@ def runs(
     untied = ["model.share_embeddings_and_output_weights=False"]
     work_dir = root / "work_dir"
     work_dir.mkdir()
+    # What a run killed before its cleanup leaves (its process is gone): the next run removes it.
+    (work_dir / f"nemo_vocab_ext.{dead_pid()}.x1y2.tmp").mkdir()
     plans: dict[str, tuple[Path, list[str], list[str], int]] = {
         "fvt_tied_dist": (
             nemo_models["tied_dist"],
@@ -251,7 +253,7 @@ def test_normal_seed_padding_report_and_work_dir_keys(
     assert "[vocab_extension] tokenizer size" not in log and "expected cost" not in log  # report=false
     work_dir = folder.parent / "work_dir"
     assert f"successfully restored from {work_dir}/nemo_vocab_ext." in log  # the resized copy lay there
-    assert not any(work_dir.iterdir())  # and was removed at exit
+    assert not any(work_dir.iterdir())  # and was removed at exit, with a killed run's leftover
     start = probe(folder)["start"][EMBEDDING]
     old = saved_state(nemo_tied_dist)["state_dict"][EMBEDDING]
     assert start.shape == (768, old.shape[1]) and torch.equal(start[:BASE_VOCAB], old[:BASE_VOCAB])

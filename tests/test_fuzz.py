@@ -18,9 +18,10 @@ from hypothesis import strategies as st
 sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
 import fuzz  # noqa: E402
 
-settings.register_profile("ci", fuzz.fuzz_settings(200, derandomize=True))
+settings.register_profile("ci", fuzz.fuzz_settings(250, derandomize=True))
 settings.register_profile("long", fuzz.fuzz_settings(3000, derandomize=False))
 PROFILE = settings.get_profile(os.environ.get("FUZZ_PROFILE", "ci"))
+DEADLINE_S = 10.0  # per case: far above the ~20 ms one takes
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,7 @@ def test_sandbox_sees_accesses_outside(tmp_path: Path) -> None:
 @given(data=st.data())
 def test_reader_property(seeds: dict[str, fuzz.Seed], reader: str, data: st.DataObject) -> None:
     case = data.draw(fuzz.cases(seeds[reader]), label="case")
-    outcome = fuzz.run_case(seeds, case)
+    outcome = fuzz.run_case(seeds, case, DEADLINE_S)
     assert not outcome.failed, (
         f"{outcome.label}\n{outcome.detail}\nrepro: python tools/fuzz.py --repro '{case.to_json()}'"
     )

@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 TOOLS = Path(__file__).resolve().parent
@@ -748,6 +748,14 @@ def cases(seed: Seed) -> st.SearchStrategy[Case]:
 # ------------------------------------------------------------------------------------- the input
 
 
+def _edit_bytes(m: Mutation, data: bytes) -> bytes:
+    """``data`` mutated; unchanged where the mutation does not fit (JSON edits of what is no longer JSON)."""
+    try:
+        return BYTE_EDITS[m.kind](data, *m.args)
+    except Exception:
+        return data
+
+
 def _members_after(seed: Seed, case: Case) -> tuple[list[tuple[str, Member]], list[Mutation]]:
     members: list[tuple[str, Member]] = list(seed.members)
     container_edits = []
@@ -760,7 +768,7 @@ def _members_after(seed: Seed, case: Case) -> tuple[list[tuple[str, Member]], li
             i = m.member % len(members)
             name, data = members[i]
             if isinstance(data, bytes):
-                members[i] = (name, BYTE_EDITS[m.kind](data, *m.args))
+                members[i] = (name, _edit_bytes(m, data))
     return members, container_edits
 
 
@@ -819,7 +827,7 @@ def materialize(seed: Seed, case: Case, work: Path) -> Path:
     else:
         data = _tar_bytes(members, gz=seed.container == "tgz")
     for m in container_edits:
-        data = BYTE_EDITS[m.kind](data, *m.args)
+        data = _edit_bytes(m, data)
     src.write_bytes(data)
     return src
 
@@ -1063,12 +1071,15 @@ def _outcome(error: BaseException | None, outside: list[str], leftovers: list[st
 
 
 def fuzz_settings(examples: int, derandomize: bool) -> settings:
-    """No example database (inputs are files, rebuilt from the case), no hypothesis deadline (ours is a real one)."""
+    """No example database (inputs are files, rebuilt from the case), no hypothesis deadline (ours is a
+    real one), no shrinking: a case is already a few small mutations, and shrinking one that hangs
+    reruns it to the deadline many times."""
     return settings(
         max_examples=examples,
         derandomize=derandomize,
         deadline=None,
         database=None,
+        phases=[Phase.explicit, Phase.reuse, Phase.generate],
         suppress_health_check=list(HealthCheck),
     )
 

@@ -8,6 +8,7 @@ Bounded and derandomized for CI (profile ``ci``); ``FUZZ_PROFILE=long`` runs mor
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -59,5 +60,5 @@ def test_reader_property(seeds: dict[str, fuzz.Seed], reader: str, data: st.Data
     case = data.draw(fuzz.cases(seeds[reader]), label="case")
     outcome = fuzz.run_case(seeds, case, DEADLINE_S)
     assert not outcome.failed, (
-        f"{outcome.label}\n{outcome.detail}\nrepro: python tools/fuzz.py --repro '{case.to_json()}'"
+        f"{outcome.label}\n{outcome.detail}\nrepro: python tools/fuzz.py --repro {shlex.quote(case.to_json())}"
     )

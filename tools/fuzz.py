@@ -59,12 +59,13 @@ sys.path.insert(0, str(TOOLS))
 
 from make_checkpoint import SIZES, build_checkpoint, make_base_tokenizer  # noqa: E402
 
+import nemo_vocab_ext  # noqa: E402
 from nemo_vocab_ext.core.keys import UnknownKeysError  # noqa: E402
 from nemo_vocab_ext.errors import VocabExtError  # noqa: E402
 
 # Errors the CLI edge reports as one line for bad input (cli_common.report_errors, OS errors aside).
 CLEAN_ERRORS = (VocabExtError, UnknownKeysError)
-PACKAGE_DIR = str(Path(__import__("nemo_vocab_ext").__file__).resolve().parent)
+PACKAGE_DIR = str(Path(nemo_vocab_ext.__path__[0]).resolve())  # where a traceback frame is the reader's
 
 # ------------------------------------------------------------------------------------------- seeds
 
@@ -77,7 +78,7 @@ class Seed:
     name: str
     container: str
     filename: str
-    members: list[tuple[str, bytes]]
+    members: list[tuple[str, bytes]] = field(repr=False)  # no megabytes in hypothesis' reports
 
 
 READERS = (
@@ -294,8 +295,8 @@ def _raw_overwrite(data: bytes, pos: int, blob: bytes) -> bytes:
 def _pickle_ops(data: bytes) -> list[tuple[str, Any, int, int]]:
     """(op name, argument, start, end) of every op."""
     ops = list(pickletools.genops(data))
-    ends = [pos for _, _, pos in ops[1:]] + [len(data)]
-    return [(op.name, arg, pos, end) for (op, arg, pos), end in zip(ops, ends, strict=True)]
+    starts = [pos or 0 for _, _, pos in ops]  # positions are known when reading bytes
+    return [(op.name, arg, a, b) for (op, arg, _), a, b in zip(ops, starts, [*starts[1:], len(data)], strict=True)]
 
 
 def _int_op(v: int) -> bytes:
@@ -584,15 +585,15 @@ Member = bytes | Link | Special
 
 def _tree_add(members: list[tuple[str, Member]], name: int, kind: int) -> list[tuple[str, Member]]:
     new_name = MEMBER_NAMES[name % len(MEMBER_NAMES)]
-    value: Member = {
+    values: dict[str, Member] = {
         "file": b"x",
         "empty": b"",
         "symlink": Link("SECRET"),
         "hardlink": Link("model_config.yaml", hard=True),
         "dir": Special("dir"),
         "fifo": Special("fifo"),
-    }[NEW_KINDS[kind % len(NEW_KINDS)]]
-    return [*members, (new_name, value)]
+    }
+    return [*members, (new_name, values[NEW_KINDS[kind % len(NEW_KINDS)]])]
 
 
 def _tree_link(members: list[tuple[str, Member]], index: int, target: int) -> list[tuple[str, Member]]:
@@ -714,7 +715,8 @@ def mutations(draw: st.DrawFn, seed: Seed) -> Mutation:
     index = draw(st.integers(0, len(seed.members) - 1))
     name, data = seed.members[index]
     structured = _member_kinds(name, data)
-    kind = draw(st.sampled_from(structured)) if structured and draw(st.booleans()) else draw(st.sampled_from(RAW))
+    use_structure = bool(structured) and draw(st.booleans())
+    kind = draw(st.sampled_from(structured if use_structure else RAW))
     return Mutation(kind, index, draw(ARGS[kind]))
 
 

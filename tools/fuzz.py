@@ -986,18 +986,22 @@ def run_op(op: str, src: Path, out: Path) -> None:
 def _limits(deadline_s: float, memory_bytes: int) -> Iterator[None]:
     """A deadline (SIGALRM raising :class:`Hang`) and an address-space cap, both lifted afterwards."""
 
+    armed = [True]
+
     def alarm(*_: Any) -> None:
-        raise Hang(f"still running after {deadline_s} s")
+        if armed[0]:
+            raise Hang(f"still running after {deadline_s} s")
 
     old_handler = signal.signal(signal.SIGALRM, alarm)
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
     used = int(Path("/proc/self/statm").read_text().split()[0]) * resource.getpagesize()
     cap = used + memory_bytes if hard == resource.RLIM_INFINITY else min(hard, used + memory_bytes)
     resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
-    signal.setitimer(signal.ITIMER_REAL, deadline_s)
+    signal.setitimer(signal.ITIMER_REAL, deadline_s, 0.5)  # again and again: a callback may swallow one
     try:
         yield
     finally:
+        armed[0] = False
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old_handler)
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))

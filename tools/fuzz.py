@@ -803,10 +803,10 @@ def _write_folder(root: Path, members: list[tuple[str, Member]], secret: Path) -
         path = root / rel
         with contextlib.suppress(OSError):
             path.parent.mkdir(parents=True, exist_ok=True)
-            if path.is_symlink() or path.is_file():
-                path.unlink()
-            elif path.is_dir():
+            if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)
+            elif os.path.lexists(path):  # a file, a link or a fifo (writing into a fifo would block)
+                path.unlink()
             if isinstance(value, bytes):
                 path.write_bytes(value)
             elif isinstance(value, Link) and not value.hard:

@@ -11,22 +11,29 @@ from .checkpoint import Checkpoint, Value
 from .entries import Entries, held, is_tensor, tensor_meta
 from .errors import CheckpointFormatError
 from .formats.detect import Format, detect_format
+from .vocab import check_model_config
 
 
 def load_checkpoint(path: str | Path, fmt: Format | None = None) -> tuple[Checkpoint, Format]:
     """Read any supported checkpoint; ``fmt`` skips detection (for outputs whose name does not tell)."""
     fmt = fmt or detect_format(path)
+    ckpt = _read(Path(path), fmt)
+    check_model_config(ckpt.config)
+    return ckpt, fmt
+
+
+def _read(path: Path, fmt: Format) -> Checkpoint:
     if fmt is Format.NEMO:
         from .formats.nemo import read_nemo
 
-        return read_nemo(path), fmt
+        return read_nemo(path)
     if fmt is Format.CKPT:
         from .formats.lightning import read_lightning
 
-        return read_lightning(path), fmt
+        return read_lightning(path)
     from .formats.safetensors_io import read_safetensors
 
-    return read_safetensors(path), fmt
+    return read_safetensors(path)
 
 
 def _write(ckpt: Checkpoint, path: Path, fmt: Format) -> None:

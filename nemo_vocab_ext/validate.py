@@ -12,7 +12,14 @@ import torch
 from .atomic import scratch_dir
 from .checkpoint import Checkpoint, artifact_named
 from .errors import VocabExtError
-from .vocab import divisible_by_of, expected_rows, load_checkpoint_tokenizer, tensor_parallel_of, vocab_table_shapes
+from .vocab import (
+    divisible_by_of,
+    expected_rows,
+    load_checkpoint_tokenizer,
+    tensor_parallel_of,
+    tokenizer_config,
+    vocab_table_shapes,
+)
 
 
 @dataclass
@@ -41,7 +48,7 @@ class Report:
 
 
 def _check_artifacts(ckpt: Checkpoint, report: Report) -> None:
-    refs = {k: name for k, v in (ckpt.config.get("tokenizer") or {}).items() if (name := artifact_named(v)) is not None}
+    refs = {k: name for k, v in tokenizer_config(ckpt.config).items() if (name := artifact_named(v)) is not None}
     missing = [f"tokenizer.{k} -> nemo:{name}" for k, name in refs.items() if name not in ckpt.artifacts]
     if missing:
         report.add("artifacts", False, f"missing: {', '.join(missing)}; re-save the model with its tokenizer files")

@@ -77,6 +77,27 @@ def _resolve_interpolation(config: dict[str, Any], key: str) -> object:
         ) from None
 
 
+def check_model_config(config: dict[str, Any]) -> None:
+    """Refuse a model config whose sizes or tokenizer section no NeMo run could use, before anything
+    is written from it (a copy would carry them on into a checkpoint that cannot be trained)."""
+    divisible_by_of(config)
+    tensor_parallel_of(config)
+    pipeline_parallel_of(config)
+    if config.get("override_vocab_size") is not None:
+        model_config_int(config, "override_vocab_size", 0)
+    tokenizer_config(config)
+
+
+def tokenizer_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The model config's ``tokenizer`` section ({} when it has none)."""
+    tok = config.get("tokenizer")
+    if tok is None:
+        return {}
+    if not isinstance(tok, dict) or not all(isinstance(k, str) for k in tok):
+        raise ConfigError(f"model config: tokenizer is {type(tok).__name__} {tok!r:.60}, not a table of settings")
+    return tok
+
+
 def divisible_by_of(config: dict[str, Any]) -> int:
     return model_config_int(config, "make_vocab_size_divisible_by", DEFAULTS.divisible_by)
 
@@ -370,7 +391,7 @@ def _split_into_ranks(
 
 
 def _artifact_bytes(ckpt: Checkpoint, cfg_key: str) -> bytes | None:
-    ref = (ckpt.config.get("tokenizer") or {}).get(cfg_key)
+    ref = tokenizer_config(ckpt.config).get(cfg_key)
     if not isinstance(ref, str) or not ref:
         return None
     if (name := artifact_named(ref)) is not None:
@@ -451,7 +472,7 @@ def load_checkpoint_tokenizer(ckpt: Checkpoint, workdir: Path) -> TokenizerInfo 
 def embed_tokenizer(ckpt: Checkpoint, files: dict[str, Path]) -> Checkpoint:
     """Replace the tokenizer artifacts with ``files`` (config key -> file) and point the config at them."""
     config = dict(ckpt.config)
-    tok = dict(config.get("tokenizer") or {})
+    tok = dict(tokenizer_config(config))
     artifacts = dict(ckpt.artifacts)
     for cfg_key, path in files.items():
         if (old := artifact_named(tok.get(cfg_key))) is not None:

@@ -956,6 +956,7 @@ def _check_output(dst: Path, fmt: Any, expected: Any | None) -> None:
 def run_op(op: str, src: Path, out: Path) -> None:
     """What the CLI's command runs for ``op``, in-process."""
     from nemo_vocab_ext.core.rows import Init
+    from nemo_vocab_ext.options import ResizeOptions
     from nemo_vocab_ext.describe import describe
     from nemo_vocab_ext.io import Format, load_checkpoint, save_checkpoint, select
     from nemo_vocab_ext.resize_job import run_resize
@@ -976,7 +977,8 @@ def run_op(op: str, src: Path, out: Path) -> None:
         _check_output(dst, fmt, load_checkpoint(src)[0])
     elif op == "resize":
         dst = out / "out.nemo"
-        run_resize(src, dst, tokenizer=None, vocab_size=SIZES["tiny"].vocab + 100, init=Init.MEAN)
+        options = ResizeOptions(init=Init.MEAN)
+        run_resize(src, dst, tokenizer=None, vocab_size=SIZES["tiny"].vocab + 100, options=options)
         _check_output(dst, Format.NEMO, None)
     else:
         raise ValueError(op)

@@ -256,6 +256,7 @@ def _omegaconf_builders() -> dict[type, Callable[[Any, Any], None]]:
 
     types = (None, typing.Any, dict, list, int, float, bool, str, bytes, pathlib.Path, pathlib.PosixPath)
     primitives = (type(None), str, int, float, bool, bytes, pathlib.PurePath)
+    key_types = (str, int, float, bool, bytes)  # the keys a DictConfig takes (OmegaConf asserts on others)
 
     def is_type(value: Any) -> bool:
         return any(value is t for t in types)
@@ -270,7 +271,8 @@ def _omegaconf_builders() -> dict[type, Callable[[Any, Any], None]]:
         state = fields(state, names, {"ref_type", "object_type", "optional", "key"})
         flags = state.get("flags") or {}
         ok = (
-            all(is_type(state.get(k)) for k in ("ref_type", "object_type", "key_type", "element_type"))
+            all(is_type(state.get(k)) for k in ("ref_type", "object_type", "element_type"))
+            and any(state.get("key_type") is t for t in (None, typing.Any, *key_types))
             and isinstance(state["optional"], bool)
             and isinstance(state.get("flags_root", False), bool)
             and isinstance(state["key"], primitives)
@@ -306,7 +308,7 @@ def _omegaconf_builders() -> dict[type, Callable[[Any, Any], None]]:
             type(state["_metadata"]) is ContainerMetadata
             and parent_ok(state)
             and (content is None or isinstance(content, str | (dict if isinstance(inst, DictConfig) else list)))
-            and (not isinstance(content, dict) or all(isinstance(k, primitives) for k in content))
+            and (not isinstance(content, dict) or all(isinstance(k, key_types) for k in content))
             and all(isinstance(n, Node) and vars(n).get("_parent") is inst for n in nodes)
         )
         if not ok:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from conftest import english_texts, invoke_cli
+from omegaconf import OmegaConf
+from test_cli import make_nemo
 
 from nemo_vocab_ext.checkpoint import Checkpoint
 from nemo_vocab_ext.core.dtypes import BY_NAME
@@ -12,6 +17,9 @@ from nemo_vocab_ext.core.resize import init_rows, resize_table
 from nemo_vocab_ext.core.rows import INIT_DESCRIPTIONS, Init, plan_rows
 from nemo_vocab_ext.entries import torch_as_array
 from nemo_vocab_ext.init_costs import expected_cost, measured
+from nemo_vocab_ext.io import load_checkpoint
+from nemo_vocab_ext.nemo_plugin import ExtensionSettings
+from nemo_vocab_ext.tokenization.train import train_bpe
 from nemo_vocab_ext.vocab import apply_resize, plan_resize
 
 EMB = "model.embedding.word_embeddings.weight"
@@ -326,3 +334,29 @@ def test_integer_like_rows_survive_in_bf16() -> None:
     )
     assert np.array_equal(out[:4], bits[:4])
     assert torch.equal(torch.from_numpy(out[4:7].view(np.int16)).view(torch.bfloat16).float(), FVT)
+
+
+@pytest.fixture(scope="module")
+def bpe(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tok")
+    return {name: train_bpe(english_texts(), root / name, size) for name, size in (("base", 400), ("large", 600))}
+
+
+@pytest.mark.parametrize("init", [Init.FVT_NORM, Init.HF_MEAN_RESIZING])
+def test_the_cli_and_the_plugin_take_the_anchor_inits(init: Init, bpe: dict[str, Path], tmp_path: Path) -> None:
+    # The plugin's `+model.vocab_extension.init=...` value, as Hydra hands it over.
+    assert ExtensionSettings.from_config(OmegaConf.create({"init": init.value})).options().init is init
+    src = make_nemo(tmp_path / "base.nemo", bpe["base"], tied=False)
+    result = invoke_cli("resize", src, tmp_path / "out.nemo", "--tokenizer", bpe["large"], "--init", init.value)
+    assert result.exit_code == 0, result.output
+    assert f"init '{init}': {INIT_DESCRIPTIONS[init]}" in result.output
+    assert f"expected cost of '{init}': {expected_cost(init)}" in result.output
+    old, new = load_checkpoint(src)[0].tensors, load_checkpoint(tmp_path / "out.nemo")[0].tensors
+    for key in (EMB, OUT):  # tokens 400-599 are new; each table by its own rows
+        real, rows = old[key][:400].double(), new[key][400:600].double()
+        if init is Init.FVT_NORM:
+            median = torch.quantile(real.norm(dim=1), 0.5)
+            assert torch.allclose(rows.norm(dim=1), median.expand(200), rtol=1e-5)
+        else:
+            assert torch.allclose(rows, real.mean(0).expand(200, -1), atol=1e-3)
+            assert not torch.equal(rows, rows.roll(1, 0))

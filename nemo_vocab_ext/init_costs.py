@@ -40,7 +40,7 @@ def expected_cost(init: Init, result: dict[str, Any] | None = None) -> str:
     inits: dict[str, dict[str, Any]] = result["inits"]
     label = f"measured on {measured_on(result)}"
     if str(init) not in inits:
-        return f"not measured ({', '.join(inits)} were, {label})"
+        return f"not measured yet ({', '.join(inits)} were, {label})"
     row = inits[str(init)]
     best = min(inits, key=lambda name: inits[name]["th_final"])
     if str(init) == best:

@@ -121,6 +121,23 @@ def test_fvt_blocks_of_tokens_give_the_per_token_means() -> None:
     assert np.array_equal(out[3000:5500], expected) and stats.fvt_fallbacks == 0
 
 
+def test_fvt_norm_blocks_give_each_token_its_pieces_mean_at_the_median_norm() -> None:
+    # As above, over several blocks of rows and tokens; a trained padding row (3000) and two fallbacks.
+    rng = np.random.default_rng(0)
+    table = rng.integers(-64, 64, size=(3001, 3)).astype(np.float32)
+    table[3000] = 1e6
+    pieces = [[int(t) for t in rng.integers(0, 3000, size=n)] for n in rng.integers(1, 7, size=2500)] + [[], [3000]]
+    out, stats = resize_table(
+        table, plan_rows(3000, 3001, 5502, 5504), Init.FVT_NORM, dtype=F32, padding_init=Init.MEAN, pieces=pieces
+    )
+    real = table[:3000].astype(np.float64)
+    median = np.median(np.linalg.norm(real, axis=1))
+    fvt = np.stack([table[ids].astype(np.float64).mean(axis=0) for ids in pieces[:2500]] + [real.mean(axis=0)] * 2)
+    expected = fvt * (median / np.linalg.norm(fvt, axis=1))[:, None]
+    assert np.allclose(out[3000:5502], expected, rtol=1e-6, atol=0) and stats.fvt_fallbacks == 2
+    assert np.array_equal(out[5502:], np.tile(real.mean(axis=0).astype(np.float32), (2, 1)))  # padding: plain mean
+
+
 def test_normal_init_matches_old_row_statistics_and_is_seeded() -> None:
     rng = np.random.default_rng(0)
     table = (rng.standard_normal((4000, 3)) * [1.0, 2.0, 0.5] + [3.0, -1.0, 0.0]).astype(np.float32)

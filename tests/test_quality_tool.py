@@ -93,7 +93,7 @@ def test_the_readme_table_is_the_packaged_measurement() -> None:
 def test_the_resize_report_quotes_the_packaged_measurement(tmp_path: Path) -> None:
     result = init_costs.measured()
     ckpt = Checkpoint({"model.embedding.word_embeddings.weight": torch.zeros(8, 2)}, {}, "distributed")
-    for init in Init:
+    for init in map(Init, result["inits"]):  # the others: tests/test_inits.py
         row = result["inits"][str(init)]
         lines = plan_resize(ckpt, 8, 12, tensor_parallel=1, divisible_by=4, init=init, padding_init=Init.MEAN).lines()
         (line,) = [line for line in lines if line.startswith(f"expected cost of '{init}': ")]
@@ -122,9 +122,12 @@ def test_the_tool_writes_the_packaged_form() -> None:
     assert set(written) == set(packaged)
     for part in ("model", "base", "new"):
         assert set(written[part]) == set(packaged[part])
-    assert list(written["inits"]) == list(packaged["inits"])
-    for init in Init:
+    assert list(written["inits"]) == [i.value for i in Init]
+    assert list(packaged["inits"]) == [name for name in written["inits"] if name in packaged["inits"]]
+    for init in map(Init, packaged["inits"]):
         assert set(packaged["inits"][str(init)]) <= set(written["inits"][str(init)])
         assert init_costs.expected_cost(init, written) != init_costs.expected_cost(init, packaged)
     assert len(init_costs.readme_rows(written)) == len(Init)
-    assert "the best on the new one (0.30 nats ahead of zeros)" in init_costs.expected_cost(Init.FVT, written)
+    last = list(Init)[-1]  # the lowest Thai loss above
+    ahead = f"the best on the new one ({0.1 * (len(Init) - 1):.2f} nats ahead of zeros)"
+    assert ahead in init_costs.expected_cost(last, written)

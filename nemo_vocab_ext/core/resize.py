@@ -4,8 +4,8 @@ Tables are numpy arrays of their stored elements (:attr:`.dtypes.DType.numpy`: a
 its uint16 bits), so a resize reads, computes and writes without importing torch (about 3 s).
 Statistics are computed in float64 and rounded once to the table's type, as torch rounds.
 
-Statistics (mean, covariance) are always over the old real rows of the table being resized, so an
-untied output layer uses its own rows, and a tensor-parallel table must be joined first.
+Statistics (mean, covariance, median norm) are always over the old real rows of the table being
+resized, so an untied output layer uses its own rows, and a tensor-parallel table must be joined first.
 """
 
 from __future__ import annotations
@@ -85,30 +85,77 @@ def _row_mean(rows: np.ndarray, dtype: DType) -> np.ndarray:
     return total / rows.shape[0]
 
 
+def _scatter(rows: np.ndarray, dtype: DType, mean: np.ndarray) -> np.ndarray:
+    """The float64 sum of the outer products of ``rows`` centred on ``mean`` (a covariance times its divisor)."""
+    width = rows.shape[1]
+    scatter = np.zeros((width, width), dtype=np.float64)
+    for block in _blocks(rows, dtype):
+        centred = block.astype(np.float64) - mean
+        scatter += centred.T @ centred
+    return scatter
+
+
 def _normal_rows(rows: np.ndarray, dtype: DType, count: int, rng: np.random.Generator, mean: np.ndarray) -> np.ndarray:
     """``count`` float64 samples from N(mean, cov) of ``rows``; the mean alone when the covariance is degenerate."""
     width = rows.shape[1]
-    cov = np.zeros((width, width), dtype=np.float64)
-    for block in _blocks(rows, dtype):
-        centred = block.astype(np.float64) - mean
-        cov += centred.T @ centred
-    cov /= max(rows.shape[0] - 1, 1)
+    cov = _scatter(rows, dtype, mean) / max(rows.shape[0] - 1, 1)
     # A little jitter keeps the Cholesky factor defined when rows are fewer than dimensions.
     jitter = 1e-6 * max(float(cov.diagonal().mean()), 1e-12)
     try:
         factor = np.linalg.cholesky(cov + jitter * np.eye(width))
     except np.linalg.LinAlgError:
         return np.broadcast_to(mean, (count, width))
-    noise = rng.standard_normal((count, width))
-    return mean + noise @ factor.T
+    return mean + rng.standard_normal((count, width)) @ factor.T
+
+
+_HF_COVARIANCE_SCALE = 1e-9  # transformers' mean_resizing: the new rows stay within a hair of the mean
+
+
+def _hf_mean_rows(rows: np.ndarray, dtype: DType, count: int, rng: np.random.Generator, mean: np.ndarray) -> np.ndarray:
+    """``count`` float64 samples as transformers' ``resize_token_embeddings(mean_resizing=True)`` draws them:
+    N(mean, 1e-9 x the covariance divided by the row count), no jitter; the mean alone when that
+    covariance is not positive definite."""
+    width = rows.shape[1]
+    if rows.shape[0] <= width:  # centred rows span at most rows - 1 dimensions: singular whatever the rounding
+        return np.broadcast_to(mean, (count, width))
+    try:
+        factor = np.linalg.cholesky(_HF_COVARIANCE_SCALE * _scatter(rows, dtype, mean) / rows.shape[0])
+    except np.linalg.LinAlgError:
+        return np.broadcast_to(mean, (count, width))
+    return mean + rng.standard_normal((count, width)) @ factor.T
+
+
+_SAMPLERS = {Init.NORMAL: _normal_rows, Init.HF_MEAN_RESIZING: _hf_mean_rows}
+
+
+def _median_norm(rows: np.ndarray, dtype: DType) -> float:
+    """The median L2 norm of ``rows``. The median, not the mean: a trained table holds rows that were never
+    trained (unused ids, reserved tokens, near zero) and a few frequent tokens' long rows, which move the
+    mean of the norms but not their median."""
+    norms = [np.sqrt(np.square(block, dtype=np.float64).sum(axis=1)) for block in _blocks(rows, dtype)]
+    return float(np.median(np.concatenate(norms)))
+
+
+def _rescale(rows: np.ndarray, norm: float) -> np.ndarray:
+    """Scale each float64 row of ``rows`` in place to L2 norm ``norm``; a zero row has no direction and stays zero."""
+    lengths = np.sqrt(np.einsum("ij,ij->i", rows, rows))
+    rows *= np.divide(norm, lengths, out=np.ones_like(lengths), where=lengths > 0)[:, None]
+    return rows
 
 
 def _fvt_rows(
-    rows: np.ndarray, dtype: DType, pieces: Sequence[Sequence[int]], mean: np.ndarray, out: np.ndarray
+    rows: np.ndarray,
+    dtype: DType,
+    pieces: Sequence[Sequence[int]],
+    mean: np.ndarray,
+    out: np.ndarray,
+    norm: float | None = None,
 ) -> int:
     """Fill ``out`` with the mean of each new token's piece rows, stored as ``dtype``; tokens with no
-    usable pieces get ``mean``. Returns the fallbacks."""
-    out[:] = from_float64(mean, dtype)
+    usable pieces get ``mean``. With ``norm``, every row is first rescaled to that L2 norm. Returns the
+    fallbacks."""
+    fallback = mean if norm is None else _rescale(mean[None].copy(), norm)[0]
+    out[:] = from_float64(fallback, dtype)
     lengths = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
     ids = np.fromiter(itertools.chain.from_iterable(pieces), dtype=np.int64, count=int(lengths.sum()))
     starts = np.cumsum(lengths) - lengths  # token i's pieces are ids[starts[i] : starts[i] + lengths[i]]
@@ -133,6 +180,8 @@ def _fvt_rows(
             np.take(rows, ids[first[:have] + k], axis=0, out=gathered[:have])
             sums[:have] += widen(gathered[:have], dtype, scratch)  # pieces added in order, in float64
         sums /= counts[:, None]
+        if norm is not None:
+            _rescale(sums, norm)
         out[chunk] = from_float64(sums, dtype)
     return len(pieces) - len(tokens)
 
@@ -157,7 +206,7 @@ def init_rows(
 ) -> int:
     """Fill ``out`` (new rows) from the old real rows by ``init``, computed in float64; both hold
     ``dtype``'s stored elements. Returns the FVT fallback count. ``mean``: the old rows' float64 mean,
-    if already taken; ``rng``: the normal init's draws."""
+    if already taken; ``rng``: the sampling inits' draws."""
     count = out.shape[0]
     if count == 0 or init is Init.ZEROS:
         out.fill(0)
@@ -169,14 +218,15 @@ def init_rows(
     if init is Init.MEAN:
         out[...] = from_float64(mean, dtype)
         return 0
-    if init is Init.NORMAL:
-        out[...] = from_float64(_normal_rows(old_real, dtype, count, rng or np.random.default_rng(0), mean), dtype)
+    if init in _SAMPLERS:
+        out[...] = from_float64(_SAMPLERS[init](old_real, dtype, count, rng or np.random.default_rng(0), mean), dtype)
         return 0
     if init.needs_pieces:
         if pieces is None or len(pieces) != count:
             have = "none" if pieces is None else str(len(pieces))
             raise ValueError(f"{init} needs the old tokenizer's pieces of each of the {count} new tokens, got {have}")
-        return _fvt_rows(old_real, dtype, pieces, mean, out)
+        norm = _median_norm(old_real, dtype) if init is Init.FVT_NORM else None
+        return _fvt_rows(old_real, dtype, pieces, mean, out, norm)
     raise ValueError(f"unknown init {init!r}")
 
 

@@ -24,6 +24,8 @@ class Init(str, enum.Enum):
     MEAN = "mean"
     NORMAL = "normal"
     FVT = "fvt"
+    FVT_NORM = "fvt-norm"
+    HF_MEAN_RESIZING = "hf-mean"
 
     def __str__(self) -> str:
         return self.value
@@ -31,7 +33,7 @@ class Init(str, enum.Enum):
     @property
     def needs_pieces(self) -> bool:
         """Whether the init reads each new token's pieces under the old tokenizer."""
-        return self is Init.FVT
+        return self in (Init.FVT, Init.FVT_NORM)
 
 
 INIT_DESCRIPTIONS: dict[Init, str] = {
@@ -39,6 +41,9 @@ INIT_DESCRIPTIONS: dict[Init, str] = {
     Init.MEAN: "mean of the old real rows",
     Init.NORMAL: "sample from a normal with the old real rows' mean and covariance",
     Init.FVT: "mean of the rows of the token's pieces under the old tokenizer (fallback: mean)",
+    Init.FVT_NORM: "fvt's row rescaled to the median L2 norm of the old real rows (fallback: the mean, rescaled)",
+    Init.HF_MEAN_RESIZING: "transformers' mean_resizing: sample from a normal with the old real rows' mean and "
+    "1e-9 x their covariance (the mean when that is not positive definite)",
 }
 
 

@@ -956,9 +956,9 @@ def _check_output(dst: Path, fmt: Any, expected: Any | None) -> None:
 def run_op(op: str, src: Path, out: Path) -> None:
     """What the CLI's command runs for ``op``, in-process."""
     from nemo_vocab_ext.core.rows import Init
-    from nemo_vocab_ext.options import ResizeOptions
     from nemo_vocab_ext.describe import describe
     from nemo_vocab_ext.io import Format, load_checkpoint, save_checkpoint, select
+    from nemo_vocab_ext.options import ResizeOptions
     from nemo_vocab_ext.resize_job import run_resize
     from nemo_vocab_ext.validate import validate_checkpoint
 

@@ -1,57 +1,53 @@
-"""Work run beside the main thread: in a forked process where it can be, else on a thread.
+"""Work run on a thread beside the caller's own: a resize reads and checks the tokenizers and computes
+the new rows while every other entry is copied.
 
-A resize copies gigabytes in the kernel while it reads tokenizers and computes new rows. On a thread
-that work holds the GIL that the copying thread needs between two kernel copies; in a process it
-runs truly in parallel and the copy never waits for it.
+Measured on the 1.3B resize (docs/ab-resize.md): the work beside the copy pays (0.6 s of a 1.5 s
+resize on two cores); running it in a forked process instead of on a thread did not (numpy and the
+kernel copy release the GIL), so it runs on a thread.
 """
 
 from __future__ import annotations
 
-import atexit
-import mmap
-import os
-import pickle
-import select
-import signal
-import sys
 import threading
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
-Outcome = tuple[bool, Any]  # (True, value) or (False, the error)
 
 
 class Beside(Generic[T]):
     """Work run beside the caller: :meth:`start` it, ask :meth:`failed` (never waits) between steps of
     the caller's own work, and take its :meth:`result` (waits; raises the work's error) when needed.
 
-    The work may fill ``out``, a buffer of ``out_bytes`` bytes shared with the caller (a forked
-    child's memory is its own: this one is mapped into both), readable there once the result is in.
+    The work may fill ``out``, a buffer of ``out_bytes`` bytes the caller reads once the result is in.
     """
 
     def __init__(self, out_bytes: int) -> None:
-        self._lock = threading.Lock()
-        self._outcome: Outcome | None = None
-        self.out = memoryview(mmap.mmap(-1, max(out_bytes, 1)))[:out_bytes]
+        self.out = memoryview(bytearray(out_bytes))
+        self._done = threading.Event()
+        self._outcome: tuple[bool, Any] = (False, RuntimeError("the work did not run"))
 
     @staticmethod
     def start(fn: Callable[..., T], *args: Any, out_bytes: int = 0) -> Beside[T]:
-        """Start ``fn(*args)`` (with ``out_bytes``, ``fn(out, *args)``) in a forked process when nothing
-        but this thread runs in this process (a fork copies no other thread, so one holding a lock
-        would leave it locked in the child); on a thread otherwise, or where there is no fork. torch
-        counts as running threads once imported: its native pools are invisible to ``threading`` and
-        not safe to use after a fork."""
-        on_thread = threading.active_count() > 1 or "torch" in sys.modules or not hasattr(os, "fork")
-        work: Beside[T] = _OnThread(out_bytes) if on_thread else _InChild(out_bytes)
-        work._run(fn, (work.out, *args) if out_bytes else args)
+        """Start ``fn(*args)`` (with ``out_bytes``, ``fn(out, *args)``) on a daemon thread: a command
+        that fails first does not wait for it."""
+        work: Beside[T] = Beside(out_bytes)
+        call_args = (work.out, *args) if out_bytes else args
+
+        def run() -> None:
+            try:
+                work._outcome = (True, fn(*call_args))
+            except BaseException as e:  # noqa: BLE001 - every error is the caller's to raise
+                work._outcome = (False, e)
+            finally:
+                work._done.set()
+
+        threading.Thread(target=run, name=f"beside:{fn.__name__}", daemon=True).start()
         return work
 
     def result(self) -> T:
         """The work's value, once it is done (as often as asked); its error is raised."""
-        with self._lock:
-            if self._outcome is None:
-                self._outcome = self._wait()
+        self._done.wait()
         ok, value = self._outcome
         if not ok:
             raise value
@@ -59,111 +55,7 @@ class Beside(Generic[T]):
 
     def failed(self) -> BaseException | None:
         """The work's error if it has already failed; None while it runs or once it succeeded."""
-        if not self._lock.acquire(blocking=False):  # another thread is waiting for the outcome
+        if not self._done.is_set():
             return None
-        try:
-            if self._outcome is None and self._ended():
-                self._outcome = self._wait()
-            outcome = self._outcome
-        finally:
-            self._lock.release()
-        return outcome[1] if outcome is not None and not outcome[0] else None
-
-    def _run(self, fn: Callable[..., T], args: tuple[Any, ...]) -> None:
-        raise NotImplementedError
-
-    def _wait(self) -> Outcome:
-        raise NotImplementedError
-
-    def _ended(self) -> bool:
-        raise NotImplementedError
-
-
-def end_children() -> None:
-    """End work still running in child processes (a command that failed before it needed the result)."""
-    for pid in list(_running):
-        os.kill(pid, signal.SIGTERM)
-        _ended_early[pid] = _reap(pid)
-
-
-def _reap(pid: int) -> int:
-    """Wait for a child, once; its exit code (negative: the signal that ended it)."""
-    if pid in _ended_early:
-        return _ended_early.pop(pid)
-    _running.discard(pid)
-    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
-
-
-_running: set[int] = set()
-_ended_early: dict[int, int] = {}  # children ended by end_children, and their exit codes
-atexit.register(end_children)
-
-
-class _OnThread(Beside[T]):
-    def _run(self, fn: Callable[..., T], args: tuple[Any, ...]) -> None:
-        self._done = threading.Event()
-        self._result: Outcome = (False, RuntimeError(f"{fn.__name__} did not run"))
-
-        def run() -> None:
-            try:
-                self._result = (True, fn(*args))
-            except BaseException as e:  # noqa: BLE001 - every error is the caller's to raise
-                self._result = (False, e)
-            finally:
-                self._done.set()
-
-        threading.Thread(target=run, name="beside", daemon=True).start()
-
-    def _wait(self) -> Outcome:
-        self._done.wait()
-        return self._result
-
-    def _ended(self) -> bool:
-        return self._done.is_set()
-
-
-class _InChild(Beside[T]):
-    def _run(self, fn: Callable[..., T], args: tuple[Any, ...]) -> None:
-        self._name = fn.__name__
-        read, write = os.pipe()
-        self._pid = os.fork()
-        if self._pid == 0:  # the child: run, send the outcome, and leave without this process's clean-ups
-            code = 0
-            try:
-                os.close(read)
-                _run_and_send(write, fn, args)
-            except BaseException:  # noqa: BLE001 - the parent reports a child that sent nothing
-                code = 1
-            finally:
-                os._exit(code)
-        os.close(write)
-        _running.add(self._pid)
-        self._read = read
-
-    def _ended(self) -> bool:
-        return bool(select.select([self._read], [], [], 0)[0])  # an outcome waits, or the pipe closed
-
-    def _wait(self) -> Outcome:
-        chunks = []
-        try:
-            while chunk := os.read(self._read, 1 << 20):
-                chunks.append(chunk)
-        finally:
-            os.close(self._read)
-            code = _reap(self._pid)
-        if chunks:
-            return pickle.loads(b"".join(chunks))  # type: ignore[no-any-return]
-        return False, RuntimeError(f"{self._name} ended without a result (exit code {code})")
-
-
-def _run_and_send(write: int, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
-    try:
-        outcome: Outcome = (True, fn(*args))
-    except BaseException as e:  # noqa: BLE001 - every error is the caller's to raise
-        outcome = (False, e)
-    try:
-        data = pickle.dumps(outcome)
-    except Exception as e:  # an error or value that does not pickle
-        data = pickle.dumps((False, RuntimeError(f"{fn.__name__}: {outcome[1]!r} ({e})")))
-    with os.fdopen(write, "wb") as out:
-        out.write(data)
+        ok, value = self._outcome
+        return None if ok else value

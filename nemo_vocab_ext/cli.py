@@ -9,7 +9,6 @@ not at start-up, and torch (about 3 s to import) only by those that compute on t
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 import tempfile
@@ -24,7 +23,6 @@ from .core.rows import Init
 from .formats.detect import Format, format_for_destination
 from .options import DEFAULTS, PADDING_INITS, ResizeOptions
 
-SWITCH_INTERVAL_S = 2e-4
 INIT_CHOICES = click.Choice([i.value for i in Init])
 VERIFY_OPTION = click.option(
     "--verify",
@@ -62,10 +60,6 @@ Examples:
 @click.version_option(package_name="nemo_vocab_ext")
 def main(debug: bool, quiet: bool) -> None:
     """Inspect, validate, convert and resize NeMo Megatron GPT checkpoints (.nemo, .ckpt, safetensors)."""
-    # Where a resize cannot fork (beside.py), its computation runs on a thread beside the copy, and
-    # between two kernel copies the copying thread waits for the GIL, up to Python's 5 ms default
-    # each time: with the tokenizers read on a thread, a 1.3B resize copied a third slower.
-    sys.setswitchinterval(SWITCH_INTERVAL_S)
 
 
 @main.command()
@@ -242,30 +236,22 @@ class Terminated(BaseException):
     """SIGTERM (``kill``, ``timeout``), raised where the command is so that its clean-ups run, as for Ctrl-C."""
 
 
-def _stop_on_sigterm(main_pid: int) -> None:
+def _stop_on_sigterm() -> None:
     def handler(signum: int, _: FrameType | None) -> None:
-        if os.getpid() != main_pid:  # a forked child computing beside a resize: nothing of its own to clean up
-            os._exit(128 + signum)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the clean-ups run once, uninterrupted
-        _end_work_beside()  # not waited for: the command stops now
         raise Terminated
 
     signal.signal(signal.SIGTERM, handler)
 
 
 def run() -> NoReturn:
-    """The ``nemo-vocab-ext`` console script: :func:`main`, then exit without the interpreter's teardown.
-
-    Teardown frees every object one by one (0.1 to 0.2 s after a resize: numpy, two parsed
-    vocabularies) and has nothing left to do: outputs are published and temporary files removed by
-    then, and no thread has work left. A child process still computing for a command that failed
-    is ended, as at a normal exit. SIGTERM ends a command as Ctrl-C does, its temporaries removed
-    (exit code 143). Every temporary file of the command lies in one folder of its own (named with
-    its process id, so that a later run removes it if this one is killed outright).
-    """
+    """The ``nemo-vocab-ext`` console script: :func:`main`, with SIGTERM ending a command as Ctrl-C
+    does, its temporaries removed (exit code 143). Every temporary file of the command lies in one
+    folder of its own (named with its process id, so that a later run removes it if this one is
+    killed outright)."""
     from .atomic import scratch_dir
 
-    _stop_on_sigterm(os.getpid())
+    _stop_on_sigterm()
     try:
         with scratch_dir() as scratch:
             tempfile.tempdir = str(scratch)
@@ -279,20 +265,7 @@ def run() -> NoReturn:
         code = 128 + signal.SIGTERM
         print("Error: terminated by SIGTERM; unfinished outputs and temporary files removed", file=sys.stderr)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the command is over: nothing left to stop
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except OSError:  # a closed pipe: the output is lost, as Python reports at exit
-            code = code or 120
-    _end_work_beside()  # work still running beside a command that failed
-    os._exit(code)
-
-
-def _end_work_beside() -> None:
-    if "nemo_vocab_ext.beside" in sys.modules:
-        from .beside import end_children
-
-        end_children()
+    sys.exit(code)
 
 
 if __name__ == "__main__":

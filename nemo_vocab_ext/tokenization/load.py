@@ -301,8 +301,8 @@ def _check_merges_in_vocab(merges: list[tuple[str, str]], tokens: Iterable[str],
 
 def _read_gpt2_vocab(vocab_path: Path) -> dict[str, int]:
     """vocab.json's mapping, shared by every reader of the same unchanged file: callers must not modify
-    it. A resize counts both vocabularies before it plans, then reads them whole in a forked process
-    beside the copy; the child inherits them parsed (50k entries: about 40 ms each)."""
+    it. A resize counts both vocabularies before it plans, then reads them whole on a thread beside the
+    copy, which finds them parsed (50k entries: about 40 ms each)."""
     try:
         st = vocab_path.stat()
         return _parsed_vocab(vocab_path.resolve(), (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))

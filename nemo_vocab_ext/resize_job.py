@@ -31,20 +31,34 @@ def run_resize(
     options: ResizeOptions,
     tensor_parallel: int | None = None,
     divisible_by: int | None = None,
+    pad_to_multiple_of: int | None = None,
     dry_run: bool = False,
     force: bool = False,
     verify: bool = False,
     stage: Stage = no_stage,
 ) -> list[str]:
     """Resize ``src`` into ``dst`` (written as ``fmt``) and return the report lines; ``dry_run`` writes
-    nothing. ``tensor_parallel`` and ``divisible_by`` override the model config's."""
+    nothing. ``tensor_parallel`` and ``divisible_by`` override the model config's; a Hugging Face model
+    folder takes ``pad_to_multiple_of`` instead (no padding by default, as transformers)."""
     from .tokenization.load import tokenizer_size
 
     if not dry_run:
         refuse_overlap(src, dst)
         refuse_existing(dst, force=force)
     stage("reading")
-    ckpt = weights_for(load_checkpoint(src)[0], fmt)
+    loaded, src_fmt = load_checkpoint(src)
+    hf = src_fmt is Format.HF
+    if hf:
+        fmt = Format.HF
+        if tensor_parallel is not None or divisible_by is not None:
+            raise ResizeError(
+                f"{src}: a Hugging Face model folder is not padded for tensor parallelism; "
+                "pass --pad-to-multiple-of N instead of --tp/--divisible-by"
+            )
+        tensor_parallel, divisible_by = 1, pad_to_multiple_of or 1
+    elif pad_to_multiple_of is not None:
+        raise ResizeError(f"{src}: --pad-to-multiple-of is for Hugging Face model folders; pass --divisible-by")
+    ckpt = weights_for(loaded, fmt)
     if fmt is Format.CKPT and ckpt.training_state.get("optimizer_states"):
         # A Lightning file keeps its optimizer's moments by parameter index, not by name: they would
         # keep the old table's shape and break the resumed run.
@@ -73,6 +87,16 @@ def run_resize(
             return ["plan (dry run, nothing written):", *plan.lines()]
         stage("resizing")
         resized, finished = resize_while_writing(ckpt, plan, (own_files, tokenizer), wording, options.seed)
+        if hf:
+            from .formats.hf_folder import with_new_rows, with_tokenizer
+
+            notes: list[str] = []
+            if tokenizer is not None:
+                resized, notes = with_tokenizer(resized, tokenizer)
+            save_checkpoint(
+                with_new_rows(resized, plan.rows.new_rows), dst, fmt, force=force, verify=verify, stage=stage
+            )
+            return [f"wrote {dst}", *plan.lines(finished()), *notes]
         if tokenizer is not None:
             resized = embed_tokenizer(resized, tokenizer_config_files(tokenizer))
         # Record what the rows were padded for, so NeMo builds the same table from this config.

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from .checkpoint import NEMO_REF, Checkpoint, Value, artifact_name, artifact_named
+from .checkpoint import HF_LAYOUT, NEMO_REF, Checkpoint, Value, artifact_name, artifact_named
 from .core.dtypes import DType, dtype_of
 from .core.keys import UnknownKeysError, VocabKeys, find_vocab_keys
 from .core.rows import INIT_DESCRIPTIONS, Init, RowPlan, ShrinkRefusedError, plan_rows
@@ -383,6 +383,10 @@ def _artifact_bytes(ckpt: Checkpoint, cfg_key: str) -> bytes | None:
 
 def checkpoint_tokenizer_files(ckpt: Checkpoint, out_dir: Path) -> Path | None:
     """Write the checkpoint's embedded tokenizer under plain file names; None when it carries none."""
+    if ckpt.layout == HF_LAYOUT:
+        from .formats.hf_folder import hf_tokenizer_files
+
+        return hf_tokenizer_files(ckpt, out_dir)
     vocab, merges = _artifact_bytes(ckpt, "vocab_file"), _artifact_bytes(ckpt, "merge_file")
     if vocab is not None and merges is not None:
         (out_dir / "vocab.json").write_bytes(vocab)

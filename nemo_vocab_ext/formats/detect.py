@@ -12,6 +12,7 @@ class Format(str, enum.Enum):
     NEMO = "nemo"
     CKPT = "ckpt"
     SAFETENSORS = "safetensors"
+    HF = "hf"  # a Hugging Face model folder
 
     def __str__(self) -> str:
         return self.value
@@ -22,6 +23,10 @@ def detect_format(path: str | Path) -> Format:
     if not p.exists():
         raise CheckpointFormatError(f"{p}: no such file or folder")
     if p.is_dir():
+        if (p / "config.json").is_file() and (
+            (p / "model.safetensors.index.json").is_file() or (p / "model.safetensors").is_file()
+        ):
+            return Format.HF  # this package's own safetensors folders have no config.json
         if (p / "model.safetensors.index.json").is_file() or (p / "model.safetensors").is_file():
             return Format.SAFETENSORS
         if (p / ".metadata").is_file() and (p / "common.pt").is_file():

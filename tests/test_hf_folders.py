@@ -1,0 +1,302 @@
+"""Hugging Face model folders: tiny Llama, Mistral, Qwen2 and GPT-2 models built and saved by transformers,
+resized by the CLI, and loaded back by transformers."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import english_texts, invoke_cli, tree_digest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPT2TokenizerFast,
+    LlamaConfig,
+    MistralConfig,
+    PretrainedConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+
+THAI = [
+    "สวัสดีครับ ภาษาไทย ทดสอบ ประเทศไทย",
+    "กรุงเทพมหานคร เป็นเมืองหลวงของประเทศไทย",
+    "การเรียนรู้ภาษาใหม่ ต้องใช้เวลา และความตั้งใจ",
+]
+BASE_TEXT = "The tokenizer splits text into tokens; every token has a row in the embedding table."
+
+
+def _byte_level_bpe(texts: list[str], size: int, specials: list[str]) -> Tokenizer:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(texts, trainer)
+    return tok
+
+
+@pytest.fixture(scope="module")
+def english_bpe() -> Tokenizer:
+    return _byte_level_bpe(english_texts()[:200], 400, ["<|endoftext|>"])
+
+
+@pytest.fixture(scope="module")
+def thai_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("th_tok")
+    _byte_level_bpe(THAI * 20, 330, []).save(str(out / "tokenizer.json"))
+    return out
+
+
+def _config(kind: str, vocab: int, tied: bool) -> PretrainedConfig:
+    small = {"vocab_size": vocab, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2}
+    heads = {"num_attention_heads": 2, "num_key_value_heads": 1}
+    if kind == "llama":
+        return LlamaConfig(**small, **heads, tie_word_embeddings=tied)
+    if kind == "mistral":
+        return MistralConfig(**small, **heads, tie_word_embeddings=tied, sliding_window=None)
+    if kind == "qwen2":
+        return Qwen2Config(**small, **heads, tie_word_embeddings=tied)
+    return GPT2Config(vocab_size=vocab, n_embd=16, n_layer=1, n_head=2, n_positions=64, tie_word_embeddings=tied)
+
+
+def _save_model(folder: Path, kind: str, tied: bool, english_bpe: Tokenizer, *, shard: bool) -> Path:
+    """A transformers-built model with random weights and its tokenizer, saved by transformers."""
+    cls = GPT2TokenizerFast if kind == "gpt2" else PreTrainedTokenizerFast
+    tokenizer = cls(tokenizer_object=english_bpe, eos_token="<|endoftext|>")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_config(kind, len(tokenizer), tied))
+    model.save_pretrained(folder, max_shard_size="30KB" if shard else "5GB")
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def make_model(tmp_path_factory: pytest.TempPathFactory, english_bpe: Tokenizer) -> Callable[..., Path]:
+    made: dict[tuple[str, bool, bool], Path] = {}
+
+    def make(kind: str, *, tied: bool = False, shard: bool = False) -> Path:
+        key = (kind, tied, shard)
+        if key not in made:
+            folder = tmp_path_factory.mktemp(f"{kind}_{'tied' if tied else 'untied'}{'_sharded' if shard else ''}")
+            made[key] = _save_model(folder / "model", kind, tied, english_bpe, shard=shard)
+        return made[key]
+
+    return make
+
+
+def _merged(model: Path, thai_tokenizer: Path, tmp_path: Path) -> Path:
+    merged = tmp_path / "merged"
+    result = invoke_cli("tokenizer", "merge", model / "tokenizer.json", thai_tokenizer, merged)
+    assert result.exit_code == 0, result.output
+    return merged
+
+
+def _load(folder: Path) -> torch.nn.Module:
+    model, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True, torch_dtype=torch.float32)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    return model.eval()
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().view(torch.int32)
+
+
+def _fvt_rows(table: torch.Tensor, base_tokenizer: Path, merged_tokenizer: Path, old_vocab: int) -> torch.Tensor:
+    """Each new token's row by fvt's definition: the mean (in float64) of the rows of the pieces the base
+    BPE model splits the token's byte-level string into."""
+    base = Tokenizer.from_file(str(base_tokenizer / "tokenizer.json")).model
+    merged = Tokenizer.from_file(str(merged_tokenizer / "tokenizer.json"))
+    rows = []
+    for i in range(old_vocab, merged.get_vocab_size()):
+        pieces = [t.id for t in base.tokenize(merged.id_to_token(i))]
+        rows.append(table[pieces].double().mean(0).float())
+    return torch.stack(rows)
+
+
+CASES = [
+    ("llama", False, False),
+    ("llama", True, True),
+    ("mistral", False, True),
+    ("qwen2", True, False),
+    ("gpt2", True, True),
+]
+
+
+@pytest.mark.parametrize(("kind", "tied", "shard"), CASES)
+@pytest.mark.parametrize("init", ["fvt", "mean"])
+def test_resize_loads_in_transformers(
+    kind: str, tied: bool, shard: bool, init: str, make_model: Callable[..., Path], thai_tokenizer: Path, tmp_path: Path
+) -> None:
+    src = make_model(kind, tied=tied, shard=shard)
+    merged = _merged(src, thai_tokenizer, tmp_path)
+    out = tmp_path / "out"
+    result = invoke_cli("resize", src, out, "--tokenizer", merged, "--init", init)
+    assert result.exit_code == 0, result.output
+
+    base, new = _load(src), _load(out)
+    old_vocab = base.get_input_embeddings().weight.shape[0]
+    new_vocab = Tokenizer.from_file(str(merged / "tokenizer.json")).get_vocab_size()
+    assert new_vocab > old_vocab
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == new_vocab  # no padding by default
+    tables = [("input", base.get_input_embeddings().weight, new.get_input_embeddings().weight)]
+    if not tied:
+        tables.append(("output", base.get_output_embeddings().weight, new.get_output_embeddings().weight))
+    else:
+        assert new.get_output_embeddings().weight.data_ptr() == new.get_input_embeddings().weight.data_ptr()
+    for name, old_table, new_table in tables:
+        assert new_table.shape == (new_vocab, old_table.shape[1]), name
+        assert torch.equal(_bits(new_table[:old_vocab]), _bits(old_table)), name
+        if init == "mean":
+            expected = old_table.double().mean(0).float().expand(new_vocab - old_vocab, -1)
+        else:
+            expected = _fvt_rows(old_table, src, merged, old_vocab)
+        assert torch.equal(_bits(new_table[old_vocab:]), _bits(expected)), name
+
+    ids = torch.tensor([Tokenizer.from_file(str(src / "tokenizer.json")).encode(BASE_TEXT).ids])
+    with torch.no_grad():
+        old_logits, new_logits = base(ids).logits, new(ids).logits
+    assert torch.equal(_bits(new_logits[..., :old_vocab]), _bits(old_logits))
+
+    # Every other tensor and file is carried over; shards keep their names.
+    before, after = tree_digest(src), tree_digest(out)
+    assert set(after) - set(before) == set()
+    changed = {name for name in before if before[name] != after.get(name)}
+    tokenizer_files = {"tokenizer.json", "vocab.json", "merges.txt"}
+    assert (
+        {"config.json"}
+        <= changed
+        <= {"config.json", "model.safetensors.index.json", *tokenizer_files}
+        | {n for n in before if n.endswith(".safetensors")}
+    )
+    if kind == "gpt2":  # the base's slow-tokenizer files would describe the old vocabulary
+        assert "vocab.json" not in after and "merges.txt" not in after
+    assert (out / "tokenizer.json").read_bytes() == (merged / "tokenizer.json").read_bytes()
+    assert new.generation_config.to_dict() == base.generation_config.to_dict()
+
+
+def test_sharded_index_rewritten(make_model: Callable[..., Path], thai_tokenizer: Path, tmp_path: Path) -> None:
+    src = make_model("llama", tied=True, shard=True)
+    out = tmp_path / "out"
+    assert invoke_cli("resize", src, out, "--tokenizer", _merged(src, thai_tokenizer, tmp_path)).exit_code == 0
+    old_index = json.loads((src / "model.safetensors.index.json").read_text())
+    new_index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(old_index["weight_map"].values())) > 1
+    assert new_index["weight_map"] == old_index["weight_map"]
+    shards = sorted(set(new_index["weight_map"].values()))
+    assert new_index["metadata"]["total_size"] == sum(_tensor_bytes(out / s) for s in shards)
+    embedding_shard = old_index["weight_map"]["model.embed_tokens.weight"]
+    for shard in shards:  # shards without a vocabulary table are byte for byte the same
+        if shard != embedding_shard:
+            assert (out / shard).read_bytes() == (src / shard).read_bytes()
+
+
+def _tensor_bytes(shard: Path) -> int:
+    from safetensors import safe_open
+
+    with safe_open(str(shard), "pt") as f:
+        return sum(f.get_tensor(k).nbytes for k in f.keys())  # noqa: SIM118 (safe_open is no mapping)
+
+
+def test_pad_to_multiple_of(make_model: Callable[..., Path], thai_tokenizer: Path, tmp_path: Path) -> None:
+    src = make_model("qwen2", tied=True)
+    merged = _merged(src, thai_tokenizer, tmp_path)
+    out = tmp_path / "out"
+    result = invoke_cli("resize", src, out, "--tokenizer", merged, "--pad-to-multiple-of", "64", "--init", "mean")
+    assert result.exit_code == 0, result.output
+    new_vocab = Tokenizer.from_file(str(merged / "tokenizer.json")).get_vocab_size()
+    rows = -(-new_vocab // 64) * 64
+    assert rows > new_vocab
+    model = _load(out)
+    table = model.get_input_embeddings().weight
+    assert table.shape[0] == rows == model.config.vocab_size
+    old = _load(src).get_input_embeddings().weight
+    assert torch.equal(_bits(table[new_vocab:]), _bits(old.double().mean(0).float().expand(rows - new_vocab, -1)))
+
+
+def test_inspect_and_validate(make_model: Callable[..., Path], thai_tokenizer: Path, tmp_path: Path) -> None:
+    src = make_model("llama")
+    result = invoke_cli("inspect", src, "--json")
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    vocab = len(json.loads((src / "tokenizer.json").read_text())["model"]["vocab"])
+    assert info["format"] == "hf" and info["architecture"] == "LlamaForCausalLM"
+    assert (info["embedding_rows"], info["tokenizer_vocab_size"], info["tied"]) == (vocab, vocab, False)
+
+    result = invoke_cli("validate", src, "--tp", "2", "--divisible-by", "64", "--json")
+    assert result.exit_code == 0, result.output
+    rows_check = next(c for c in json.loads(result.output)["checks"] if c["name"] == "embedding rows")
+    assert f"Megatron pads {vocab} to {-(-vocab // 128) * 128} at TP=2, divisible by 64" in rows_check["message"]
+
+    merged = _merged(src, thai_tokenizer, tmp_path)
+    result = invoke_cli("validate", src, "--tokenizer", merged)
+    assert result.exit_code == 1
+    assert "✗ embedding rows" in result.output
+
+
+def _refused(args: list[object], message: str, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = invoke_cli(*args[:2], out, *args[2:])
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], result.output
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+
+
+def _copy(src: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    dst = tmp_path / "broken"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_folder_without_config(make_model: Callable[..., Path], thai_tokenizer: Path, tmp_path: Path) -> None:
+    broken = _copy(make_model("llama"), tmp_path)
+    (broken / "config.json").unlink()
+    _refused(["resize", broken, "--tokenizer", thai_tokenizer], "needs its config.json", tmp_path)
+
+
+def test_index_names_missing_shard(make_model: Callable[..., Path], thai_tokenizer: Path, tmp_path: Path) -> None:
+    broken = _copy(make_model("llama", shard=True), tmp_path)
+    (broken / "model-00002-of-00003.safetensors").unlink()
+    _refused(
+        ["resize", broken, "--vocab-size", "500", "--init", "mean"], "shard listed in the index is missing", tmp_path
+    )
+
+
+def test_shard_header_disagrees_with_index(make_model: Callable[..., Path], tmp_path: Path) -> None:
+    broken = _copy(make_model("llama", shard=True), tmp_path)
+    index_path = broken / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    first, second = sorted(set(index["weight_map"].values()))[:2]
+    moved = next(k for k, v in index["weight_map"].items() if v == first)
+    index["weight_map"][moved] = second
+    index_path.write_text(json.dumps(index))
+    _refused(["resize", broken, "--vocab-size", "500", "--init", "mean"], "header disagrees", tmp_path)
+
+
+def test_unknown_architecture(make_model: Callable[..., Path], tmp_path: Path) -> None:
+    broken = _copy(make_model("llama"), tmp_path)
+    config = json.loads((broken / "config.json").read_text())
+    config["architectures"] = ["FalconForCausalLM"]
+    (broken / "config.json").write_text(json.dumps(config))
+    _refused(["resize", broken, "--vocab-size", "500", "--init", "mean"], "FalconForCausalLM", tmp_path)
+    result = invoke_cli("inspect", broken)
+    assert result.exit_code == 1 and "FalconForCausalLM" in result.output
+
+
+def test_tokenizer_larger_than_table(make_model: Callable[..., Path], thai_tokenizer: Path, tmp_path: Path) -> None:
+    """The folder's own tokenizer has more tokens than its table has rows."""
+    src = make_model("llama")
+    broken = _copy(src, tmp_path)
+    merged = _merged(src, thai_tokenizer, tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (broken / name).write_bytes((merged / name).read_bytes())
+    _refused(["resize", broken, "--tokenizer", merged, "--init", "mean"], "rows", tmp_path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -10,7 +11,14 @@ from .errors import ResizeError
 from .io import Format, Stage, load_checkpoint, no_stage, save_checkpoint, weights_for
 from .options import ResizeOptions
 from .pipeline import Wording, checked_pieces, prepare_resize, read_tokenizers, resize_while_writing, with_padding_of
-from .vocab import checkpoint_tokenizer_files, embed_tokenizer, tokenizer_config_files
+from .vocab import (
+    PER_TP_LINE,
+    ResizePlan,
+    TensorResize,
+    checkpoint_tokenizer_files,
+    embed_tokenizer,
+    tokenizer_config_files,
+)
 
 WORDING = Wording(
     init_setting="--init ",
@@ -84,7 +92,7 @@ def run_resize(
         )
         if dry_run:
             checked_pieces(plan, *read_tokenizers(own_files, tokenizer), wording)
-            return ["plan (dry run, nothing written):", *plan.lines()]
+            return ["plan (dry run, nothing written):", *_lines(plan, hf, pad_to_multiple_of)]
         stage("resizing")
         resized, finished = resize_while_writing(ckpt, plan, (own_files, tokenizer), wording, options.seed)
         if hf:
@@ -96,7 +104,7 @@ def run_resize(
             save_checkpoint(
                 with_new_rows(resized, plan.rows.new_rows), dst, fmt, force=force, verify=verify, stage=stage
             )
-            return [f"wrote {dst}", *plan.lines(finished()), *notes]
+            return [f"wrote {dst}", *_lines(plan, hf, pad_to_multiple_of, finished()), *notes]
         if tokenizer is not None:
             resized = embed_tokenizer(resized, tokenizer_config_files(tokenizer))
         # Record what the rows were padded for, so NeMo builds the same table from this config.
@@ -105,3 +113,13 @@ def run_resize(
             resized.config["tensor_model_parallel_size"] = tensor_parallel
         save_checkpoint(resized, dst, fmt, force=force, verify=verify, stage=stage)
     return [f"wrote {dst}", *plan.lines(finished())]
+
+
+def _lines(plan: ResizePlan, hf: bool, pad_to_multiple_of: int | None, done: Sequence[TensorResize] = ()) -> list[str]:
+    """The plan's report; a Hugging Face folder's rows are padded as transformers pads them, not for
+    tensor parallelism."""
+    lines = plan.lines(done)
+    if not hf:
+        return lines
+    rows = f"rows: {plan.rows.old_rows:,} -> {plan.rows.new_rows:,} (pad_to_multiple_of={pad_to_multiple_of or 'none'})"
+    return [rows if line.startswith("rows: ") else line for line in lines if not line.startswith(PER_TP_LINE)]

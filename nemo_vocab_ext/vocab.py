@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 # torch is imported only where torch tensors are made (the plugin, optimizer state, rank files).
 
 REPORT_TP_SIZES = (1, 2, 4, 8)
+PER_TP_LINE = "padded rows per tensor-parallel size: "
 # Optimizer entries of a distributed training checkpoint that follow a parameter's rows.
 OPTIMIZER_MOMENTS = ("optimizer.state.exp_avg.", "optimizer.state.exp_avg_sq.")
 OPTIMIZER_MASTER = "optimizer.state.fp32_param."
@@ -191,7 +192,7 @@ class ResizePlan:
             f"tokenizer size: {old} -> {self.new_vocab:,}",
             f"rows: {self.rows.old_rows:,} -> {self.rows.new_rows:,} "
             f"(make_vocab_size_divisible_by={self.divisible_by}, tensor parallel={self.tensor_parallel})",
-            "padded rows per tensor-parallel size: "
+            PER_TP_LINE
             + ", ".join(f"TP{tp}: {o if o is not None else '?'} -> {n}" for tp, (o, n) in self.padded_per_tp().items()),
             "tables: "
             + (

@@ -212,6 +212,7 @@ def test_pad_to_multiple_of(make_model: Callable[..., Path], thai_tokenizer: Pat
     new_vocab = Tokenizer.from_file(str(merged / "tokenizer.json")).get_vocab_size()
     rows = -(-new_vocab // 64) * 64
     assert rows > new_vocab
+    assert f"-> {rows} (pad_to_multiple_of=64)" in result.output and "tensor parallel" not in result.output
     model = _load(out)
     table = model.get_input_embeddings().weight
     assert table.shape[0] == rows == model.config.vocab_size
@@ -300,3 +301,15 @@ def test_tokenizer_larger_than_table(make_model: Callable[..., Path], thai_token
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (broken / name).write_bytes((merged / name).read_bytes())
     _refused(["resize", broken, "--tokenizer", merged, "--init", "mean"], "rows", tmp_path)
+
+
+def test_megatron_padding_options_refused(make_model: Callable[..., Path], tmp_path: Path) -> None:
+    src = make_model("llama")
+    _refused(["resize", src, "--vocab-size", "600", "--init", "mean", "--tp", "2"], "--pad-to-multiple-of", tmp_path)
+
+
+def test_convert_to_another_format_refused(make_model: Callable[..., Path], tmp_path: Path) -> None:
+    src = make_model("llama")
+    result = invoke_cli("convert", src, tmp_path / "out.nemo")
+    assert result.exit_code == 1 and "Hugging Face" in result.output
+    assert list(tmp_path.iterdir()) == []

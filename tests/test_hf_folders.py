@@ -313,3 +313,9 @@ def test_convert_to_another_format_refused(make_model: Callable[..., Path], tmp_
     result = invoke_cli("convert", src, tmp_path / "out.nemo")
     assert result.exit_code == 1 and "Hugging Face" in result.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_folder_without_safetensors(make_model: Callable[..., Path], tmp_path: Path) -> None:
+    broken = _copy(make_model("llama"), tmp_path)
+    (broken / "model.safetensors").rename(broken / "pytorch_model.bin")
+    _refused(["resize", broken, "--vocab-size", "500", "--init", "mean"], "without model.safetensors", tmp_path)

@@ -33,6 +33,11 @@ def detect_format(path: str | Path) -> Format:
             return Format.CKPT
         if (p / "model_config.yaml").is_file():
             return Format.NEMO  # an extracted .nemo
+        if (p / "config.json").is_file():
+            raise CheckpointFormatError(
+                f"{p}: a Hugging Face model folder without model.safetensors or model.safetensors.index.json; "
+                "save it with save_pretrained (safetensors, its default)"
+            )
         raise CheckpointFormatError(
             f"{p}: a folder that is neither sharded safetensors nor a NeMo distributed checkpoint"
         )

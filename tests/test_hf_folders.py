@@ -67,8 +67,10 @@ def _config(kind: str, vocab: int, tied: bool) -> PretrainedConfig:
 
 def _save_model(folder: Path, kind: str, tied: bool, english_bpe: Tokenizer, *, shard: bool) -> Path:
     """A transformers-built model with random weights and its tokenizer, saved by transformers."""
-    cls = GPT2TokenizerFast if kind == "gpt2" else PreTrainedTokenizerFast
+    cls = GPT2TokenizerFast if kind in ("gpt2", "qwen2") else PreTrainedTokenizerFast
     tokenizer = cls(tokenizer_object=english_bpe, eos_token="<|endoftext|>")
+    if kind == "qwen2":  # as Qwen2's: added tokens in tokenizer.json that vocab.json lacks
+        tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(_config(kind, len(tokenizer), tied))
     model.save_pretrained(folder, max_shard_size="30KB" if shard else "5GB")
@@ -174,7 +176,7 @@ def test_resize_loads_in_transformers(
         <= {"config.json", "model.safetensors.index.json", *tokenizer_files}
         | {n for n in before if n.endswith(".safetensors")}
     )
-    if kind == "gpt2":  # the base's slow-tokenizer files would describe the old vocabulary
+    if kind in ("gpt2", "qwen2"):  # the base's slow-tokenizer files would describe the old vocabulary
         assert "vocab.json" not in after and "merges.txt" not in after
     assert (out / "tokenizer.json").read_bytes() == (merged / "tokenizer.json").read_bytes()
     assert new.generation_config.to_dict() == base.generation_config.to_dict()

@@ -165,10 +165,13 @@ def with_tokenizer(ckpt: Checkpoint, tokenizer: Path) -> tuple[Checkpoint, list[
 
 
 def hf_tokenizer_files(ckpt: Checkpoint, out_dir: Path) -> Path | None:
-    """Write the folder's own tokenizer files to ``out_dir``; None when it has none."""
-    found = [name for name in (*TOKENIZER_FILES, *TOKENIZER_COMPANIONS) if name in ckpt.artifacts]
-    if not any(name in TOKENIZER_FILES for name in found):
-        return None
-    for name in found:
-        (out_dir / name).write_bytes(ckpt.artifacts[name])
-    return out_dir
+    """Write the folder's own tokenizer to ``out_dir`` as transformers loads it: ``tokenizer.json`` where
+    there is one (a ``vocab.json`` beside it lacks the added tokens), else ``tokenizer.model``, else
+    ``vocab.json`` + ``merges.txt``; None when it has none."""
+    for names in (("tokenizer.json",), ("tokenizer.model",), ("vocab.json", "merges.txt")):
+        if all(name in ckpt.artifacts for name in names):
+            for name in (*names, *TOKENIZER_COMPANIONS):
+                if name in ckpt.artifacts:
+                    (out_dir / name).write_bytes(ckpt.artifacts[name])
+            return out_dir
+    return None

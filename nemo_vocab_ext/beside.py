@@ -36,15 +36,17 @@ class Beside(Generic[T]):
         self.out = memoryview(mmap.mmap(-1, max(out_bytes, 1)))[:out_bytes]
 
     @staticmethod
-    def start(fn: Callable[..., T], *args: Any, out_bytes: int = 0) -> Beside[T]:
-        """Start ``fn(*args)`` (with ``out_bytes``, ``fn(out, *args)``) in a forked process when nothing
+    def start(fn: Callable[..., T], *args: Any, out_bytes: int | None = None) -> Beside[T]:
+        """Start ``fn(*args)`` (with ``out_bytes``, even 0, ``fn(out, *args)``) in a forked process when nothing
         but this thread runs in this process (a fork copies no other thread, so one holding a lock
         would leave it locked in the child); on a thread otherwise, or where there is no fork. torch
         counts as running threads once imported: its native pools are invisible to ``threading`` and
         not safe to use after a fork."""
         on_thread = threading.active_count() > 1 or "torch" in sys.modules or not hasattr(os, "fork")
-        work: Beside[T] = _OnThread(out_bytes) if on_thread else _InChild(out_bytes)
-        work._run(fn, (work.out, *args) if out_bytes else args)
+        size = out_bytes or 0
+        work: Beside[T] = _OnThread(size) if on_thread else _InChild(size)
+        # A resize that computes no rows (a shrink to the kept rows) still takes its empty buffer.
+        work._run(fn, (work.out, *args) if out_bytes is not None else args)
         return work
 
     def result(self) -> T:

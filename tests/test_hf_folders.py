@@ -4,12 +4,15 @@ resized by the CLI, and loaded back by transformers."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import english_texts, invoke_cli, tree_digest
+from conftest import english_texts, invoke_cli, sources_unchanged, tree_digest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
@@ -243,11 +246,15 @@ def test_inspect_and_validate(make_model: Callable[..., Path], thai_tokenizer: P
 
 
 def _refused(args: list[object], message: str, tmp_path: Path) -> None:
+    """The console script ends with one line naming ``message``, exit code 1, nothing written, the source untouched."""
     out = tmp_path / "out"
-    result = invoke_cli(*args[:2], out, *args[2:])
-    assert result.exit_code == 1, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], result.output
+    command = [sys.executable, "-m", "nemo_vocab_ext.cli", *map(str, args[:2]), str(out), *map(str, args[2:])]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    with sources_unchanged(Path(str(args[1]))):
+        done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    assert done.returncode == 1 and not done.stdout, done
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], done.stderr
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
 
@@ -321,3 +328,70 @@ def test_folder_without_safetensors(make_model: Callable[..., Path], tmp_path: P
     broken = _copy(make_model("llama"), tmp_path)
     (broken / "model.safetensors").rename(broken / "pytorch_model.bin")
     _refused(["resize", broken, "--vocab-size", "500", "--init", "mean"], "without model.safetensors", tmp_path)
+
+
+def _sentencepiece(lines: list[str], prefix: Path, size: int) -> Path:
+    import sentencepiece as spm
+
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_prefix=str(prefix),
+        vocab_size=size,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        minloglevel=2,
+    )
+    return prefix.with_suffix(".model")
+
+
+def test_sentencepiece_llama(tmp_path: Path) -> None:
+    """A Llama whose tokenizer is tokenizer.model alone, grown by a merged SentencePiece model."""
+    from transformers import LlamaTokenizer
+
+    english = [line for text in english_texts()[:100] for line in text.splitlines() if line.strip()]
+    base_sp = _sentencepiece(english, tmp_path / "en", 400)
+    new_sp = _sentencepiece(THAI * 20, tmp_path / "th", 300)
+    src = tmp_path / "base"
+    tokenizer = LlamaTokenizer(vocab_file=str(base_sp))
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(_config("llama", len(tokenizer), False)).save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    assert (src / "tokenizer.model").is_file() and not (src / "tokenizer.json").exists()
+    merged = tmp_path / "merged.model"
+    assert invoke_cli("tokenizer", "merge", src / "tokenizer.model", new_sp, merged).exit_code == 0
+
+    out = tmp_path / "out"
+    for init in ("fvt", "mean"):
+        result = invoke_cli("resize", src, out, "--tokenizer", merged, "--init", init, "--force")
+        assert result.exit_code == 0, result.output
+    assert (out / "tokenizer.model").read_bytes() == merged.read_bytes()
+    base, new = _load(src), _load(out)
+    new_vocab = LlamaTokenizer(vocab_file=str(merged)).vocab_size
+    for old_table, new_table in (
+        (base.get_input_embeddings().weight, new.get_input_embeddings().weight),
+        (base.get_output_embeddings().weight, new.get_output_embeddings().weight),
+    ):
+        old_vocab = old_table.shape[0]
+        assert new_table.shape[0] == new_vocab > old_vocab
+        assert torch.equal(_bits(new_table[:old_vocab]), _bits(old_table))
+        expected = old_table.double().mean(0).float().expand(new_vocab - old_vocab, -1)
+        assert torch.equal(_bits(new_table[old_vocab:]), _bits(expected))
+
+
+def test_shrink_and_moved_ids_refused(make_model: Callable[..., Path], thai_tokenizer: Path, tmp_path: Path) -> None:
+    src = make_model("llama", tied=True)
+    _refused(["resize", src, "--vocab-size", "100", "--init", "mean"], "--allow-shrink", tmp_path)
+    # A tokenizer trained alone gives the base's ids to other tokens.
+    args = ["resize", src, "--tokenizer", thai_tokenizer / "tokenizer.json", "--allow-shrink", "--init", "mean"]
+    _refused(args, "scrambled", tmp_path)
+
+
+def test_shrink_to_kept_rows(make_model: Callable[..., Path], tmp_path: Path) -> None:
+    """A shrink computes no row at all (no padding): the work beside the copy still runs."""
+    src = make_model("llama", tied=True)
+    out = tmp_path / "out"
+    result = invoke_cli("resize", src, out, "--vocab-size", 100, "--init", "mean", "--allow-shrink")
+    assert result.exit_code == 0, result.output
+    old, new = _load(src).get_input_embeddings().weight, _load(out).get_input_embeddings().weight
+    assert new.shape[0] == 100 and torch.equal(_bits(new), _bits(old[:100]))

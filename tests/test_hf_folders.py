@@ -395,3 +395,23 @@ def test_shrink_to_kept_rows(make_model: Callable[..., Path], tmp_path: Path) ->
     assert result.exit_code == 0, result.output
     old, new = _load(src).get_input_embeddings().weight, _load(out).get_input_embeddings().weight
     assert new.shape[0] == 100 and torch.equal(_bits(new), _bits(old[:100]))
+
+
+def test_tied_model_storing_its_output_layer(make_model: Callable[..., Path], tmp_path: Path) -> None:
+    """A tied model whose file holds lm_head.weight too (a copy of the embedding): both are resized alike."""
+    from safetensors.torch import load_file, save_file
+
+    folder = _copy(make_model("llama", tied=True), tmp_path)
+    tensors = load_file(str(folder / "model.safetensors"))
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    info = json.loads(invoke_cli("inspect", folder, "--json").output)
+    assert info["tied"] is True
+    out = tmp_path / "out"
+    result = invoke_cli("resize", folder, out, "--vocab-size", 450, "--init", "mean")
+    assert result.exit_code == 0, result.output
+    resized = load_file(str(out / "model.safetensors"))
+    assert resized["lm_head.weight"].shape[0] == 450
+    assert torch.equal(_bits(resized["lm_head.weight"]), _bits(resized["model.embed_tokens.weight"]))
+    model = _load(out)
+    assert torch.equal(_bits(model.get_input_embeddings().weight), _bits(resized["model.embed_tokens.weight"]))

@@ -76,6 +76,8 @@ def _save_model(folder: Path, kind: str, tied: bool, english_bpe: Tokenizer, *, 
         tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(_config(kind, len(tokenizer), tied))
+    if kind == "mistral":  # as most released models: bfloat16 on disk
+        model = model.to(torch.bfloat16)
     model.save_pretrained(folder, max_shard_size="30KB" if shard else "5GB")
     tokenizer.save_pretrained(folder)
     return folder
@@ -112,15 +114,17 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.detach().contiguous().view(torch.int32)
 
 
-def _fvt_rows(table: torch.Tensor, base_tokenizer: Path, merged_tokenizer: Path, old_vocab: int) -> torch.Tensor:
-    """Each new token's row by fvt's definition: the mean (in float64) of the rows of the pieces the base
-    BPE model splits the token's byte-level string into."""
+def _fvt_rows(
+    table: torch.Tensor, base_tokenizer: Path, merged_tokenizer: Path, old_vocab: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Each new token's row by fvt's definition: the mean (in float64, rounded once to the stored
+    ``dtype``) of the rows of the pieces the base BPE model splits the token's byte-level string into."""
     base = Tokenizer.from_file(str(base_tokenizer / "tokenizer.json")).model
     merged = Tokenizer.from_file(str(merged_tokenizer / "tokenizer.json"))
     rows = []
     for i in range(old_vocab, merged.get_vocab_size()):
         pieces = [t.id for t in base.tokenize(merged.id_to_token(i))]
-        rows.append(table[pieces].double().mean(0).float())
+        rows.append(table[pieces].double().mean(0).to(dtype).float())
     return torch.stack(rows)
 
 
@@ -144,7 +148,8 @@ def test_resize_loads_in_transformers(
     result = invoke_cli("resize", src, out, "--tokenizer", merged, "--init", init)
     assert result.exit_code == 0, result.output
 
-    base, new = _load(src), _load(out)
+    base, new = _load(src), _load(out)  # as float32: bfloat16 values exactly
+    stored = getattr(torch, json.loads((src / "config.json").read_text())["torch_dtype"])
     old_vocab = base.get_input_embeddings().weight.shape[0]
     new_vocab = Tokenizer.from_file(str(merged / "tokenizer.json")).get_vocab_size()
     assert new_vocab > old_vocab
@@ -158,9 +163,9 @@ def test_resize_loads_in_transformers(
         assert new_table.shape == (new_vocab, old_table.shape[1]), name
         assert torch.equal(_bits(new_table[:old_vocab]), _bits(old_table)), name
         if init == "mean":
-            expected = old_table.double().mean(0).float().expand(new_vocab - old_vocab, -1)
+            expected = old_table.double().mean(0).to(stored).float().expand(new_vocab - old_vocab, -1)
         else:
-            expected = _fvt_rows(old_table, src, merged, old_vocab)
+            expected = _fvt_rows(old_table, src, merged, old_vocab, stored)
         assert torch.equal(_bits(new_table[old_vocab:]), _bits(expected)), name
 
     ids = torch.tensor([Tokenizer.from_file(str(src / "tokenizer.json")).encode(BASE_TEXT).ids])

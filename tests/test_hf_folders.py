@@ -420,3 +420,19 @@ def test_tied_model_storing_its_output_layer(make_model: Callable[..., Path], tm
     assert torch.equal(_bits(resized["lm_head.weight"]), _bits(resized["model.embed_tokens.weight"]))
     model = _load(out)
     assert torch.equal(_bits(model.get_input_embeddings().weight), _bits(resized["model.embed_tokens.weight"]))
+
+
+def test_gpt2_merged_as_vocab_and_merges(make_model: Callable[..., Path], thai_tokenizer: Path, tmp_path: Path) -> None:
+    """GPT-2's folder merged as vocab.json + merges.txt: the base's tokenizer.json (the old vocabulary) is
+    dropped, and transformers builds the tokenizer of the table's size from the merged files."""
+    from transformers import AutoTokenizer
+
+    src = make_model("gpt2", tied=True, shard=True)
+    merged = tmp_path / "merged"
+    assert invoke_cli("tokenizer", "merge", src, thai_tokenizer, merged).exit_code == 0
+    assert not (merged / "tokenizer.json").exists()
+    out = tmp_path / "out"
+    result = invoke_cli("resize", src, out, "--tokenizer", merged)
+    assert result.exit_code == 0, result.output
+    assert "removed the base's tokenizer.json" in result.output and not (out / "tokenizer.json").exists()
+    assert len(AutoTokenizer.from_pretrained(out)) == _load(out).get_input_embeddings().weight.shape[0]

@@ -159,7 +159,8 @@ def with_tokenizer(ckpt: Checkpoint, tokenizer: Path) -> tuple[Checkpoint, list[
     lines = [f"tokenizer files: {', '.join(files)} from {tokenizer}"]
     if dropped:
         lines.append(
-            f"removed the base's {', '.join(dropped)} (the new tokenizer has none; they hold the old vocabulary)"
+            f"removed the base's {', '.join(dropped)}: the new tokenizer has no such file, "
+            "and the base's would describe the old vocabulary"
         )
     return replace(ckpt, artifacts=artifacts), lines
 

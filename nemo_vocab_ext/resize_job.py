@@ -7,7 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .atomic import refuse_existing, refuse_overlap, scratch_dir
-from .errors import ResizeError
+from .errors import ResizeError, UnsupportedError
 from .io import Format, Stage, load_checkpoint, no_stage, save_checkpoint, weights_for
 from .options import ResizeOptions
 from .pipeline import Wording, checked_pieces, prepare_resize, read_tokenizers, resize_while_writing, with_padding_of
@@ -56,8 +56,12 @@ def run_resize(
     stage("reading")
     loaded, src_fmt = load_checkpoint(src)
     hf = src_fmt is Format.HF
+    if hf != (fmt is Format.HF):
+        raise UnsupportedError(
+            f"{dst}: a Hugging Face model folder is resized only into a Hugging Face model folder; "
+            "use NeMo's Hugging Face importers and exporters to convert"
+        )
     if hf:
-        fmt = Format.HF
         if tensor_parallel is not None or divisible_by is not None:
             raise ResizeError(
                 f"{src}: a Hugging Face model folder is not padded for tensor parallelism; "

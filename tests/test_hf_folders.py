@@ -320,6 +320,7 @@ def test_tokenizer_larger_than_table(make_model: Callable[..., Path], thai_token
 def test_megatron_padding_options_refused(make_model: Callable[..., Path], tmp_path: Path) -> None:
     src = make_model("llama")
     _refused(["resize", src, "--vocab-size", "600", "--init", "mean", "--tp", "2"], "--pad-to-multiple-of", tmp_path)
+    _refused(["resize", src, "--vocab-size", "600", "--init", "mean", "--to", "nemo"], "Hugging Face", tmp_path)
 
 
 def test_convert_to_another_format_refused(make_model: Callable[..., Path], tmp_path: Path) -> None:

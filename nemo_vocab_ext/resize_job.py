@@ -100,11 +100,13 @@ def run_resize(
         stage("resizing")
         resized, finished = resize_while_writing(ckpt, plan, (own_files, tokenizer), wording, options.seed)
         if hf:
-            from .formats.hf_folder import with_new_rows, with_tokenizer
+            from .formats.hf_folder import left_behind, with_new_rows, with_tokenizer
 
             notes: list[str] = []
             if tokenizer is not None:
                 resized, notes = with_tokenizer(resized, tokenizer)
+            if stale := left_behind(src):
+                notes.append(f"not carried over (weights in other forms, with the old vocabulary): {', '.join(stale)}")
             save_checkpoint(
                 with_new_rows(resized, plan.rows.new_rows), dst, fmt, force=force, verify=verify, stage=stage
             )

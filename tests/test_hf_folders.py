@@ -437,3 +437,18 @@ def test_gpt2_merged_as_vocab_and_merges(make_model: Callable[..., Path], thai_t
     assert result.exit_code == 0, result.output
     assert "removed the base's tokenizer.json" in result.output and not (out / "tokenizer.json").exists()
     assert len(AutoTokenizer.from_pretrained(out)) == _load(out).get_input_embeddings().weight.shape[0]
+
+
+def test_weights_in_other_forms_left_behind(make_model: Callable[..., Path], tmp_path: Path) -> None:
+    """PyTorch weights beside the safetensors hold the old vocabulary: the resized folder leaves them out."""
+    folder = _copy(make_model("llama", tied=True), tmp_path)
+    (folder / "pytorch_model.bin").write_bytes(b"old weights")
+    (folder / "original").mkdir()
+    (folder / "original" / "params.json").write_text("{}")
+    out = tmp_path / "out"
+    result = invoke_cli("resize", folder, out, "--vocab-size", 450, "--init", "mean")
+    assert result.exit_code == 0, result.output
+    assert "not carried over (weights in other forms, with the old vocabulary): pytorch_model.bin" in result.output
+    assert not (out / "pytorch_model.bin").exists()
+    assert (out / "original" / "params.json").read_text() == "{}"
+    _load(out)

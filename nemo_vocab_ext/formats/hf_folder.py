@@ -31,6 +31,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.tx
 # Files that name tokens by id (ids a merge keeps): the new tokenizer's where it has them, else the base's.
 TOKENIZER_COMPANIONS = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 MAX_CARRIED_BYTES = 1 << 30  # a carried file is held in memory; tokenizers are megabytes
+# Weights in other forms (PyTorch, TensorFlow, Flax, Meta's originals, GGUF) beside the safetensors:
+# they hold the old vocabulary, so a resized folder leaves them behind.
+_OTHER_WEIGHTS = (".bin", ".pth", ".pt", ".h5", ".msgpack", ".gguf", ".safetensors")
+_OTHER_INDEXES = ("pytorch_model.bin.index.json", "tf_model.h5.index.json", "flax_model.msgpack.index.json")
 
 
 def is_hf_folder(path: Path) -> bool:
@@ -47,8 +51,21 @@ def _weight_map(artifacts: dict[str, bytes], where: Path) -> dict[str, str] | No
     return weight_map
 
 
+def _other_weights(name: str) -> bool:
+    base = name.rsplit("/", 1)[-1]
+    return base in _OTHER_INDEXES or (base.endswith(_OTHER_WEIGHTS) and base != "training_args.bin")
+
+
+def left_behind(src: Path) -> list[str]:
+    """Files of the folder at ``src`` that a resized folder does not carry: weights in other forms (and
+    safetensors files its index does not name)."""
+    shards = {p.name for p in _shard_files(src)}
+    return [name for name in InFolder(src).names() if name not in shards and _other_weights(name)]
+
+
 def read_hf_folder(src: str | Path) -> Checkpoint:
-    """The weights (read when used), ``config.json``, and every other file as an artifact."""
+    """The weights (read when used), ``config.json``, and every other file as an artifact, but weights
+    in other forms (:func:`left_behind`)."""
     src = Path(src)
     folder = InFolder(src)
     if not folder.has(CONFIG_FILE):
@@ -59,7 +76,7 @@ def read_hf_folder(src: str | Path) -> Checkpoint:
     shards = {p.name for p in shard_paths}
     artifacts: dict[str, bytes] = {}
     for name in folder.names():
-        if name == CONFIG_FILE or name in shards:
+        if name == CONFIG_FILE or name in shards or _other_weights(name):
             continue
         artifacts[name] = folder.read(name, max_bytes=MAX_CARRIED_BYTES)
     weight_map = _weight_map(artifacts, src)

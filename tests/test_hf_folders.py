@@ -174,6 +174,13 @@ def test_resize_loads_in_transformers(
     assert torch.equal(_bits(new_logits[..., :old_vocab]), _bits(old_logits))
 
     # Every other tensor and file is carried over; shards keep their names.
+    new_state, tables_named = (
+        new.state_dict(),
+        {"model.embed_tokens.weight", "transformer.wte.weight", "lm_head.weight"},
+    )
+    for key, value in base.state_dict().items():
+        if key not in tables_named:
+            assert value.dtype == new_state[key].dtype and torch.equal(value, new_state[key]), key
     before, after = tree_digest(src), tree_digest(out)
     assert set(after) - set(before) == set()
     changed = {name for name in before if before[name] != after.get(name)}

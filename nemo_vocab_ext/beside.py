@@ -28,11 +28,11 @@ class Beside(Generic[T]):
         self._outcome: tuple[bool, Any] = (False, RuntimeError("the work did not run"))
 
     @staticmethod
-    def start(fn: Callable[..., T], *args: Any, out_bytes: int = 0) -> Beside[T]:
-        """Start ``fn(*args)`` (with ``out_bytes``, ``fn(out, *args)``) on a daemon thread: a command
-        that fails first does not wait for it."""
-        work: Beside[T] = Beside(out_bytes)
-        call_args = (work.out, *args) if out_bytes else args
+    def start(fn: Callable[..., T], *args: Any, out_bytes: int | None = None) -> Beside[T]:
+        """Start ``fn(*args)`` (with ``out_bytes``, even 0, ``fn(out, *args)``) on a daemon thread: a
+        command that fails first does not wait for it."""
+        work: Beside[T] = Beside(out_bytes or 0)
+        call_args = (work.out, *args) if out_bytes is not None else args
 
         def run() -> None:
             try:

@@ -11,7 +11,7 @@ from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Union
 
-from .core.keys import VocabKeys, find_vocab_keys
+from .core.keys import VocabKeys, find_vocab_keys, hf_vocab_keys
 from .entries import is_tensor, tensor_meta
 
 if TYPE_CHECKING:
@@ -26,6 +26,7 @@ DISTRIBUTED = "distributed"  # torch_dist directory: stacked decoder layers, glo
 SINGLE = "single"  # one state dict file: per-layer keys (model_weights.ckpt, Lightning .ckpt)
 MP_RANK = "mp_rank"  # legacy per-TP-rank files
 TP_PP_RANK = "tp_pp_rank"  # legacy per-(TP, PP)-rank files
+HF_LAYOUT = "hf"  # a Hugging Face model folder: its own key names, config.json as the config
 
 
 NEMO_REF = "nemo:"  # a config value naming one of the checkpoint's artifacts
@@ -65,6 +66,10 @@ class Checkpoint:
         return [k for k in self.tensors if tensor_meta(self.tensors, k) is not None]
 
     def vocab_keys(self) -> VocabKeys:
+        if self.layout == HF_LAYOUT:  # the architecture config.json names tells the keys
+            return hf_vocab_keys(
+                self.config.get("architectures"), self.config.get("tie_word_embeddings"), self.tensor_keys()
+            )
         return find_vocab_keys(self.tensor_keys())
 
     def weights(self) -> Iterator[tuple[str, torch.Tensor]]:

@@ -186,6 +186,11 @@ def convert(src: Path, dst: Path, to: str | None, layout: str | None, force: boo
 @click.option(
     "--divisible-by", type=click.IntRange(min=1), help="make_vocab_size_divisible_by (default: the config's)."
 )
+@click.option(
+    "--pad-to-multiple-of",
+    type=click.IntRange(min=1),
+    help="Hugging Face model folders: table rows a multiple of N (default: the tokenizer's size).",
+)
 @click.option("--allow-shrink", is_flag=True, default=DEFAULTS.allow_shrink, help="Allow dropping trained rows.")
 @click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True, help="Seed of the 'normal' init.")
 @click.option("--dry-run", is_flag=True, help="Print the plan; write nothing.")
@@ -202,18 +207,31 @@ def resize(
     padding_init: str,
     tp: int | None,
     divisible_by: int | None,
+    pad_to_multiple_of: int | None,
     allow_shrink: bool,
     seed: int,
     dry_run: bool,
     force: bool,
     verify: bool,
 ) -> None:
-    """Grow (or, with --allow-shrink, shrink) the vocabulary of SRC into DST (.nemo, .ckpt or safetensors)."""
+    """Grow (or, with --allow-shrink, shrink) the vocabulary of SRC into DST (.nemo, .ckpt or safetensors;
+    a Hugging Face model folder into a Hugging Face model folder)."""
+    from .errors import CheckpointFormatError
+    from .formats.detect import detect_format
     from .resize_job import run_resize
 
     if (tokenizer is None) == (vocab_size is None):
         raise click.UsageError("give exactly one of --tokenizer and --vocab-size")
-    fmt = format_for_destination(dst, Format(to) if to else None)
+    if detect_format(src) is Format.HF and to is None:
+        fmt = Format.HF
+    else:
+        try:
+            fmt = format_for_destination(dst, Format(to) if to else None)
+        except CheckpointFormatError:
+            from .io import load_checkpoint
+
+            load_checkpoint(src)  # a source that cannot be read is the error to name (headers only)
+            raise
     with stages(1 if dry_run else 5) as stage:
         lines = run_resize(
             src,
@@ -224,6 +242,7 @@ def resize(
             options=ResizeOptions(Init(init), Init(padding_init), seed, allow_shrink),
             tensor_parallel=tp,
             divisible_by=divisible_by,
+            pad_to_multiple_of=pad_to_multiple_of,
             dry_run=dry_run,
             force=force,
             verify=verify,

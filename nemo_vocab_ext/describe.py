@@ -6,7 +6,7 @@ import math
 from typing import Any
 
 from .atomic import scratch_dir
-from .checkpoint import Checkpoint
+from .checkpoint import HF_LAYOUT, Checkpoint
 from .entries import tensor_meta
 from .errors import VocabExtError
 from .vocab import (
@@ -34,7 +34,7 @@ def describe(ckpt: Checkpoint, fmt: str) -> dict[str, Any]:
     shapes = [
         meta[0] for s in states for k in s if not k.startswith("optimizer.") and (meta := tensor_meta(s, k)) is not None
     ]
-    return {
+    info = {
         "format": fmt,
         "layout": ckpt.layout,
         "embedding_key": keys.embedding,
@@ -51,3 +51,7 @@ def describe(ckpt: Checkpoint, fmt: str) -> dict[str, Any]:
         "num_tensors": len(shapes),
         "num_parameters": sum(math.prod(shape) for shape in shapes),
     }
+    if ckpt.layout == HF_LAYOUT:  # padded_vocab_size: what Megatron would build (its defaults: 128, TP1)
+        info["architecture"] = ", ".join(ckpt.config.get("architectures") or [])
+        info["config_vocab_size"] = ckpt.config.get("vocab_size")
+    return info

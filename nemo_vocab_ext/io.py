@@ -7,9 +7,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from .atomic import atomic_output
-from .checkpoint import Checkpoint, Value
+from .checkpoint import HF_LAYOUT, Checkpoint, Value
 from .entries import Entries, held, is_tensor, tensor_meta
-from .errors import CheckpointFormatError
+from .errors import CheckpointFormatError, UnsupportedError
 from .formats.detect import Format, detect_format
 from .vocab import check_model_config
 
@@ -31,6 +31,10 @@ def _read(path: Path, fmt: Format) -> Checkpoint:
         from .formats.lightning import read_lightning
 
         return read_lightning(path)
+    if fmt is Format.HF:
+        from .formats.hf_folder import read_hf_folder
+
+        return read_hf_folder(path)
     from .formats.safetensors_io import read_safetensors
 
     return read_safetensors(path)
@@ -45,6 +49,10 @@ def _write(ckpt: Checkpoint, path: Path, fmt: Format) -> None:
         from .formats.lightning import write_lightning
 
         write_lightning(ckpt, path)
+    elif fmt is Format.HF:
+        from .formats.hf_folder import write_hf_folder
+
+        write_hf_folder(ckpt, path)
     else:
         from .formats.safetensors_io import write_safetensors
 
@@ -107,6 +115,11 @@ def save_checkpoint(
     ``verify`` also compares every entry's bytes (a second read of input and output).
     ``stage`` is told when each step starts (for a progress display).
     """
+    if (ckpt.layout == HF_LAYOUT) != (fmt is Format.HF):
+        raise UnsupportedError(
+            f"{dst}: Hugging Face model folders are written only as Hugging Face model folders; "
+            "use NeMo's Hugging Face importers and exporters to convert"
+        )
     with atomic_output(dst, force=force) as tmp:
         stage(f"writing {fmt}")
         _write(ckpt, tmp, fmt)

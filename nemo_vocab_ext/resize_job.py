@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
 from .atomic import refuse_existing, refuse_overlap, scratch_dir
-from .errors import ResizeError
+from .errors import ResizeError, UnsupportedError
 from .io import Format, Stage, load_checkpoint, no_stage, save_checkpoint, weights_for
 from .options import ResizeOptions
 from .pipeline import Wording, checked_pieces, prepare_resize, read_tokenizers, resize_while_writing, with_padding_of
-from .vocab import checkpoint_tokenizer_files, embed_tokenizer, tokenizer_config_files
+from .vocab import (
+    PER_TP_LINE,
+    ResizePlan,
+    TensorResize,
+    checkpoint_tokenizer_files,
+    embed_tokenizer,
+    tokenizer_config_files,
+)
 
 WORDING = Wording(
     init_setting="--init ",
@@ -31,20 +39,38 @@ def run_resize(
     options: ResizeOptions,
     tensor_parallel: int | None = None,
     divisible_by: int | None = None,
+    pad_to_multiple_of: int | None = None,
     dry_run: bool = False,
     force: bool = False,
     verify: bool = False,
     stage: Stage = no_stage,
 ) -> list[str]:
     """Resize ``src`` into ``dst`` (written as ``fmt``) and return the report lines; ``dry_run`` writes
-    nothing. ``tensor_parallel`` and ``divisible_by`` override the model config's."""
+    nothing. ``tensor_parallel`` and ``divisible_by`` override the model config's; a Hugging Face model
+    folder takes ``pad_to_multiple_of`` instead (no padding by default, as transformers)."""
     from .tokenization.load import tokenizer_size
 
     if not dry_run:
         refuse_overlap(src, dst)
         refuse_existing(dst, force=force)
     stage("reading")
-    ckpt = weights_for(load_checkpoint(src)[0], fmt)
+    loaded, src_fmt = load_checkpoint(src)
+    hf = src_fmt is Format.HF
+    if hf != (fmt is Format.HF):
+        raise UnsupportedError(
+            f"{dst}: a Hugging Face model folder is resized only into a Hugging Face model folder; "
+            "use NeMo's Hugging Face importers and exporters to convert"
+        )
+    if hf:
+        if tensor_parallel is not None or divisible_by is not None:
+            raise ResizeError(
+                f"{src}: a Hugging Face model folder is not padded for tensor parallelism; "
+                "pass --pad-to-multiple-of N instead of --tp/--divisible-by"
+            )
+        tensor_parallel, divisible_by = 1, pad_to_multiple_of or 1
+    elif pad_to_multiple_of is not None:
+        raise ResizeError(f"{src}: --pad-to-multiple-of is for Hugging Face model folders; pass --divisible-by")
+    ckpt = weights_for(loaded, fmt)
     if fmt is Format.CKPT and ckpt.training_state.get("optimizer_states"):
         # A Lightning file keeps its optimizer's moments by parameter index, not by name: they would
         # keep the old table's shape and break the resumed run.
@@ -70,9 +96,21 @@ def run_resize(
         )
         if dry_run:
             checked_pieces(plan, *read_tokenizers(own_files, tokenizer), wording)
-            return ["plan (dry run, nothing written):", *plan.lines()]
+            return ["plan (dry run, nothing written):", *_lines(plan, hf, pad_to_multiple_of)]
         stage("resizing")
         resized, finished = resize_while_writing(ckpt, plan, (own_files, tokenizer), wording, options.seed)
+        if hf:
+            from .formats.hf_folder import left_behind, with_new_rows, with_tokenizer
+
+            notes: list[str] = []
+            if tokenizer is not None:
+                resized, notes = with_tokenizer(resized, tokenizer)
+            if stale := left_behind(src):
+                notes.append(f"not carried over (weights in other forms, with the old vocabulary): {', '.join(stale)}")
+            save_checkpoint(
+                with_new_rows(resized, plan.rows.new_rows), dst, fmt, force=force, verify=verify, stage=stage
+            )
+            return [f"wrote {dst}", *_lines(plan, hf, pad_to_multiple_of, finished()), *notes]
         if tokenizer is not None:
             resized = embed_tokenizer(resized, tokenizer_config_files(tokenizer))
         # Record what the rows were padded for, so NeMo builds the same table from this config.
@@ -81,3 +119,13 @@ def run_resize(
             resized.config["tensor_model_parallel_size"] = tensor_parallel
         save_checkpoint(resized, dst, fmt, force=force, verify=verify, stage=stage)
     return [f"wrote {dst}", *plan.lines(finished())]
+
+
+def _lines(plan: ResizePlan, hf: bool, pad_to_multiple_of: int | None, done: Sequence[TensorResize] = ()) -> list[str]:
+    """The plan's report; a Hugging Face folder's rows are padded as transformers pads them, not for
+    tensor parallelism."""
+    lines = plan.lines(done)
+    if not hf:
+        return lines
+    rows = f"rows: {plan.rows.old_rows:,} -> {plan.rows.new_rows:,} (pad_to_multiple_of={pad_to_multiple_of or 'none'})"
+    return [rows if line.startswith("rows: ") else line for line in lines if not line.startswith(PER_TP_LINE)]

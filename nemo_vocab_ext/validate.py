@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from .atomic import scratch_dir
-from .checkpoint import Checkpoint, artifact_named
+from .checkpoint import HF_LAYOUT, Checkpoint, artifact_named
 from .errors import VocabExtError
 from .vocab import (
     divisible_by_of,
@@ -48,6 +48,12 @@ class Report:
 
 
 def _check_artifacts(ckpt: Checkpoint, report: Report) -> None:
+    if ckpt.layout == HF_LAYOUT:  # the tokenizer lies beside the weights
+        from .formats.hf_folder import TOKENIZER_FILES
+
+        found = [name for name in TOKENIZER_FILES if name in ckpt.artifacts]
+        report.add("tokenizer files", bool(found), ", ".join(found) or f"none of {', '.join(TOKENIZER_FILES)}")
+        return
     refs = {k: name for k, v in tokenizer_config(ckpt.config).items() if (name := artifact_named(v)) is not None}
     missing = [f"tokenizer.{k} -> nemo:{name}" for k, name in refs.items() if name not in ckpt.artifacts]
     if missing:
@@ -57,6 +63,9 @@ def _check_artifacts(ckpt: Checkpoint, report: Report) -> None:
 
 
 def _check_tied(ckpt: Checkpoint, report: Report) -> None:
+    if ckpt.layout == HF_LAYOUT:  # the keys follow tie_word_embeddings, so they agree
+        report.add("tied", True, "tied embedding and output layer" if ckpt.vocab_keys().tied else "untied output layer")
+        return
     tied_cfg = bool(ckpt.config.get("share_embeddings_and_output_weights", True))
     tied_weights = ckpt.vocab_keys().tied
     if tied_cfg == tied_weights:
@@ -112,6 +121,40 @@ def _check_finite(ckpt: Checkpoint, report: Report) -> None:
         report.add("finite", True, f"no NaN/Inf in {count} tensors")
 
 
+def _check_rows(report: Report, rows: int, vocab: int, which: str, want: int, tp: int, multiple: int) -> None:
+    msg = f"{rows:,} rows; the {which} tokenizer ({vocab:,} tokens) needs {want:,} at TP={tp}, divisible by {multiple}"
+    if rows == want:
+        report.add("embedding rows", True, msg)
+    else:
+        hint = "run `nemo-vocab-ext resize`" if rows < want else "pass --allow-shrink to resize, or check the tokenizer"
+        report.add("embedding rows", False, f"{msg}; {hint}")
+
+
+def _check_hf_rows(
+    ckpt: Checkpoint, report: Report, rows: int, vocab: int, which: str, want: int, tp: int, multiple: int
+) -> None:
+    """A Hugging Face model needs a row per token (padding is allowed) and config.json's vocab_size equal
+    to the rows; Megatron would pad the tokenizer to ``want``, which is reported."""
+    megatron = f"Megatron pads {vocab:,} to {want:,} at TP={tp}, divisible by {multiple}"
+    msg = f"{rows:,} rows; the {which} tokenizer has {vocab:,} tokens; {megatron}"
+    if rows >= vocab:
+        if rows == want:
+            fit = "the table has those rows"
+        elif rows < want:
+            fit = f"the table fits; Megatron's {want - rows:,} padding rows come on conversion"
+        else:
+            fit = f"the table has {rows - want:,} rows more than Megatron builds"
+        report.add("embedding rows", True, f"{msg}: {fit}")
+    else:
+        report.add("embedding rows", False, f"{msg}; run `nemo-vocab-ext resize`")
+    config_vocab = ckpt.config.get("vocab_size")
+    report.add(
+        "config vocab_size",
+        config_vocab == rows,
+        f"config.json's vocab_size {config_vocab} {'=' if config_vocab == rows else '!='} {rows:,} table rows",
+    )
+
+
 def validate_checkpoint(
     ckpt: Checkpoint,
     *,
@@ -144,19 +187,10 @@ def validate_checkpoint(
         else:
             want = expected_rows(tok.vocab_size, ckpt.config, tp=tp, divisible_by=multiple)
             which = "given" if new else "checkpoint's"
-            msg = (
-                f"{rows:,} rows; the {which} tokenizer ({tok.vocab_size:,} tokens) needs {want:,} "
-                f"at TP={tp}, divisible by {multiple}"
-            )
-            if rows == want:
-                report.add("embedding rows", True, msg)
+            if ckpt.layout == HF_LAYOUT:
+                _check_hf_rows(ckpt, report, rows, tok.vocab_size, which, want, tp, multiple)
             else:
-                hint = (
-                    "run `nemo-vocab-ext resize`"
-                    if rows < want
-                    else "pass --allow-shrink to resize, or check the tokenizer"
-                )
-                report.add("embedding rows", False, f"{msg}; {hint}")
+                _check_rows(report, rows, tok.vocab_size, which, want, tp, multiple)
         for key, (shape, _) in shapes.items():
             if shape[0] != rows:
                 report.add("rows agree", False, f"'{key}' has {shape[0]} rows, the embedding {rows}")

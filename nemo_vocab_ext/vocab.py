@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from .checkpoint import NEMO_REF, Checkpoint, Value, artifact_name, artifact_named
+from .checkpoint import HF_LAYOUT, NEMO_REF, Checkpoint, Value, artifact_name, artifact_named
 from .core.dtypes import DType, dtype_of
 from .core.keys import UnknownKeysError, VocabKeys, find_vocab_keys
 from .core.rows import INIT_DESCRIPTIONS, Init, RowPlan, ShrinkRefusedError, plan_rows
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 # torch is imported only where torch tensors are made (the plugin, optimizer state, rank files).
 
 REPORT_TP_SIZES = (1, 2, 4, 8)
+PER_TP_LINE = "padded rows per tensor-parallel size: "
 # Optimizer entries of a distributed training checkpoint that follow a parameter's rows.
 OPTIMIZER_MOMENTS = ("optimizer.state.exp_avg.", "optimizer.state.exp_avg_sq.")
 OPTIMIZER_MASTER = "optimizer.state.fp32_param."
@@ -212,7 +213,7 @@ class ResizePlan:
             f"tokenizer size: {old} -> {self.new_vocab:,}",
             f"rows: {self.rows.old_rows:,} -> {self.rows.new_rows:,} "
             f"(make_vocab_size_divisible_by={self.divisible_by}, tensor parallel={self.tensor_parallel})",
-            "padded rows per tensor-parallel size: "
+            PER_TP_LINE
             + ", ".join(f"TP{tp}: {o if o is not None else '?'} -> {n}" for tp, (o, n) in self.padded_per_tp().items()),
             "tables: "
             + (
@@ -404,6 +405,10 @@ def _artifact_bytes(ckpt: Checkpoint, cfg_key: str) -> bytes | None:
 
 def checkpoint_tokenizer_files(ckpt: Checkpoint, out_dir: Path) -> Path | None:
     """Write the checkpoint's embedded tokenizer under plain file names; None when it carries none."""
+    if ckpt.layout == HF_LAYOUT:
+        from .formats.hf_folder import hf_tokenizer_files
+
+        return hf_tokenizer_files(ckpt, out_dir)
     vocab, merges = _artifact_bytes(ckpt, "vocab_file"), _artifact_bytes(ckpt, "merge_file")
     if vocab is not None and merges is not None:
         (out_dir / "vocab.json").write_bytes(vocab)

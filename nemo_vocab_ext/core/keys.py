@@ -81,3 +81,57 @@ def find_vocab_keys(keys: Iterable[str]) -> VocabKeys:
             copies = tuple(by_canonical[k] for k in TIED_HEAD_COPY_KEYS[family] if k in by_canonical)
             return VocabKeys(family, by_canonical[embedding], output, copies)
     raise UnknownKeysError(sorted(stored)[:5])
+
+
+# Hugging Face causal LMs: the vocabulary tables of each ``architectures`` entry of config.json, as
+# transformers' modeling files name them (transformers 4.53), and whether the config class ties the
+# output layer to the embedding when config.json has no ``tie_word_embeddings``.
+@dataclass(frozen=True)
+class HFArchitecture:
+    embedding: str
+    output_layer: str
+    tied_by_default: bool
+
+
+_DECODER = "model.embed_tokens.weight"
+_LM_HEAD = "lm_head.weight"
+HF_ARCHITECTURES: dict[str, HFArchitecture] = {
+    "LlamaForCausalLM": HFArchitecture(_DECODER, _LM_HEAD, False),
+    "MistralForCausalLM": HFArchitecture(_DECODER, _LM_HEAD, False),
+    "Qwen2ForCausalLM": HFArchitecture(_DECODER, _LM_HEAD, False),
+    "Qwen3ForCausalLM": HFArchitecture(_DECODER, _LM_HEAD, False),
+    "NemotronForCausalLM": HFArchitecture(_DECODER, _LM_HEAD, False),
+    "Phi3ForCausalLM": HFArchitecture(_DECODER, _LM_HEAD, False),
+    "GemmaForCausalLM": HFArchitecture(_DECODER, _LM_HEAD, True),
+    "GPT2LMHeadModel": HFArchitecture("transformer.wte.weight", _LM_HEAD, True),
+}
+HF = "hf"
+
+
+class UnknownArchitectureError(ValueError):
+    """config.json names no architecture whose vocabulary tables are known."""
+
+
+def hf_vocab_keys(architectures: object, tie_word_embeddings: object, stored: Iterable[str]) -> VocabKeys:
+    """The vocabulary tables of a Hugging Face model from its config.json's ``architectures`` and
+    ``tie_word_embeddings`` (None: the architecture's default). A tied model's files usually lack the
+    output layer; when they hold it anyway it is a copy of the embedding."""
+    names = architectures if isinstance(architectures, list) else []
+    known = [HF_ARCHITECTURES[n] for n in names if isinstance(n, str) and n in HF_ARCHITECTURES]
+    if len(names) != 1 or not known:
+        raise UnknownArchitectureError(
+            f"config.json names the architecture {names or 'none'}; known: {', '.join(HF_ARCHITECTURES)}"
+        )
+    arch = known[0]
+    tied = arch.tied_by_default if tie_word_embeddings is None else bool(tie_word_embeddings)
+    present = set(stored)
+    if arch.embedding not in present:
+        raise UnknownArchitectureError(f"{names[0]} stores '{arch.embedding}', which the weights lack")
+    if tied:
+        copies = (arch.output_layer,) if arch.output_layer in present else ()
+        return VocabKeys(HF, arch.embedding, None, copies)
+    if arch.output_layer not in present:
+        raise UnknownArchitectureError(
+            f"tie_word_embeddings is false but the weights lack '{arch.output_layer}'; set it to true in config.json"
+        )
+    return VocabKeys(HF, arch.embedding, arch.output_layer)

@@ -12,6 +12,7 @@ class Format(str, enum.Enum):
     NEMO = "nemo"
     CKPT = "ckpt"
     SAFETENSORS = "safetensors"
+    HF = "hf"  # a Hugging Face model folder
 
     def __str__(self) -> str:
         return self.value
@@ -22,12 +23,21 @@ def detect_format(path: str | Path) -> Format:
     if not p.exists():
         raise CheckpointFormatError(f"{p}: no such file or folder")
     if p.is_dir():
+        if (p / "config.json").is_file() and (
+            (p / "model.safetensors.index.json").is_file() or (p / "model.safetensors").is_file()
+        ):
+            return Format.HF  # this package's own safetensors folders have no config.json
         if (p / "model.safetensors.index.json").is_file() or (p / "model.safetensors").is_file():
             return Format.SAFETENSORS
         if (p / ".metadata").is_file() and (p / "common.pt").is_file():
             return Format.CKPT
         if (p / "model_config.yaml").is_file():
             return Format.NEMO  # an extracted .nemo
+        if (p / "config.json").is_file():
+            raise CheckpointFormatError(
+                f"{p}: a Hugging Face model folder without model.safetensors or model.safetensors.index.json; "
+                "save it with save_pretrained (safetensors, its default)"
+            )
         raise CheckpointFormatError(
             f"{p}: a folder that is neither sharded safetensors nor a NeMo distributed checkpoint"
         )

@@ -216,7 +216,7 @@ def _decode_metadata(
     if META_CONFIG not in meta:
         raise CheckpointFormatError(
             f"{source}: no NeMo model config in the safetensors metadata; it was not written by nemo-vocab-ext "
-            "(a Hugging Face checkpoint needs NeMo's HF importers instead)"
+            "(a Hugging Face model folder needs its config.json beside the weights)"
         )
     if len(meta[META_CONFIG]) > MAX_CONFIG_BYTES:
         raise ConfigError(f"{source}: the model config is over the {MAX_CONFIG_BYTES}-byte limit")

@@ -24,6 +24,10 @@ def load_checkpoint(path: str | Path, fmt: Format | None = None) -> tuple[Checkp
         from .formats.lightning import read_lightning
 
         return read_lightning(path), fmt
+    if fmt is Format.MEGATRON:
+        from .formats.megatron_run import read_megatron_run
+
+        return read_megatron_run(path), fmt
     from .formats.safetensors_io import read_safetensors
 
     return read_safetensors(path), fmt
@@ -38,6 +42,10 @@ def _write(ckpt: Checkpoint, path: Path, fmt: Format) -> None:
         from .formats.lightning import write_lightning
 
         write_lightning(ckpt, path)
+    elif fmt is Format.MEGATRON:
+        from .formats.megatron_run import write_megatron_run
+
+        write_megatron_run(ckpt, path)
     else:
         from .formats.safetensors_io import write_safetensors
 
@@ -110,8 +118,9 @@ def save_checkpoint(
 
 
 def weights_for(ckpt: Checkpoint, fmt: Format) -> Checkpoint:
-    """What a file of ``fmt`` keeps of ``ckpt``: optimizer state belongs to training checkpoints (.ckpt) only."""
-    if fmt is Format.CKPT:
+    """What a file of ``fmt`` keeps of ``ckpt``: optimizer state belongs to training checkpoints (.ckpt, a
+    Megatron run) only."""
+    if fmt in (Format.CKPT, Format.MEGATRON):
         return ckpt
     return select(ckpt, lambda key: not key.startswith("optimizer."))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import BASE_VOCAB, LARGER_VOCAB
+from conftest import BASE_VOCAB, LARGER_VOCAB, invoke_cli
 
 from harness.tiny import cpu_env
 from nemo_vocab_ext.checkpoint import DISTRIBUTED
@@ -234,3 +235,35 @@ def test_tp2_run_joins_row_shards(tmp_path: Path) -> None:
         table = ckpt.tensors[key]
         assert isinstance(table, torch.Tensor) and table.shape == (rows, HIDDEN)
         assert torch.equal(table, dcp_tensor(folder, key, (rows, HIDDEN)))
+
+
+# --- the CLI on run folders ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tying", ["tied", "untied"])
+def test_inspect_a_run_folder_and_its_iteration_folder(runs: dict[str, Path], tying: str) -> None:
+    for path in (runs[tying], runs[tying] / iteration_folder_name(ITERATION)):
+        result = invoke_cli("inspect", path, "--json")
+        assert result.exit_code == 0, result.output
+        info = json.loads(result.output)
+        assert info["format"] == "megatron" and info["embedding_key"] == EMBEDDING_KEY
+        assert info["embedding_rows"] == padded_vocab_size(BASE_VOCAB, DIVISIBLE_BY, 1)
+        assert info["tokenizer_vocab_size"] == BASE_VOCAB and info["tied"] is (tying == "tied")
+
+
+def test_validate_a_run_folder_against_a_larger_tokenizer(runs: dict[str, Path], larger_tokenizer: Path) -> None:
+    own = invoke_cli("validate", runs["untied"])
+    assert own.exit_code == 0 and own.output.rstrip().endswith("ok"), own.output
+    larger = invoke_cli("validate", runs["untied"], "--tokenizer", larger_tokenizer, "--json")
+    assert larger.exit_code == 1
+    checks = {c["name"]: c for c in json.loads(larger.output)["checks"]}
+    rows = checks.pop("embedding rows")
+    assert not rows["ok"] and f"needs {padded_vocab_size(LARGER_VOCAB, DIVISIBLE_BY, 1)}" in rows["message"]
+    assert checks["ids preserved"]["ok"] and all(c["ok"] for c in checks.values())
+
+
+def test_a_folder_of_iterations_without_tracker_is_named_as_such(runs: dict[str, Path], tmp_path: Path) -> None:
+    run = copy_run(runs["tied"], tmp_path)
+    (run / TRACKER_FILE).unlink()
+    result = invoke_cli("inspect", run)
+    assert result.exit_code == 1 and TRACKER_FILE in result.output and iteration_folder_name(ITERATION) in result.output

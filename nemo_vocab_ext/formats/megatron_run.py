@@ -12,6 +12,7 @@ See docs/megatron-run-folders.md for where each fact comes from.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import re
 from dataclasses import dataclass
@@ -20,12 +21,12 @@ from typing import Any
 
 import yaml
 
-from ..checkpoint import DISTRIBUTED, NEMO_REF, Checkpoint, artifact_name
-from ..entries import Entries
+from ..checkpoint import DISTRIBUTED, NEMO_REF, Checkpoint, artifact_name, artifact_named
+from ..entries import Entries, held, tensor_meta
 from ..errors import CheckpointFormatError, ConfigError, UnsupportedError
 from .byteio import FileRegion
 from .dcp_records import Opaque
-from .torch_dist import COMMON_FILE, METADATA_FILE, METADATA_JSON, open_torch_dist
+from .torch_dist import COMMON_FILE, METADATA_FILE, METADATA_JSON, open_torch_dist, write_torch_dist
 from .torch_pickle import register_name
 from .torch_zip import read_torch_file, torch_file_bytes
 
@@ -111,6 +112,11 @@ def is_megatron_run(path: str | Path) -> bool:
     return (p / METADATA_FILE).is_file() and (named or (p / RUN_CONFIG).is_file())
 
 
+def looks_like_megatron_run(path: Path) -> bool:
+    """:func:`is_megatron_run`, or a folder of ``iter_*`` folders without its tracker (read to say so)."""
+    return is_megatron_run(path) or any(_ITERATION_DIR.fullmatch(p.name) and p.is_dir() for p in path.glob("iter_*"))
+
+
 # --- common.pt -------------------------------------------------------------------------------
 
 
@@ -152,14 +158,17 @@ def read_common(folder: Path) -> dict[str, Any]:
     return common
 
 
-def common_with_vocab_rows(common: dict[str, Any], rows: int) -> bytes:
+def common_with_vocab_rows(common: dict[str, Any], rows: int, vocab_size: int | None = None) -> bytes:
     """``common.pt`` for a checkpoint whose tables now have ``rows`` rows: Megatron-LM's ``args.padded_vocab_size``
-    updated (with ``--use-checkpoint-args`` it wins over the size the tokenizer gives), all else as read."""
+    updated (with ``--use-checkpoint-args`` it wins over the size the tokenizer gives), and ``args.vocab_size``
+    where the run set one (tokenizers without files), all else as read."""
     args = common.get("args")
     if not isinstance(args, argparse.Namespace):
         return torch_file_bytes(common)
     updated = argparse.Namespace(**vars(args))
     updated.padded_vocab_size = rows
+    if getattr(args, "vocab_size", None) is not None and vocab_size is not None:
+        updated.vocab_size = vocab_size
     return torch_file_bytes({**common, "args": updated})
 
 
@@ -305,5 +314,135 @@ def read_megatron_run(path: str | Path) -> Checkpoint:
         "iteration": iteration,
         "release": folder.name == RELEASE,
         "run": str(found.tracker.parent if found.tracker else folder),
+        "folder": str(folder),
     }
     return Checkpoint(Entries(entries), config, DISTRIBUTED, artifacts, training_state=state)
+
+
+# --- writing ---------------------------------------------------------------------------------
+
+OPTIMIZER_PREFIX = "optimizer."
+OPTIMIZER_COMMON = "optimizer"  # common.pt's optimizer part (param groups, sharding type)
+BRIDGE_TRAIN_STATE = "train_state.pt"
+BRIDGE_LATEST_TRAIN_STATE = "latest_train_state.pt"
+
+
+def optimizer_keys(ckpt: Checkpoint) -> list[str]:
+    return [k for k in ckpt.tensors if k.startswith(OPTIMIZER_PREFIX)]
+
+
+def has_optimizer_state(ckpt: Checkpoint) -> bool:
+    common = ckpt.training_state.get("common") or {}
+    return bool(optimizer_keys(ckpt)) or OPTIMIZER_COMMON in common
+
+
+def without_optimizer(ckpt: Checkpoint) -> Checkpoint:
+    """The run's model alone: its optimizer entries and common.pt's optimizer part dropped (the scheduler
+    and rng state stay; a trainer started with --no-load-optim --no-load-rng reads neither)."""
+    kept = Entries({k: held(ckpt.tensors, k) for k in ckpt.tensors if not k.startswith(OPTIMIZER_PREFIX)})
+    state = dict(ckpt.training_state)
+    common = {k: v for k, v in (state.get("common") or {}).items() if k != OPTIMIZER_COMMON}
+    state.update(common=common, dist_common=torch_file_bytes(common))
+    return dataclasses.replace(ckpt, tensors=kept, training_state=state)
+
+
+def canonical_tokenizer_files(files: dict[str, Path], scratch: Path) -> dict[str, Path]:
+    """``files`` (config key -> file) under the names a run's ``tokenizer/`` folder gives them (a merged
+    ``th.model`` becomes ``tokenizer.model``), copied into ``scratch`` where the name differs."""
+    names = {key: name for name, key in _TOKENIZER_FILES.items()}
+    out: dict[str, Path] = {}
+    for key, path in files.items():
+        name = names.get(key, path.name)
+        if path.name != name:
+            (scratch / name).write_bytes(path.read_bytes())
+            path = scratch / name
+        out[key] = path
+    return out
+
+
+def _vocab_rows(ckpt: Checkpoint) -> int:
+    meta = tensor_meta(ckpt.tensors, ckpt.vocab_keys().embedding)
+    assert meta is not None
+    return int(meta[0][0])
+
+
+def _common_bytes(ckpt: Checkpoint) -> bytes:
+    """common.pt as read when the tables kept their size, else with the args that describe them."""
+    state, config = ckpt.training_state, ckpt.config
+    args = state["common"].get("args")
+    rows = _vocab_rows(ckpt)
+    unchanged = not isinstance(args, argparse.Namespace) or (
+        args.padded_vocab_size == rows and getattr(args, "vocab_size", None) in (None, config.get("vocab_size"))
+    )
+    if unchanged:
+        return bytes(state["dist_common"])
+    return common_with_vocab_rows(state["common"], rows, config.get("vocab_size"))
+
+
+def _run_config_bytes(source: Path, ckpt: Checkpoint) -> bytes | None:
+    """Bridge's ``run_config.yaml`` with ``model.vocab_size`` of the new tables: the tokenizer size where
+    Bridge pads it (``should_pad_vocab``), else the rows themselves; as read when that is unchanged."""
+    path = source / RUN_CONFIG
+    if not path.is_file():
+        return None
+    run_config = _read_run_config(path)
+    model = run_config["model"]
+    vocab = ckpt.config.get("vocab_size") if model.get("should_pad_vocab", True) else _vocab_rows(ckpt)
+    if model.get("vocab_size") == vocab or vocab is None:
+        return path.read_bytes()
+    model["vocab_size"] = vocab
+    return yaml.safe_dump(run_config, sort_keys=False).encode()
+
+
+def write_megatron_run(ckpt: Checkpoint, dst: Path) -> None:
+    """A run folder at ``dst`` (new): the tracker and the iteration folder of ``ckpt``'s iteration.
+
+    Entries read from the source run are not copied: each source ``.distcp`` file that holds one is hard
+    linked under its own name (copied where the file system cannot link), and the ``.metadata`` points
+    at their bytes where they lie; the changed entries (resized tables) go to a file of their own.
+    ``common.pt`` and Bridge's ``run_config.yaml`` describe the tables' new size; the tokenizer
+    artifacts go to ``tokenizer/``. Only a checkpoint read from a run folder can be written as one:
+    its ``common.pt`` holds the run's state.
+    """
+    state = ckpt.training_state
+    if not isinstance(state.get("common"), dict) or "folder" not in state:
+        raise UnsupportedError(
+            f"{dst}: only a checkpoint read from a Megatron run folder can be written as one "
+            f"(its {COMMON_FILE} holds the run's args and state)"
+        )
+    source = Path(state["folder"])
+    release = bool(state.get("release"))
+    name = RELEASE if release else iteration_folder_name(int(state["iteration"]))
+    out = dst / name
+    out.mkdir(parents=True)
+    taken = {p.name for p in source.glob("*.distcp")}  # linked under their names: the new file needs another
+    data_file = next(n for i in range(len(taken) + 1) if (n := f"vocab_tables_{i}.distcp") not in taken)
+    write_torch_dist(
+        out,
+        ckpt.tensors,
+        common=_common_bytes(ckpt),
+        metadata_json=state.get("dist_metadata"),
+        hard_link_unchanged=True,
+        data_file=data_file,
+    )
+    run_config = _run_config_bytes(source, ckpt)
+    if run_config is not None:
+        (out / RUN_CONFIG).write_bytes(run_config)
+    _write_tokenizer(ckpt, out / TOKENIZER_DIR)
+    # Bridge's train state (a few scalars): beside the iteration, and the run's copy when read from a run.
+    copies = [(source / BRIDGE_TRAIN_STATE, out / BRIDGE_TRAIN_STATE)]
+    if state.get("run") != str(source):
+        copies.append((source.parent / BRIDGE_LATEST_TRAIN_STATE, dst / BRIDGE_LATEST_TRAIN_STATE))
+    for here, there in copies:
+        if here.is_file():
+            there.write_bytes(here.read_bytes())
+    (dst / TRACKER_FILE).write_text(RELEASE if release else str(state["iteration"]))
+
+
+def _write_tokenizer(ckpt: Checkpoint, folder: Path) -> None:
+    tok = ckpt.config.get("tokenizer") or {}
+    for filename, key in _TOKENIZER_FILES.items():
+        name = artifact_named(tok.get(key))
+        if name is not None and name in ckpt.artifacts:
+            folder.mkdir(exist_ok=True)
+            (folder / filename).write_bytes(ckpt.artifacts[name])

@@ -197,6 +197,11 @@ def convert(src: Path, dst: Path, to: str | None, layout: str | None, force: boo
 @click.option("--dry-run", is_flag=True, help="Print the plan; write nothing.")
 @click.option("--force", is_flag=True, help="Overwrite DST.")
 @VERIFY_OPTION
+@click.option(
+    "--drop-optimizer",
+    is_flag=True,
+    help="Megatron run folders: write the model without its optimizer state (then train with --no-load-optim).",
+)
 @report_errors
 def resize(
     src: Path,
@@ -213,13 +218,18 @@ def resize(
     dry_run: bool,
     force: bool,
     verify: bool,
+    drop_optimizer: bool,
 ) -> None:
-    """Grow (or, with --allow-shrink, shrink) the vocabulary of SRC into DST (.nemo, .ckpt or safetensors)."""
+    """Grow (or, with --allow-shrink, shrink) the vocabulary of SRC into DST (.nemo, .ckpt, safetensors, or a
+    Megatron run folder when SRC is one)."""
+    from .formats.detect import detect_format
     from .resize_job import run_resize
 
     if (tokenizer is None) == (vocab_size is None):
         raise click.UsageError("give exactly one of --tokenizer and --vocab-size")
-    fmt = format_for_destination(dst, Format(to) if to else None)
+    # A run folder's name has no suffix: a Megatron run resizes into a run folder unless told otherwise.
+    same = Format.MEGATRON if detect_format(src) is Format.MEGATRON else None
+    fmt = format_for_destination(dst, Format(to) if to else None, unnamed=same)
     with stages(1 if dry_run else 5) as stage:
         lines = run_resize(
             src,
@@ -233,6 +243,7 @@ def resize(
             dry_run=dry_run,
             force=force,
             verify=verify,
+            drop_optimizer=drop_optimizer,
             stage=stage,
         )
     click.echo("\n".join(lines))

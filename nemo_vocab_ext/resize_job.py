@@ -6,7 +6,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from .atomic import refuse_existing, refuse_overlap, scratch_dir
+from .checkpoint import Checkpoint
 from .errors import ResizeError
+from .formats.megatron_run import canonical_tokenizer_files, has_optimizer_state, optimizer_keys, without_optimizer
 from .io import Format, Stage, load_checkpoint, no_stage, save_checkpoint, weights_for
 from .options import ResizeOptions
 from .pipeline import Wording, checked_pieces, prepare_resize, read_tokenizers, resize_while_writing, with_padding_of
@@ -34,10 +36,12 @@ def run_resize(
     dry_run: bool = False,
     force: bool = False,
     verify: bool = False,
+    drop_optimizer: bool = False,
     stage: Stage = no_stage,
 ) -> list[str]:
     """Resize ``src`` into ``dst`` (written as ``fmt``) and return the report lines; ``dry_run`` writes
-    nothing. ``tensor_parallel`` and ``divisible_by`` override the model config's."""
+    nothing. ``tensor_parallel`` and ``divisible_by`` override the model config's. A Megatron run
+    with optimizer state is refused unless ``drop_optimizer`` (the model alone is written)."""
     from .tokenization.load import tokenizer_size
 
     if not dry_run:
@@ -52,6 +56,8 @@ def run_resize(
             f"{src}: a training checkpoint whose optimizer state cannot follow a resized table; "
             "write a .nemo or .safetensors DST (weights only)"
         )
+    if fmt is Format.MEGATRON:
+        ckpt = _run_model(ckpt, src, drop_optimizer)
     wording = replace(WORDING, tokenizer_name=str(tokenizer))
     with scratch_dir() as tmp:
         own_files = checkpoint_tokenizer_files(ckpt, tmp)
@@ -74,10 +80,34 @@ def run_resize(
         stage("resizing")
         resized, finished = resize_while_writing(ckpt, plan, (own_files, tokenizer), wording, options.seed)
         if tokenizer is not None:
-            resized = embed_tokenizer(resized, tokenizer_config_files(tokenizer))
+            files = tokenizer_config_files(tokenizer)
+            if fmt is Format.MEGATRON:  # read back from tokenizer/ under megatron's names
+                files = canonical_tokenizer_files(files, tmp)
+            resized = embed_tokenizer(resized, files)
         # Record what the rows were padded for, so NeMo builds the same table from this config.
         resized.config = dict(resized.config, make_vocab_size_divisible_by=plan.divisible_by)
+        # Sizes recorded beside the tables (a Megatron run's args, Bridge's run config) follow them.
+        if resized.config.get("padded_vocab_size") is not None:
+            resized.config["padded_vocab_size"] = plan.rows.new_rows
+        if resized.config.get("vocab_size") is not None:
+            resized.config["vocab_size"] = plan.new_vocab
         if tensor_parallel is not None and resized.rank_tensors is None:
             resized.config["tensor_model_parallel_size"] = tensor_parallel
         save_checkpoint(resized, dst, fmt, force=force, verify=verify, stage=stage)
     return [f"wrote {dst}", *plan.lines(finished())]
+
+
+def _run_model(ckpt: Checkpoint, src: Path, drop_optimizer: bool) -> Checkpoint:
+    """A Megatron run's model to resize: its optimizer state would keep the old tables' shapes (or hold
+    their rows inside flat buffers), so it is refused, or dropped when asked."""
+    if not has_optimizer_state(ckpt):
+        return ckpt
+    if not drop_optimizer:
+        held = optimizer_keys(ckpt)
+        what = f"{len(held)} optimizer entries, e.g. '{held[0]}'" if held else "the optimizer's state in common.pt"
+        raise ResizeError(
+            f"{src}: holds optimizer state ({what}) that cannot follow the resized tables; pass --drop-optimizer "
+            "to write the model only, then start Megatron-LM with --no-load-optim --no-load-rng "
+            "(Megatron-Bridge: load it as a finetune, checkpoint.finetune=true)"
+        )
+    return without_optimizer(ckpt)

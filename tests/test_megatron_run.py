@@ -33,7 +33,7 @@ from nemo_vocab_ext.formats.megatron_run import (
     iteration_folder_name,
     read_megatron_run,
 )
-from nemo_vocab_ext.formats.torch_dist import COMMON_FILE
+from nemo_vocab_ext.formats.torch_dist import COMMON_FILE, read_torch_dist
 
 HIDDEN = 64
 ITERATION = 10
@@ -41,24 +41,27 @@ DIVISIBLE_BY = 128
 TP2_VOCAB = 600  # pads to 640 rows at TP1 and 768 at TP2: the row count shows the TP it was built for
 
 
-def generate(out: Path, *flags: str, nproc: int = 1) -> Path:
-    """A run folder saved by megatron-core in a fresh process (its CPU patches stay out of this one)."""
+def megatron(out: Path, *flags: str, nproc: int = 1) -> Path:
+    """``harness.megatron_run`` (megatron-core itself) in a fresh process, so that its CPU patches stay
+    out of this one; under torchrun with ``nproc`` ranks, one per tensor-parallel rank."""
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
-    argv = [
-        *launcher,
-        "-m",
-        "harness.megatron_run",
-        str(out),
-        "--tp",
-        str(nproc),
-        "--hidden",
-        str(HIDDEN),
-    ]
-    argv += ["--iteration", str(ITERATION), "--divisible-by", str(DIVISIBLE_BY), *flags]
+    argv = [*launcher, "-m", "harness.megatron_run", str(out), "--tp", str(nproc), "--hidden", str(HIDDEN), *flags]
     env = cpu_env(out.parent / "hf_home")
     done = subprocess.run([sys.executable, *argv], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return out
+
+
+def generate(out: Path, *flags: str, nproc: int = 1) -> Path:
+    """A run folder saved by megatron-core."""
+    return megatron(out, "--iteration", str(ITERATION), "--divisible-by", str(DIVISIBLE_BY), *flags, nproc=nproc)
+
+
+def megatron_loads(folder: Path, out: Path, rows: int, tying: str, nproc: int = 1) -> dict[str, torch.Tensor]:
+    """What megatron-core's ``dist_checkpointing.load`` gives a ``GPTModel`` of ``rows`` vocabulary rows at
+    TP ``nproc`` loading ``folder``: the model saved again after loading, read back as global tensors."""
+    megatron(out, f"--{tying}", "--load", str(folder), "--rows", str(rows), nproc=nproc)
+    return {k: v for k, v in read_torch_dist(out).items() if isinstance(v, torch.Tensor)}
 
 
 @pytest.fixture(scope="module")
@@ -267,3 +270,109 @@ def test_a_folder_of_iterations_without_tracker_is_named_as_such(runs: dict[str,
     (run / TRACKER_FILE).unlink()
     result = invoke_cli("inspect", run)
     assert result.exit_code == 1 and TRACKER_FILE in result.output and iteration_folder_name(ITERATION) in result.output
+
+
+# --- resize into a new run folder ------------------------------------------------------------
+
+
+def check_resized(source: Path, loaded: dict[str, torch.Tensor], old_vocab: int, rows: int) -> None:
+    """``loaded`` (what megatron-core read from the resized run) against the source iteration folder: old
+    rows bit-identical, new rows (tokens and padding) the mean of the old real rows (computed here, in
+    float64, as the 'mean' init defines it), every other tensor bit-identical."""
+    before = {k: v for k, v in read_torch_dist(source).items() if isinstance(v, torch.Tensor)}
+    assert loaded and set(loaded) <= set(before)
+    for key, tensor in loaded.items():
+        old = before[key]
+        if key in (EMBEDDING_KEY, OUTPUT_LAYER_KEY):
+            assert tensor.shape == (rows, HIDDEN) and old.shape[0] != rows
+            assert torch.equal(tensor[:old_vocab].view(torch.int32), old[:old_vocab].view(torch.int32))
+            mean = old[:old_vocab].double().mean(dim=0).float()
+            torch.testing.assert_close(tensor[old_vocab:], mean.expand(rows - old_vocab, HIDDEN), rtol=1e-6, atol=1e-7)
+        else:
+            assert tensor.dtype == old.dtype and torch.equal(tensor.view(torch.uint8), old.view(torch.uint8)), key
+
+
+def check_run_written(run: Path, resized: Path, tokenizer: Path, rows: int) -> Path:
+    """The resized run's folder: same iteration, the source's data files hard linked (same inode), the tables
+    in one new file, args and tokenizer describing the new tables. Returns its iteration folder."""
+    source, folder = run / iteration_folder_name(ITERATION), resized / iteration_folder_name(ITERATION)
+    assert (resized / TRACKER_FILE).read_text() == str(ITERATION)
+    shards = sorted(source.glob("*.distcp"))
+    for shard in shards:
+        assert (folder / shard.name).stat().st_ino == shard.stat().st_ino, f"{shard.name} copied, not linked"
+    new = [p for p in folder.glob("*.distcp") if p.name not in {s.name for s in shards}]
+    assert len(new) == 1 and new[0].stat().st_nlink == 1
+    args = torch.load(folder / COMMON_FILE, weights_only=False)["args"]
+    assert args.padded_vocab_size == rows
+    for name in ("vocab.json", "merges.txt"):
+        assert (folder / "tokenizer" / name).read_bytes() == (tokenizer / name).read_bytes()
+    return folder
+
+
+@pytest.mark.parametrize("tying", ["tied", "untied"])
+def test_resized_run_loads_in_megatron_core(
+    runs: dict[str, Path], larger_tokenizer: Path, tmp_path: Path, tying: str
+) -> None:
+    run, resized = runs[tying], tmp_path / "resized"
+    rows = padded_vocab_size(LARGER_VOCAB, DIVISIBLE_BY, 1)
+    result = invoke_cli("resize", run, resized, "--tokenizer", larger_tokenizer, "--init", "mean", "--verify")
+    assert result.exit_code == 0, result.output
+    folder = check_run_written(run, resized, larger_tokenizer, rows)
+    assert invoke_cli("inspect", resized, "--json").exit_code == 0
+    assert invoke_cli("validate", resized).exit_code == 0  # its own tokenizer now fits its tables
+    loaded = megatron_loads(folder, tmp_path / "loaded", rows, tying)
+    check_resized(run / iteration_folder_name(ITERATION), loaded, BASE_VOCAB, rows)
+
+
+def test_optimizer_state_is_refused_or_dropped(base_tokenizer: Path, larger_tokenizer: Path, tmp_path: Path) -> None:
+    run = generate(tmp_path / "run", "--tied", "--optimizer-state", "--tokenizer", str(base_tokenizer))
+    refused = invoke_cli("resize", run, tmp_path / "out", "--tokenizer", larger_tokenizer, "--init", "mean")
+    assert refused.exit_code == 1 and len(refused.output.strip().splitlines()) == 1
+    assert "--drop-optimizer" in refused.output and "--no-load-optim" in refused.output
+    assert not (tmp_path / "out").exists()
+    dropped = invoke_cli(
+        "resize", run, tmp_path / "out", "--tokenizer", larger_tokenizer, "--init", "mean", "--drop-optimizer"
+    )
+    assert dropped.exit_code == 0, dropped.output
+    folder = tmp_path / "out" / iteration_folder_name(ITERATION)
+    assert not [k for k in read_megatron_run(folder).tensors if k.startswith("optimizer")]
+    assert "optimizer" not in torch.load(folder / COMMON_FILE, weights_only=False)
+    assert "optimizer" in torch.load(run / iteration_folder_name(ITERATION) / COMMON_FILE, weights_only=False)
+
+
+def _missing_iteration(run: Path) -> None:
+    (run / TRACKER_FILE).write_text("20")
+
+
+def _missing_common(run: Path) -> None:
+    (run / iteration_folder_name(ITERATION) / COMMON_FILE).unlink()
+
+
+def _absent_shard(run: Path) -> None:
+    sorted((run / iteration_folder_name(ITERATION)).glob("*.distcp"))[-1].unlink()
+
+
+def _another_format(run: Path) -> None:
+    shutil.rmtree(run)
+    run.mkdir()
+    (run / "weights.bin").write_bytes(b"\0" * 64)
+
+
+@pytest.mark.parametrize(
+    ("damage", "said"),
+    [
+        (_missing_iteration, "iter_0000020"),
+        (_missing_common, "common.pt is missing"),
+        (_absent_shard, "missing; the checkpoint is incomplete"),
+        (_another_format, "neither"),
+    ],
+)
+def test_resize_refuses_a_bad_run_in_one_line(
+    runs: dict[str, Path], larger_tokenizer: Path, tmp_path: Path, damage: object, said: str
+) -> None:
+    run = copy_run(runs["tied"], tmp_path)
+    damage(run)  # type: ignore[operator]
+    result = invoke_cli("resize", run, tmp_path / "out", "--tokenizer", larger_tokenizer, "--init", "mean")
+    assert result.exit_code == 1 and said in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()

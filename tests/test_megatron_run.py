@@ -376,3 +376,21 @@ def test_resize_refuses_a_bad_run_in_one_line(
     assert result.exit_code == 1 and said in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.nemo  # slow: megatron-core processes under torchrun
+@pytest.mark.parametrize("tying", ["tied", "untied"])
+def test_tp2_run_resized_loads_at_tp2_and_tp1(
+    base_tokenizer: Path, larger_tokenizer: Path, tmp_path: Path, tying: str
+) -> None:
+    run = generate(
+        tmp_path / "run", f"--{tying}", "--vocab-size", str(BASE_VOCAB), "--tokenizer", str(base_tokenizer), nproc=2
+    )
+    assert list((run / iteration_folder_name(ITERATION)).glob("__1_*.distcp"))  # each rank saved its rows
+    rows = padded_vocab_size(LARGER_VOCAB, DIVISIBLE_BY, 2)
+    result = invoke_cli("resize", run, tmp_path / "resized", "--tokenizer", larger_tokenizer, "--init", "mean")
+    assert result.exit_code == 0, result.output
+    folder = check_run_written(run, tmp_path / "resized", larger_tokenizer, rows)
+    for nproc in (2, 1):  # the TP it was saved with, and another
+        loaded = megatron_loads(folder, tmp_path / f"loaded_tp{nproc}", rows, tying, nproc=nproc)
+        check_resized(run / iteration_folder_name(ITERATION), loaded, BASE_VOCAB, rows)

@@ -22,6 +22,7 @@ from nemo_vocab_ext.checkpoint import DISTRIBUTED
 from nemo_vocab_ext.core.sizes import padded_vocab_size
 from nemo_vocab_ext.entries import tensor_meta
 from nemo_vocab_ext.errors import CheckpointFormatError, ConfigError, UnsafeCheckpointError
+from nemo_vocab_ext.formats.byteio import link_or_copy
 from nemo_vocab_ext.formats.megatron_run import (
     EMBEDDING_KEY,
     OUTPUT_LAYER_KEY,
@@ -394,3 +395,38 @@ def test_tp2_run_resized_loads_at_tp2_and_tp1(
     for nproc in (2, 1):  # the TP it was saved with, and another
         loaded = megatron_loads(folder, tmp_path / f"loaded_tp{nproc}", rows, tying, nproc=nproc)
         check_resized(run / iteration_folder_name(ITERATION), loaded, BASE_VOCAB, rows)
+
+
+def test_bridge_run_resized_records_the_new_vocab_size(
+    runs: dict[str, Path], larger_tokenizer: Path, tmp_path: Path
+) -> None:
+    model = {"vocab_size": BASE_VOCAB, "should_pad_vocab": True, "make_vocab_size_divisible_by": DIVISIBLE_BY}
+    run = bridge_style(copy_run(runs["tied"], tmp_path), model)
+    folder = run / iteration_folder_name(ITERATION)
+    torch.save({"step": torch.tensor(ITERATION)}, folder / "train_state.pt")
+    shutil.copyfile(folder / "train_state.pt", run / "latest_train_state.pt")
+    result = invoke_cli("resize", run, tmp_path / "resized", "--tokenizer", larger_tokenizer, "--init", "mean")
+    assert result.exit_code == 0, result.output
+    written = tmp_path / "resized" / iteration_folder_name(ITERATION)
+    run_config = yaml.safe_load((written / RUN_CONFIG).read_text())
+    assert run_config["model"] == {**model, "vocab_size": LARGER_VOCAB}
+    assert run_config["tokenizer"] == yaml.safe_load((folder / RUN_CONFIG).read_text())["tokenizer"]
+    assert (written / "train_state.pt").read_bytes() == (folder / "train_state.pt").read_bytes()
+    assert (tmp_path / "resized" / "latest_train_state.pt").is_file()
+    assert read_megatron_run(tmp_path / "resized").config["vocab_size"] == LARGER_VOCAB
+
+
+def test_link_or_copy_copies_where_it_cannot_link(tmp_path: Path) -> None:
+    other = Path("/dev/shm")
+    if not other.is_dir() or other.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("no second file system to link across")
+    source = tmp_path / "__0_0.distcp"
+    source.write_bytes(os.urandom(3 << 20))
+    linked, copied = tmp_path / "linked.distcp", other / f"copied_{os.getpid()}.distcp"
+    try:
+        link_or_copy(source, linked)
+        link_or_copy(source, copied)  # across file systems: os.link fails with EXDEV
+        assert linked.stat().st_ino == source.stat().st_ino
+        assert copied.stat().st_ino != source.stat().st_ino and copied.read_bytes() == source.read_bytes()
+    finally:
+        copied.unlink(missing_ok=True)

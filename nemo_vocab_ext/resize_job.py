@@ -108,6 +108,6 @@ def _run_model(ckpt: Checkpoint, src: Path, drop_optimizer: bool) -> Checkpoint:
         raise ResizeError(
             f"{src}: holds optimizer state ({what}) that cannot follow the resized tables; pass --drop-optimizer "
             "to write the model only, then start Megatron-LM with --no-load-optim --no-load-rng "
-            "(Megatron-Bridge: load it as a finetune, checkpoint.finetune=true)"
+            "(Megatron-Bridge: checkpoint.load_optim=false checkpoint.load_rng=false)"
         )
     return without_optimizer(ckpt)

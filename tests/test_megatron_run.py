@@ -430,3 +430,30 @@ def test_link_or_copy_copies_where_it_cannot_link(tmp_path: Path) -> None:
         assert copied.stat().st_ino != source.stat().st_ino and copied.read_bytes() == source.read_bytes()
     finally:
         copied.unlink(missing_ok=True)
+
+
+# --- convert ---------------------------------------------------------------------------------
+
+
+def test_iteration_folder_to_nemo_and_back_bit_exact(runs: dict[str, Path], tmp_path: Path) -> None:
+    source = runs["untied"] / iteration_folder_name(ITERATION)
+    nemo, back = tmp_path / "run.nemo", tmp_path / "back"
+    for args in (("convert", source, nemo), ("convert", nemo, back, "--to", "megatron")):
+        result = invoke_cli(*args, "--verify")
+        assert result.exit_code == 0 and "compared bit for bit" in result.output, result.output
+    folder = back / iteration_folder_name(ITERATION)
+    assert (back / TRACKER_FILE).read_text() == str(ITERATION)
+    assert (folder / COMMON_FILE).read_bytes() == (source / COMMON_FILE).read_bytes()
+    before, after = read_torch_dist(source), read_torch_dist(folder)
+    assert list(after) == list(before)
+    for key, value in before.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(after[key].view(torch.uint8), value.view(torch.uint8)), key  # type: ignore[union-attr]
+        else:
+            assert after[key] == value, key
+    assert read_megatron_run(back).config == read_megatron_run(source).config
+    safetensors = tmp_path / "run.safetensors"
+    assert invoke_cli("convert", back, safetensors, "--verify").exit_code == 0
+    refused = invoke_cli("convert", safetensors, tmp_path / "again", "--to", "megatron")
+    assert refused.exit_code == 1 and "safetensors keep no common.pt" in refused.output
+    assert len(refused.output.strip().splitlines()) == 1 and not (tmp_path / "again").exists()

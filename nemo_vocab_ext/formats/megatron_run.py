@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import functools
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,11 +23,12 @@ from typing import Any
 import yaml
 
 from ..checkpoint import DISTRIBUTED, NEMO_REF, Checkpoint, artifact_name, artifact_named
+from ..core.keys import MEGATRON
 from ..entries import Entries, held, tensor_meta
 from ..errors import CheckpointFormatError, ConfigError, UnsupportedError
 from .byteio import FileRegion
 from .dcp_records import Opaque
-from .torch_dist import COMMON_FILE, METADATA_FILE, METADATA_JSON, open_torch_dist, write_torch_dist
+from .torch_dist import COMMON_FILE, DATA_FILE, METADATA_FILE, METADATA_JSON, open_torch_dist, write_torch_dist
 from .torch_pickle import register_name
 from .torch_zip import read_torch_file, torch_file_bytes
 
@@ -366,17 +368,25 @@ def _vocab_rows(ckpt: Checkpoint) -> int:
     return int(meta[0][0])
 
 
-def _common_bytes(ckpt: Checkpoint) -> bytes:
-    """common.pt as read when the tables kept their size, else with the args that describe them."""
-    state, config = ckpt.training_state, ckpt.config
-    args = state["common"].get("args")
+def _common_bytes(ckpt: Checkpoint, common: dict[str, Any], stored: bytes) -> bytes:
+    """common.pt as ``stored`` when the tables kept their size, else with the args that describe them."""
+    args = common.get("args")
     rows = _vocab_rows(ckpt)
     unchanged = not isinstance(args, argparse.Namespace) or (
-        args.padded_vocab_size == rows and getattr(args, "vocab_size", None) in (None, config.get("vocab_size"))
+        args.padded_vocab_size == rows and getattr(args, "vocab_size", None) in (None, ckpt.config.get("vocab_size"))
     )
     if unchanged:
-        return bytes(state["dist_common"])
-    return common_with_vocab_rows(state["common"], rows, config.get("vocab_size"))
+        return stored
+    return common_with_vocab_rows(common, rows, ckpt.config.get("vocab_size"))
+
+
+def _parse_common(data: bytes) -> dict[str, Any] | None:
+    """A common.pt carried as bytes (a .nemo converted from a run keeps it as its own), parsed as a run's."""
+    with tempfile.NamedTemporaryFile(suffix=".pt") as f:
+        f.write(data)
+        f.flush()
+        common = read_torch_file(FileRegion(Path(f.name), 0, len(data)), what=COMMON_FILE, also_allowed=_common_global)
+        return common if isinstance(common, dict) else None
 
 
 def _run_config_bytes(source: Path, ckpt: Checkpoint) -> bytes | None:
@@ -405,38 +415,57 @@ def write_megatron_run(ckpt: Checkpoint, dst: Path) -> None:
     its ``common.pt`` holds the run's state.
     """
     state = ckpt.training_state
-    if not isinstance(state.get("common"), dict) or "folder" not in state:
+    stored = bytes(state.get("dist_common") or b"")
+    common = state.get("common")
+    if not isinstance(common, dict) and stored:
+        common = _parse_common(stored)
+    source = Path(state["folder"]) if "folder" in state else None  # None: a .nemo converted from a run
+    megatron_state = isinstance(common, dict) and (
+        source is not None or isinstance(common.get("args"), argparse.Namespace)
+    )
+    if not megatron_state or ckpt.vocab_keys().family != MEGATRON:
         raise UnsupportedError(
-            f"{dst}: only a checkpoint read from a Megatron run folder can be written as one "
-            f"(its {COMMON_FILE} holds the run's args and state)"
+            f"{dst}: only a Megatron run's checkpoint can be written as a run folder: one read from a run folder, or "
+            f"a .nemo converted from one (its {COMMON_FILE} holds the run's args); safetensors keep no {COMMON_FILE}"
         )
-    source = Path(state["folder"])
+    assert isinstance(common, dict)
     release = bool(state.get("release"))
-    name = RELEASE if release else iteration_folder_name(int(state["iteration"]))
-    out = dst / name
+    iteration = state.get("iteration", common.get("iteration"))
+    if not release and not isinstance(iteration, int):
+        raise UnsupportedError(f"{dst}: the checkpoint records no iteration to name its folder by")
+    out = dst / (RELEASE if release else iteration_folder_name(int(iteration)))  # type: ignore[arg-type]
     out.mkdir(parents=True)
-    taken = {p.name for p in source.glob("*.distcp")}  # linked under their names: the new file needs another
-    data_file = next(n for i in range(len(taken) + 1) if (n := f"vocab_tables_{i}.distcp") not in taken)
+    # Linked under their own names: the new file needs another.
+    taken = {p.name for p in source.glob("*.distcp")} if source is not None else set()
+    data_file = (
+        next(n for i in range(len(taken) + 1) if (n := f"vocab_tables_{i}.distcp") not in taken) if taken else DATA_FILE
+    )
     write_torch_dist(
         out,
         ckpt.tensors,
-        common=_common_bytes(ckpt),
+        common=_common_bytes(ckpt, common, stored),
         metadata_json=state.get("dist_metadata"),
         hard_link_unchanged=True,
         data_file=data_file,
     )
+    _write_tokenizer(ckpt, out / TOKENIZER_DIR)
+    if source is not None:
+        _write_bridge_files(ckpt, source, out, read_from_run=state.get("run") != str(source))
+    (dst / TRACKER_FILE).write_text(RELEASE if release else str(iteration))
+
+
+def _write_bridge_files(ckpt: Checkpoint, source: Path, out: Path, *, read_from_run: bool) -> None:
+    """Bridge's run_config.yaml (its vocab_size updated) and train state (a few scalars), beside the
+    iteration, and the run's copy of the train state when the source was read through its run folder."""
     run_config = _run_config_bytes(source, ckpt)
     if run_config is not None:
         (out / RUN_CONFIG).write_bytes(run_config)
-    _write_tokenizer(ckpt, out / TOKENIZER_DIR)
-    # Bridge's train state (a few scalars): beside the iteration, and the run's copy when read from a run.
     copies = [(source / BRIDGE_TRAIN_STATE, out / BRIDGE_TRAIN_STATE)]
-    if state.get("run") != str(source):
-        copies.append((source.parent / BRIDGE_LATEST_TRAIN_STATE, dst / BRIDGE_LATEST_TRAIN_STATE))
+    if read_from_run:
+        copies.append((source.parent / BRIDGE_LATEST_TRAIN_STATE, out.parent / BRIDGE_LATEST_TRAIN_STATE))
     for here, there in copies:
         if here.is_file():
             there.write_bytes(here.read_bytes())
-    (dst / TRACKER_FILE).write_text(RELEASE if release else str(state["iteration"]))
 
 
 def _write_tokenizer(ckpt: Checkpoint, folder: Path) -> None:

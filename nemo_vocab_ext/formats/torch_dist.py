@@ -339,10 +339,11 @@ def write_torch_dist(
     .nemo archive) and the metadata points at their bytes where they lie. Only changed entries are
     written. The folder then reads correctly only while those files exist.
 
-    ``hard_link_unchanged`` (folders on disk only): the same, but each such file gets a hard link under
-    its own name (a copy where the file system cannot link, e.g. across file systems), so the folder
-    stands alone. The linked files share their inode with the source's: neither may be modified in
-    place afterwards. Changed entries go to ``data_file``, which must not be one of those names.
+    ``hard_link_unchanged`` (folders on disk only): the same for entries in another folder's ``.distcp``
+    files (others are copied), but each such file gets a hard link under its own name (a copy where
+    the file system cannot link, e.g. across file systems), so the folder stands alone. The linked
+    files share their inode with the source's: neither may be modified in place afterwards. Changed
+    entries go to ``data_file``, which must not be one of those names.
     """
     if not isinstance(ckpt_dir, OutFolder):
         path = Path(ckpt_dir)
@@ -363,7 +364,8 @@ def write_torch_dist(
 
         def place(region: FileRegion) -> StorageInfo:
             """Copy ``region`` into the data file, or (linking) point at it where it lies."""
-            if linking:
+            # Hard links only to data files: the bytes of a .nemo archive are copied out of it.
+            if linking and (not hard_link_unchanged or region.path.suffix == ".distcp"):
                 name = links.get(region.path) or (
                     region.path.name if hard_link_unchanged else f"linked_{len(links)}_{region.path.name}"
                 )

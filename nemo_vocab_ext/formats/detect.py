@@ -61,4 +61,5 @@ def format_for_destination(dst: str | Path, to: Format | None, *, unnamed: Forma
             return fmt
     if unnamed is not None:
         return unnamed
-    raise CheckpointFormatError(f"{dst}: cannot tell the output format from the name; pass --to nemo|ckpt|safetensors")
+    choices = "|".join(f.value for f in Format)
+    raise CheckpointFormatError(f"{dst}: cannot tell the output format from the name; pass --to {choices}")

@@ -8,8 +8,14 @@ from pathlib import Path
 from .atomic import refuse_existing, refuse_overlap, scratch_dir
 from .checkpoint import Checkpoint
 from .errors import ResizeError
-from .formats.megatron_run import canonical_tokenizer_files, has_optimizer_state, optimizer_keys, without_optimizer
-from .io import Format, Stage, load_checkpoint, no_stage, save_checkpoint, weights_for
+from .formats.megatron_run import (
+    OPTIMIZER_PREFIX,
+    canonical_tokenizer_files,
+    has_optimizer_state,
+    optimizer_keys,
+    state_without_optimizer,
+)
+from .io import Format, Stage, load_checkpoint, no_stage, save_checkpoint, select, weights_for
 from .options import ResizeOptions
 from .pipeline import Wording, checked_pieces, prepare_resize, read_tokenizers, resize_while_writing, with_padding_of
 from .vocab import checkpoint_tokenizer_files, embed_tokenizer, tokenizer_config_files
@@ -110,4 +116,5 @@ def _run_model(ckpt: Checkpoint, src: Path, drop_optimizer: bool) -> Checkpoint:
             "to write the model only, then start Megatron-LM with --no-load-optim --no-load-rng "
             "(Megatron-Bridge: checkpoint.load_optim=false checkpoint.load_rng=false)"
         )
-    return without_optimizer(ckpt)
+    model = select(ckpt, lambda key: not key.startswith(OPTIMIZER_PREFIX))
+    return replace(model, training_state=state_without_optimizer(ckpt.training_state))

@@ -12,7 +12,6 @@ See docs/megatron-run-folders.md for where each fact comes from.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import re
 import tempfile
@@ -24,7 +23,7 @@ import yaml
 
 from ..checkpoint import DISTRIBUTED, NEMO_REF, Checkpoint, artifact_name, artifact_named
 from ..core.keys import MEGATRON
-from ..entries import Entries, held, tensor_meta
+from ..entries import Entries, tensor_meta
 from ..errors import CheckpointFormatError, ConfigError, UnsupportedError
 from .byteio import FileRegion
 from .dcp_records import Opaque
@@ -338,14 +337,11 @@ def has_optimizer_state(ckpt: Checkpoint) -> bool:
     return bool(optimizer_keys(ckpt)) or OPTIMIZER_COMMON in common
 
 
-def without_optimizer(ckpt: Checkpoint) -> Checkpoint:
-    """The run's model alone: its optimizer entries and common.pt's optimizer part dropped (the scheduler
-    and rng state stay; a trainer started with --no-load-optim --no-load-rng reads neither)."""
-    kept = Entries({k: held(ckpt.tensors, k) for k in ckpt.tensors if not k.startswith(OPTIMIZER_PREFIX)})
-    state = dict(ckpt.training_state)
+def state_without_optimizer(state: dict[str, Any]) -> dict[str, Any]:
+    """A run's training state with common.pt's optimizer part dropped (the scheduler and rng state stay;
+    a trainer started with --no-load-optim --no-load-rng reads neither)."""
     common = {k: v for k, v in (state.get("common") or {}).items() if k != OPTIMIZER_COMMON}
-    state.update(common=common, dist_common=torch_file_bytes(common))
-    return dataclasses.replace(ckpt, tensors=kept, training_state=state)
+    return {**state, "common": common, "dist_common": torch_file_bytes(common)}
 
 
 def canonical_tokenizer_files(files: dict[str, Path], scratch: Path) -> dict[str, Path]:

@@ -1,4 +1,5 @@
-"""Megatron-LM and Megatron-Bridge run folders (torch_dist), read only.
+"""Megatron-LM and Megatron-Bridge run folders (torch_dist): read, and written as a new run folder
+whose unchanged data files are hard links of the source's (:func:`write_megatron_run`).
 
 A run folder holds ``latest_checkpointed_iteration.txt`` (an iteration number, or ``release``) and
 one folder per saved iteration, ``iter_<7 digits>/`` (``release/``), each a torch_dist checkpoint:

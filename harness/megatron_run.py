@@ -10,11 +10,19 @@ on CUDA and accept only ``torch.cuda`` parameter types. Under ``torchrun --nproc
 
     python -m harness.megatron_run OUT --tp 1 --untied
     torchrun --nproc_per_node=2 -m harness.megatron_run OUT --tp 2 --tied
+
+With ``--load CKPT --rows R``, a model built with ``R`` vocabulary rows loads the torch_dist folder
+``CKPT`` with megatron-core's ``dist_checkpointing.load`` (strict ``load_state_dict``) and saves what
+it loaded into ``OUT`` (a plain torch_dist folder: every tensor global, whatever the TP), so that a
+test can compare, tensor by tensor, what megatron-core read:
+
+    torchrun --nproc_per_node=2 -m harness.megatron_run OUT --tp 2 --tied --load RUN/iter_0000010 --rows 768
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import random
 import shutil
@@ -44,7 +52,7 @@ def run_args(options: argparse.Namespace) -> argparse.Namespace:
         seq_length=options.seq_length,
         max_position_embeddings=options.seq_length,
         vocab_size=None,  # set only for tokenizers without files (NullTokenizer); the tokenizer sets the rest
-        padded_vocab_size=padded_vocab_size(options.vocab_size, options.divisible_by, options.tp),
+        padded_vocab_size=vocab_rows(options),
         make_vocab_size_divisible_by=options.divisible_by,
         tensor_model_parallel_size=options.tp,
         pipeline_model_parallel_size=1,
@@ -69,6 +77,10 @@ def run_args(options: argparse.Namespace) -> argparse.Namespace:
     )
 
 
+def vocab_rows(options: argparse.Namespace) -> int:
+    return options.rows or padded_vocab_size(options.vocab_size, options.divisible_by, options.tp)
+
+
 def build_model(options: argparse.Namespace) -> Any:
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -84,7 +96,7 @@ def build_model(options: argparse.Namespace) -> Any:
     return GPTModel(
         config,
         transformer_layer_spec=get_gpt_layer_local_spec(),
-        vocab_size=padded_vocab_size(options.vocab_size, options.divisible_by, options.tp),
+        vocab_size=vocab_rows(options),
         max_sequence_length=options.seq_length,
         share_embeddings_and_output_weights=options.tied,
     )
@@ -109,6 +121,23 @@ def rng_state(tp: int) -> Any:
     )
 
 
+def optimizer_state(model_state: dict[str, Any]) -> dict[str, Any]:
+    """Adam's moments keyed as megatron-core's model-space optimizer state keys them
+    (``optimizer.state.exp_avg.<model key>``, sharded like the parameter), and the part common.pt keeps.
+    Zeros: megatron-core's optimizers cannot be built on a CPU, only their checkpoint layout can."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    moments = {
+        f"{moment}.{name}": dataclasses.replace(
+            tensor, key=f"optimizer.state.{moment}.{tensor.key}", data=torch.zeros_like(tensor.data)
+        )
+        for name, tensor in model_state.items()
+        if isinstance(tensor, ShardedTensor)
+        for moment in ("exp_avg", "exp_avg_sq")
+    }
+    return {"state": moments, "param_state_sharding_type": "fully_sharded_model_space"}
+
+
 def save_run(options: argparse.Namespace) -> Path:
     """Build the model, save iteration ``options.iteration`` into ``options.out``; the folder of that iteration."""
     from megatron.core import dist_checkpointing
@@ -125,6 +154,8 @@ def save_run(options: argparse.Namespace) -> Path:
         "rng_state": rng_state(options.tp),
         "num_floating_point_operations_so_far": 0,
     }
+    if options.optimizer_state:
+        state["optimizer"] = optimizer_state(state["model"])
     folder = Path(options.out) / iteration_folder_name(options.iteration)
     rank = torch.distributed.get_rank()
     if rank == 0:
@@ -139,6 +170,25 @@ def save_run(options: argparse.Namespace) -> Path:
     if rank == 0:  # as Megatron-LM: the tracker is written last, once every rank has saved
         (Path(options.out) / TRACKER_FILE).write_text(str(options.iteration))
     return folder
+
+
+def load_and_resave(options: argparse.Namespace) -> Path:
+    """Load ``options.load`` into a model of ``options.rows`` rows as Megatron-LM does at start-up, then
+    save the model's weights (only) into ``options.out``."""
+    from megatron.core import dist_checkpointing
+
+    _patch_cuda_calls()
+    init_cpu_process_group(options.tp)
+    model = build_model(options)
+    loaded = dist_checkpointing.load({"model": model.sharded_state_dict(prefix="")}, str(options.load))
+    model.load_state_dict(loaded["model"], strict=True)  # every parameter, each of the right shape
+    out = Path(options.out)
+    if torch.distributed.get_rank() == 0:
+        out.mkdir(parents=True)
+    torch.distributed.barrier()
+    dist_checkpointing.save({"model": model.sharded_state_dict(prefix="")}, str(out))
+    torch.distributed.barrier()
+    return out
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -163,13 +213,16 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         help="a vocab.json + merges.txt folder copied into <iteration>/tokenizer/, as Megatron-LM saves its assets",
     )
     parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--optimizer-state", action="store_true", help="also save Adam's moments (zeros)")
+    parser.add_argument("--load", type=Path, help="a torch_dist folder to load and save again into OUT")
+    parser.add_argument("--rows", type=int, help="vocabulary rows of the model (default: the padded --vocab-size)")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     options = parse(argv)
     os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
-    folder = save_run(options)
+    folder = load_and_resave(options) if options.load else save_run(options)
     if torch.distributed.get_rank() == 0:
         print(folder)
     torch.distributed.destroy_process_group()

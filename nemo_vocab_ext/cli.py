@@ -196,6 +196,11 @@ def convert(src: Path, dst: Path, to: str | None, layout: str | None, force: boo
 @click.option("--dry-run", is_flag=True, help="Print the plan; write nothing.")
 @click.option("--force", is_flag=True, help="Overwrite DST.")
 @VERIFY_OPTION
+@click.option(
+    "--drop-optimizer",
+    is_flag=True,
+    help="Megatron run folders: write the model without its optimizer state (then train with --no-load-optim).",
+)
 @report_errors
 def resize(
     src: Path,
@@ -213,20 +218,25 @@ def resize(
     dry_run: bool,
     force: bool,
     verify: bool,
+    drop_optimizer: bool,
 ) -> None:
     """Grow (or, with --allow-shrink, shrink) the vocabulary of SRC into DST (.nemo, .ckpt or safetensors;
-    a Hugging Face model folder into a Hugging Face model folder)."""
+    a Hugging Face model folder into a Hugging Face model folder, a Megatron run folder into a run folder
+    unless DST names another format)."""
     from .errors import CheckpointFormatError
     from .formats.detect import detect_format
     from .resize_job import run_resize
 
     if (tokenizer is None) == (vocab_size is None):
         raise click.UsageError("give exactly one of --tokenizer and --vocab-size")
-    if detect_format(src) is Format.HF and to is None:
+    src_format = detect_format(src)
+    if src_format is Format.HF and to is None:
         fmt = Format.HF
     else:
+        # A run folder's name has no suffix: a Megatron run resizes into a run folder unless told otherwise.
+        same = Format.MEGATRON if src_format is Format.MEGATRON else None
         try:
-            fmt = format_for_destination(dst, Format(to) if to else None)
+            fmt = format_for_destination(dst, Format(to) if to else None, unnamed=same)
         except CheckpointFormatError:
             from .io import load_checkpoint
 
@@ -246,6 +256,7 @@ def resize(
             dry_run=dry_run,
             force=force,
             verify=verify,
+            drop_optimizer=drop_optimizer,
             stage=stage,
         )
     click.echo("\n".join(lines))

@@ -35,6 +35,10 @@ def _read(path: Path, fmt: Format) -> Checkpoint:
         from .formats.hf_folder import read_hf_folder
 
         return read_hf_folder(path)
+    if fmt is Format.MEGATRON:
+        from .formats.megatron_run import read_megatron_run
+
+        return read_megatron_run(path)
     from .formats.safetensors_io import read_safetensors
 
     return read_safetensors(path)
@@ -53,6 +57,10 @@ def _write(ckpt: Checkpoint, path: Path, fmt: Format) -> None:
         from .formats.hf_folder import write_hf_folder
 
         write_hf_folder(ckpt, path)
+    elif fmt is Format.MEGATRON:
+        from .formats.megatron_run import write_megatron_run
+
+        write_megatron_run(ckpt, path)
     else:
         from .formats.safetensors_io import write_safetensors
 
@@ -130,8 +138,9 @@ def save_checkpoint(
 
 
 def weights_for(ckpt: Checkpoint, fmt: Format) -> Checkpoint:
-    """What a file of ``fmt`` keeps of ``ckpt``: optimizer state belongs to training checkpoints (.ckpt) only."""
-    if fmt is Format.CKPT:
+    """What a file of ``fmt`` keeps of ``ckpt``: optimizer state belongs to training checkpoints (.ckpt, a
+    Megatron run) only."""
+    if fmt in (Format.CKPT, Format.MEGATRON):
         return ckpt
     return select(ckpt, lambda key: not key.startswith("optimizer."))
 

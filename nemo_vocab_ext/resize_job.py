@@ -7,8 +7,16 @@ from dataclasses import replace
 from pathlib import Path
 
 from .atomic import refuse_existing, refuse_overlap, scratch_dir
+from .checkpoint import Checkpoint
 from .errors import ResizeError, UnsupportedError
-from .io import Format, Stage, load_checkpoint, no_stage, save_checkpoint, weights_for
+from .formats.megatron_run import (
+    OPTIMIZER_PREFIX,
+    canonical_tokenizer_files,
+    has_optimizer_state,
+    optimizer_keys,
+    state_without_optimizer,
+)
+from .io import Format, Stage, load_checkpoint, no_stage, save_checkpoint, select, weights_for
 from .options import ResizeOptions
 from .pipeline import Wording, checked_pieces, prepare_resize, read_tokenizers, resize_while_writing, with_padding_of
 from .vocab import (
@@ -43,11 +51,13 @@ def run_resize(
     dry_run: bool = False,
     force: bool = False,
     verify: bool = False,
+    drop_optimizer: bool = False,
     stage: Stage = no_stage,
 ) -> list[str]:
     """Resize ``src`` into ``dst`` (written as ``fmt``) and return the report lines; ``dry_run`` writes
     nothing. ``tensor_parallel`` and ``divisible_by`` override the model config's; a Hugging Face model
-    folder takes ``pad_to_multiple_of`` instead (no padding by default, as transformers)."""
+    folder takes ``pad_to_multiple_of`` instead (no padding by default, as transformers). A Megatron run
+    with optimizer state is refused unless ``drop_optimizer`` (the model alone is written)."""
     from .tokenization.load import tokenizer_size
 
     if not dry_run:
@@ -78,6 +88,8 @@ def run_resize(
             f"{src}: a training checkpoint whose optimizer state cannot follow a resized table; "
             "write a .nemo or .safetensors DST (weights only)"
         )
+    if fmt is Format.MEGATRON:
+        ckpt = _run_model(ckpt, src, drop_optimizer)
     wording = replace(WORDING, tokenizer_name=str(tokenizer))
     with scratch_dir() as tmp:
         own_files = checkpoint_tokenizer_files(ckpt, tmp)
@@ -112,9 +124,17 @@ def run_resize(
             )
             return [f"wrote {dst}", *_lines(plan, hf, pad_to_multiple_of, finished()), *notes]
         if tokenizer is not None:
-            resized = embed_tokenizer(resized, tokenizer_config_files(tokenizer))
+            files = tokenizer_config_files(tokenizer)
+            if fmt is Format.MEGATRON:  # read back from tokenizer/ under megatron's names
+                files = canonical_tokenizer_files(files, tmp)
+            resized = embed_tokenizer(resized, files)
         # Record what the rows were padded for, so NeMo builds the same table from this config.
         resized.config = dict(resized.config, make_vocab_size_divisible_by=plan.divisible_by)
+        # Sizes recorded beside the tables (a Megatron run's args, Bridge's run config) follow them.
+        if resized.config.get("padded_vocab_size") is not None:
+            resized.config["padded_vocab_size"] = plan.rows.new_rows
+        if resized.config.get("vocab_size") is not None:
+            resized.config["vocab_size"] = plan.new_vocab
         if tensor_parallel is not None and resized.rank_tensors is None:
             resized.config["tensor_model_parallel_size"] = tensor_parallel
         save_checkpoint(resized, dst, fmt, force=force, verify=verify, stage=stage)
@@ -129,3 +149,20 @@ def _lines(plan: ResizePlan, hf: bool, pad_to_multiple_of: int | None, done: Seq
         return lines
     rows = f"rows: {plan.rows.old_rows:,} -> {plan.rows.new_rows:,} (pad_to_multiple_of={pad_to_multiple_of or 'none'})"
     return [rows if line.startswith("rows: ") else line for line in lines if not line.startswith(PER_TP_LINE)]
+
+
+def _run_model(ckpt: Checkpoint, src: Path, drop_optimizer: bool) -> Checkpoint:
+    """A Megatron run's model to resize: its optimizer state would keep the old tables' shapes (or hold
+    their rows inside flat buffers), so it is refused, or dropped when asked."""
+    if not has_optimizer_state(ckpt):
+        return ckpt
+    if not drop_optimizer:
+        held = optimizer_keys(ckpt)
+        what = f"{len(held)} optimizer entries, e.g. '{held[0]}'" if held else "the optimizer's state in common.pt"
+        raise ResizeError(
+            f"{src}: holds optimizer state ({what}) that cannot follow the resized tables; pass --drop-optimizer "
+            "to write the model only, then start Megatron-LM with --no-load-optim --no-load-rng "
+            "(Megatron-Bridge: checkpoint.load_optim=false checkpoint.load_rng=false)"
+        )
+    model = select(ckpt, lambda key: not key.startswith(OPTIMIZER_PREFIX))
+    return replace(model, training_state=state_without_optimizer(ckpt.training_state))

@@ -13,19 +13,23 @@ from dataclasses import dataclass
 # Canonical names (after normalize_key) of the vocabulary-sized tensors, per model family.
 MCORE = "mcore"
 LEGACY = "legacy"
+MEGATRON = "megatron"  # Megatron-LM / Megatron-Bridge run folders: megatron-core's keys, no "model." prefix
 
 EMBEDDING_KEYS: dict[str, str] = {
     MCORE: "model.embedding.word_embeddings.weight",
     LEGACY: "model.language_model.embedding.word_embeddings.weight",
+    MEGATRON: "embedding.word_embeddings.weight",
 }
 OUTPUT_LAYER_KEYS: dict[str, str] = {
     MCORE: "model.output_layer.weight",
     LEGACY: "model.language_model.output_layer.weight",
+    MEGATRON: "output_layer.weight",
 }
 # Legacy pipeline-parallel models with tied weights keep a copy of the embedding on the last stage.
 TIED_HEAD_COPY_KEYS: dict[str, tuple[str, ...]] = {
     MCORE: (),
     LEGACY: ("model.word_embeddings_for_head.weight", "model.word_embeddings.weight"),
+    MEGATRON: (),
 }
 
 _O2_PREFIX = "model.module."

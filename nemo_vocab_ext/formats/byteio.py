@@ -284,3 +284,13 @@ def mapped_array(value: Stored) -> np.ndarray | None:
         return None
     values = np.frombuffer(mapped, dtype=value.dtype.numpy, count=math.prod(value.shape), offset=region.offset - start)
     return values.reshape(value.shape)
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link ``dst`` of ``src`` (no byte copied; both names then share one inode), or, where the
+    file system cannot link (another file system, no link support), a kernel copy of its bytes."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        with open(dst, "xb") as f:
+            OutFile(f).copy_from(FileRegion(src, 0, src.stat().st_size))

@@ -1,4 +1,5 @@
-"""Megatron-LM and Megatron-Bridge run folders (torch_dist), read only.
+"""Megatron-LM and Megatron-Bridge run folders (torch_dist): read, and written as a new run folder
+whose unchanged data files are hard links of the source's (:func:`write_megatron_run`).
 
 A run folder holds ``latest_checkpointed_iteration.txt`` (an iteration number, or ``release``) and
 one folder per saved iteration, ``iter_<7 digits>/`` (``release/``), each a torch_dist checkpoint:
@@ -14,18 +15,20 @@ from __future__ import annotations
 import argparse
 import functools
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ..checkpoint import DISTRIBUTED, NEMO_REF, Checkpoint, artifact_name
-from ..entries import Entries
+from ..checkpoint import DISTRIBUTED, NEMO_REF, Checkpoint, artifact_name, artifact_named
+from ..core.keys import MEGATRON
+from ..entries import Entries, tensor_meta
 from ..errors import CheckpointFormatError, ConfigError, UnsupportedError
 from .byteio import FileRegion
 from .dcp_records import Opaque
-from .torch_dist import COMMON_FILE, METADATA_FILE, METADATA_JSON, open_torch_dist
+from .torch_dist import COMMON_FILE, DATA_FILE, METADATA_FILE, METADATA_JSON, open_torch_dist, write_torch_dist
 from .torch_pickle import register_name
 from .torch_zip import read_torch_file, torch_file_bytes
 
@@ -111,6 +114,11 @@ def is_megatron_run(path: str | Path) -> bool:
     return (p / METADATA_FILE).is_file() and (named or (p / RUN_CONFIG).is_file())
 
 
+def looks_like_megatron_run(path: Path) -> bool:
+    """:func:`is_megatron_run`, or a folder of ``iter_*`` folders without its tracker (read to say so)."""
+    return is_megatron_run(path) or any(_ITERATION_DIR.fullmatch(p.name) and p.is_dir() for p in path.glob("iter_*"))
+
+
 # --- common.pt -------------------------------------------------------------------------------
 
 
@@ -152,14 +160,17 @@ def read_common(folder: Path) -> dict[str, Any]:
     return common
 
 
-def common_with_vocab_rows(common: dict[str, Any], rows: int) -> bytes:
+def common_with_vocab_rows(common: dict[str, Any], rows: int, vocab_size: int | None = None) -> bytes:
     """``common.pt`` for a checkpoint whose tables now have ``rows`` rows: Megatron-LM's ``args.padded_vocab_size``
-    updated (with ``--use-checkpoint-args`` it wins over the size the tokenizer gives), all else as read."""
+    updated (with ``--use-checkpoint-args`` it wins over the size the tokenizer gives), and ``args.vocab_size``
+    where the run set one (tokenizers without files), all else as read."""
     args = common.get("args")
     if not isinstance(args, argparse.Namespace):
         return torch_file_bytes(common)
     updated = argparse.Namespace(**vars(args))
     updated.padded_vocab_size = rows
+    if getattr(args, "vocab_size", None) is not None and vocab_size is not None:
+        updated.vocab_size = vocab_size
     return torch_file_bytes({**common, "args": updated})
 
 
@@ -305,5 +316,159 @@ def read_megatron_run(path: str | Path) -> Checkpoint:
         "iteration": iteration,
         "release": folder.name == RELEASE,
         "run": str(found.tracker.parent if found.tracker else folder),
+        "folder": str(folder),
     }
     return Checkpoint(Entries(entries), config, DISTRIBUTED, artifacts, training_state=state)
+
+
+# --- writing ---------------------------------------------------------------------------------
+
+OPTIMIZER_PREFIX = "optimizer."
+OPTIMIZER_COMMON = "optimizer"  # common.pt's optimizer part (param groups, sharding type)
+BRIDGE_TRAIN_STATE = "train_state.pt"
+BRIDGE_LATEST_TRAIN_STATE = "latest_train_state.pt"
+
+
+def optimizer_keys(ckpt: Checkpoint) -> list[str]:
+    return [k for k in ckpt.tensors if k.startswith(OPTIMIZER_PREFIX)]
+
+
+def has_optimizer_state(ckpt: Checkpoint) -> bool:
+    common = ckpt.training_state.get("common") or {}
+    return bool(optimizer_keys(ckpt)) or OPTIMIZER_COMMON in common
+
+
+def state_without_optimizer(state: dict[str, Any]) -> dict[str, Any]:
+    """A run's training state with common.pt's optimizer part dropped (the scheduler and rng state stay;
+    a trainer started with --no-load-optim --no-load-rng reads neither)."""
+    common = {k: v for k, v in (state.get("common") or {}).items() if k != OPTIMIZER_COMMON}
+    return {**state, "common": common, "dist_common": torch_file_bytes(common)}
+
+
+def canonical_tokenizer_files(files: dict[str, Path], scratch: Path) -> dict[str, Path]:
+    """``files`` (config key -> file) under the names a run's ``tokenizer/`` folder gives them (a merged
+    ``th.model`` becomes ``tokenizer.model``), copied into ``scratch`` where the name differs."""
+    names = {key: name for name, key in _TOKENIZER_FILES.items()}
+    out: dict[str, Path] = {}
+    for key, path in files.items():
+        name = names.get(key, path.name)
+        if path.name != name:
+            (scratch / name).write_bytes(path.read_bytes())
+            path = scratch / name
+        out[key] = path
+    return out
+
+
+def _vocab_rows(ckpt: Checkpoint) -> int:
+    meta = tensor_meta(ckpt.tensors, ckpt.vocab_keys().embedding)
+    assert meta is not None
+    return int(meta[0][0])
+
+
+def _common_bytes(ckpt: Checkpoint, common: dict[str, Any], stored: bytes) -> bytes:
+    """common.pt as ``stored`` when the tables kept their size, else with the args that describe them."""
+    args = common.get("args")
+    rows = _vocab_rows(ckpt)
+    unchanged = not isinstance(args, argparse.Namespace) or (
+        args.padded_vocab_size == rows and getattr(args, "vocab_size", None) in (None, ckpt.config.get("vocab_size"))
+    )
+    if unchanged:
+        return stored
+    return common_with_vocab_rows(common, rows, ckpt.config.get("vocab_size"))
+
+
+def _parse_common(data: bytes) -> dict[str, Any] | None:
+    """A common.pt carried as bytes (a .nemo converted from a run keeps it as its own), parsed as a run's."""
+    with tempfile.NamedTemporaryFile(suffix=".pt") as f:
+        f.write(data)
+        f.flush()
+        common = read_torch_file(FileRegion(Path(f.name), 0, len(data)), what=COMMON_FILE, also_allowed=_common_global)
+        return common if isinstance(common, dict) else None
+
+
+def _run_config_bytes(source: Path, ckpt: Checkpoint) -> bytes | None:
+    """Bridge's ``run_config.yaml`` with ``model.vocab_size`` of the new tables: the tokenizer size where
+    Bridge pads it (``should_pad_vocab``), else the rows themselves; as read when that is unchanged."""
+    path = source / RUN_CONFIG
+    if not path.is_file():
+        return None
+    run_config = _read_run_config(path)
+    model = run_config["model"]
+    vocab = ckpt.config.get("vocab_size") if model.get("should_pad_vocab", True) else _vocab_rows(ckpt)
+    if model.get("vocab_size") == vocab or vocab is None:
+        return path.read_bytes()
+    model["vocab_size"] = vocab
+    return yaml.safe_dump(run_config, sort_keys=False).encode()
+
+
+def write_megatron_run(ckpt: Checkpoint, dst: Path) -> None:
+    """A run folder at ``dst`` (new): the tracker and the iteration folder of ``ckpt``'s iteration.
+
+    Entries read from the source run are not copied: each source ``.distcp`` file that holds one is hard
+    linked under its own name (copied where the file system cannot link), and the ``.metadata`` points
+    at their bytes where they lie; the changed entries (resized tables) go to a file of their own.
+    ``common.pt`` and Bridge's ``run_config.yaml`` describe the tables' new size; the tokenizer
+    artifacts go to ``tokenizer/``. Only a checkpoint read from a run folder can be written as one:
+    its ``common.pt`` holds the run's state.
+    """
+    state = ckpt.training_state
+    stored = bytes(state.get("dist_common") or b"")
+    common = state.get("common")
+    if not isinstance(common, dict) and stored:
+        common = _parse_common(stored)
+    source = Path(state["folder"]) if "folder" in state else None  # None: a .nemo converted from a run
+    megatron_state = isinstance(common, dict) and (
+        source is not None or isinstance(common.get("args"), argparse.Namespace)
+    )
+    if not megatron_state or ckpt.vocab_keys().family != MEGATRON:
+        raise UnsupportedError(
+            f"{dst}: only a Megatron run's checkpoint can be written as a run folder: one read from a run folder, or "
+            f"a .nemo converted from one (its {COMMON_FILE} holds the run's args); safetensors keep no {COMMON_FILE}"
+        )
+    assert isinstance(common, dict)
+    release = bool(state.get("release"))
+    iteration = state.get("iteration", common.get("iteration"))
+    if not release and not isinstance(iteration, int):
+        raise UnsupportedError(f"{dst}: the checkpoint records no iteration to name its folder by")
+    out = dst / (RELEASE if release else iteration_folder_name(int(iteration)))  # type: ignore[arg-type]
+    out.mkdir(parents=True)
+    # Linked under their own names: the new file needs another.
+    taken = {p.name for p in source.glob("*.distcp")} if source is not None else set()
+    data_file = (
+        next(n for i in range(len(taken) + 1) if (n := f"vocab_tables_{i}.distcp") not in taken) if taken else DATA_FILE
+    )
+    write_torch_dist(
+        out,
+        ckpt.tensors,
+        common=_common_bytes(ckpt, common, stored),
+        metadata_json=state.get("dist_metadata"),
+        hard_link_unchanged=True,
+        data_file=data_file,
+    )
+    _write_tokenizer(ckpt, out / TOKENIZER_DIR)
+    if source is not None:
+        _write_bridge_files(ckpt, source, out, read_from_run=state.get("run") != str(source))
+    (dst / TRACKER_FILE).write_text(RELEASE if release else str(iteration))
+
+
+def _write_bridge_files(ckpt: Checkpoint, source: Path, out: Path, *, read_from_run: bool) -> None:
+    """Bridge's run_config.yaml (its vocab_size updated) and train state (a few scalars), beside the
+    iteration, and the run's copy of the train state when the source was read through its run folder."""
+    run_config = _run_config_bytes(source, ckpt)
+    if run_config is not None:
+        (out / RUN_CONFIG).write_bytes(run_config)
+    copies = [(source / BRIDGE_TRAIN_STATE, out / BRIDGE_TRAIN_STATE)]
+    if read_from_run:
+        copies.append((source.parent / BRIDGE_LATEST_TRAIN_STATE, out.parent / BRIDGE_LATEST_TRAIN_STATE))
+    for here, there in copies:
+        if here.is_file():
+            there.write_bytes(here.read_bytes())
+
+
+def _write_tokenizer(ckpt: Checkpoint, folder: Path) -> None:
+    tok = ckpt.config.get("tokenizer") or {}
+    for filename, key in _TOKENIZER_FILES.items():
+        name = artifact_named(tok.get(key))
+        if name is not None and name in ckpt.artifacts:
+            folder.mkdir(exist_ok=True)
+            (folder / filename).write_bytes(ckpt.artifacts[name])

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Union
 from ..core.dtypes import DType
 from ..entries import Stored, held, tensor_bytes, tensor_meta, write_order
 from ..errors import CheckpointFormatError, OutputExistsError
-from .byteio import FileRegion, InRegion
+from .byteio import FileRegion, InRegion, link_or_copy
 from .dcp_records import (
     BytesStorageMetadata,
     ChunkStorageMetadata,
@@ -324,6 +324,8 @@ def write_torch_dist(
     common: bytes,
     metadata_json: bytes | None = None,
     link_unchanged: bool = False,
+    hard_link_unchanged: bool = False,
+    data_file: str = DATA_FILE,
 ) -> None:
     """Write a torch_dist folder that megatron-core's ``dist_checkpointing.load`` reads, one entry at a time.
 
@@ -336,6 +338,12 @@ def write_torch_dist(
     copied; the folder gets a symlink to each file that holds them (a .distcp file, or a whole
     .nemo archive) and the metadata points at their bytes where they lie. Only changed entries are
     written. The folder then reads correctly only while those files exist.
+
+    ``hard_link_unchanged`` (folders on disk only): the same for entries in another folder's ``.distcp``
+    files (others are copied), but each such file gets a hard link under its own name (a copy where
+    the file system cannot link, e.g. across file systems), so the folder stands alone. The linked
+    files share their inode with the source's: neither may be modified in place afterwards. Changed
+    entries go to ``data_file``, which must not be one of those names.
     """
     if not isinstance(ckpt_dir, OutFolder):
         path = Path(ckpt_dir)
@@ -350,18 +358,23 @@ def write_torch_dist(
     state: dict[str, TensorStorageMetadata | BytesStorageMetadata] = dict.fromkeys(tensors)  # type: ignore[assignment]
     storage: dict[MetadataIndex, StorageInfo] = {}
     links: dict[Path, str] = {}  # a file holding unchanged bytes -> its link's name in the folder
-    linking = link_unchanged and isinstance(folder, DirOut)
+    linking = (link_unchanged or hard_link_unchanged) and isinstance(folder, DirOut)
 
-    with folder.file(DATA_FILE) as out:
+    with folder.file(data_file) as out:
 
         def place(region: FileRegion) -> StorageInfo:
             """Copy ``region`` into the data file, or (linking) point at it where it lies."""
-            if linking:
-                name = links.setdefault(region.path, f"linked_{len(links)}_{region.path.name}")
-                return StorageInfo(name, region.offset, region.length)
-            start = out.tell()
+            # Hard links only to data files: the bytes of a .nemo archive are copied out of it.
+            if linking and (not hard_link_unchanged or region.path.suffix == ".distcp"):
+                name = links.get(region.path) or (
+                    region.path.name if hard_link_unchanged else f"linked_{len(links)}_{region.path.name}"
+                )
+                if name != data_file and (region.path in links or name not in links.values()):
+                    links[region.path] = name
+                    return StorageInfo(name, region.offset, region.length)
+            start = out.tell()  # not linked: a name already taken (two source files of one name)
             out.copy_from(region)
-            return StorageInfo(DATA_FILE, start, region.length)
+            return StorageInfo(data_file, start, region.length)
 
         for key in write_order(tensors, lambda k: held(tensors, k)):
             value = held(tensors, key)
@@ -380,7 +393,7 @@ def write_torch_dist(
             if isinstance(value, Stored) and value.shape is None:
                 start = out.tell()
                 out.put(value.parts())
-                storage[MetadataIndex(key)] = StorageInfo(DATA_FILE, start, out.tell() - start)
+                storage[MetadataIndex(key)] = StorageInfo(data_file, start, out.tell() - start)
                 state[key] = BytesStorageMetadata()
                 continue
             meta = tensor_meta(tensors, key)
@@ -389,7 +402,7 @@ def write_torch_dist(
                 write_torch_file(value, out)
                 shape = Size(meta[0])
                 offsets = Size([0] * len(shape))
-                storage[MetadataIndex(key, offsets)] = StorageInfo(DATA_FILE, start, out.tell() - start)
+                storage[MetadataIndex(key, offsets)] = StorageInfo(data_file, start, out.tell() - start)
                 state[key] = TensorStorageMetadata(
                     TensorProperties(dtype=meta[1]), shape, [ChunkStorageMetadata(offsets, shape)]
                 )
@@ -397,7 +410,7 @@ def write_torch_dist(
             loaded = tensors[key]
             if isinstance(loaded, bytes | bytearray):
                 out.write(loaded)
-                storage[MetadataIndex(key)] = StorageInfo(DATA_FILE, start, len(loaded))
+                storage[MetadataIndex(key)] = StorageInfo(data_file, start, len(loaded))
                 state[key] = BytesStorageMetadata()
             elif loaded is None:
                 raise CheckpointFormatError(
@@ -408,7 +421,10 @@ def write_torch_dist(
     if links:
         assert isinstance(folder, DirOut)
         for target, name in links.items():
-            (folder.path / name).symlink_to(target.resolve())
+            if hard_link_unchanged:
+                link_or_copy(target, folder.path / name)
+            else:
+                (folder.path / name).symlink_to(target.resolve())
     import uuid  # only here: it imports platform (5 ms of every command's start-up)
 
     metadata = Metadata(

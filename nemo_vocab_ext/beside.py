@@ -62,10 +62,7 @@ def start_beside(fn: Callable[..., T], *args: Any) -> Beside[T]:
     fork copies no other thread, so one holding a lock would leave it locked in the child); on a
     thread otherwise, or where there is no fork. torch counts as running threads once imported: its
     native pools are invisible to ``threading`` and not safe to use after a fork."""
-    mode = os.environ.get("NVE_BESIDE", "fork")  # A/B measurement switch (tools/ab_resize.py); revert
-    if mode == "inline":
-        return _Inline(fn, args)
-    if mode == "thread" or threading.active_count() > 1 or "torch" in sys.modules or not hasattr(os, "fork"):
+    if threading.active_count() > 1 or "torch" in sys.modules or not hasattr(os, "fork"):
         return _OnThread(fn, args)
     return _InChild(fn, args)
 
@@ -88,21 +85,6 @@ def _reap(pid: int) -> int:
 _running: set[int] = set()
 _ended_early: dict[int, int] = {}  # children ended by end_children, and their exit codes
 atexit.register(end_children)
-
-
-class _Inline(Beside[T]):
-    def __init__(self, fn: Callable[..., T], args: tuple[Any, ...]):
-        super().__init__()
-        try:
-            self._result: Outcome = (True, fn(*args))
-        except BaseException as e:  # noqa: BLE001 - every error is the caller's to raise
-            self._result = (False, e)
-
-    def _wait(self) -> Outcome:
-        return self._result
-
-    def _ended(self) -> bool:
-        return True
 
 
 class _OnThread(Beside[T]):

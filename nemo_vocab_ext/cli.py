@@ -64,8 +64,7 @@ def main(debug: bool, quiet: bool) -> None:
     # Where a resize cannot fork (beside.py), its computation runs on a thread beside the copy, and
     # between two kernel copies the copying thread waits for the GIL, up to Python's 5 ms default
     # each time: with the tokenizers read on a thread, a 1.3B resize copied a third slower.
-    if os.environ.get("NVE_SWITCH", "short") == "short":  # A/B measurement switch (tools/ab_resize.py); revert
-        sys.setswitchinterval(SWITCH_INTERVAL_S)
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
 
 
 @main.command()
@@ -288,8 +287,6 @@ def run() -> NoReturn:
         except OSError:  # a closed pipe: the output is lost, as Python reports at exit
             code = code or 120
     _end_work_beside()  # work still running beside a command that failed
-    if os.environ.get("NVE_EXIT", "os_exit") == "normal":  # A/B measurement switch (tools/ab_resize.py); revert
-        sys.exit(code)
     os._exit(code)
 
 

@@ -139,21 +139,11 @@ TO_OPTION = click.option(
 @report_errors
 def convert(src: Path, dst: Path, to: str | None, layout: str | None, force: bool, verify: bool) -> None:
     """Convert between .nemo, .ckpt and safetensors, one tensor at a time; the output is read back and checked."""
-    from .atomic import refuse_existing, refuse_overlap
-    from .io import load_checkpoint, save_checkpoint, weights_for
+    from .io import convert_checkpoint
 
     fmt = format_for_destination(dst, Format(to) if to else None)
-    refuse_overlap(src, dst)
-    refuse_existing(dst, force=force)
     with stages(4) as stage:
-        stage("reading")
-        loaded, src_fmt = load_checkpoint(src)
-        loaded = weights_for(loaded, fmt)
-        if layout is not None:
-            from .layout import change_layout  # torch: layers are stacked or split
-
-            loaded = change_layout(loaded, layout)
-        save_checkpoint(loaded, dst, fmt, force=force, verify=verify, stage=stage)
+        loaded, src_fmt = convert_checkpoint(src, dst, fmt, layout=layout, force=force, verify=verify, stage=stage)
     checked = "compared bit for bit" if verify else "checked (names, shapes, dtypes)"
     say(f"wrote {dst} ({fmt}, {loaded.layout} layout) from {src} ({src_fmt}); {len(loaded.tensors)} entries {checked}")
 

@@ -137,6 +137,35 @@ def save_checkpoint(
         verify_written(ckpt, written, Path(dst), bitwise=verify)
 
 
+def convert_checkpoint(
+    src: Path,
+    dst: Path,
+    fmt: Format,
+    *,
+    layout: str | None = None,
+    force: bool = False,
+    verify: bool = False,
+    stage: Stage = no_stage,
+) -> tuple[Checkpoint, Format]:
+    """What ``convert`` does: ``src`` written to ``dst`` as ``fmt`` (weights only unless ``fmt`` keeps
+    training state), in ``layout`` if given; returns what was written and the source's format. A
+    checkpoint without a vocabulary table this tool knows is refused: it holds no model the tool handles."""
+    from .atomic import refuse_existing, refuse_overlap
+
+    refuse_overlap(src, dst)
+    refuse_existing(dst, force=force)
+    stage("reading")
+    loaded, src_fmt = load_checkpoint(src)
+    loaded.vocab_keys()
+    loaded = weights_for(loaded, fmt)
+    if layout is not None:
+        from .layout import change_layout  # torch: layers are stacked or split
+
+        loaded = change_layout(loaded, layout)
+    save_checkpoint(loaded, dst, fmt, force=force, verify=verify, stage=stage)
+    return loaded, src_fmt
+
+
 def weights_for(ckpt: Checkpoint, fmt: Format) -> Checkpoint:
     """What a file of ``fmt`` keeps of ``ckpt``: optimizer state belongs to training checkpoints (.ckpt, a
     Megatron run) only."""

@@ -18,7 +18,7 @@ from .beside import Beside
 from .checkpoint import Checkpoint
 from .core.dtypes import DType
 from .entries import Deferred, Entries, Region, Stored, held
-from .errors import TokenizerError
+from .errors import ResizeError, TokenizerError
 from .formats.byteio import byte_prefix
 from .options import ResizeOptions
 from .vocab import (
@@ -158,9 +158,15 @@ def resize_while_writing(
         computed = (plan.rows.new_rows - (plan.rows.kept if kept is not None else 0)) * row_bytes
         jobs[identity] = _TableJob(key, (plan.rows.new_rows, *shape[1:]), dtype, kept, offset, computed)
         offset += computed
-    work = Beside.start(
-        _resize_tables_into, ckpt, plan, tokenizers, wording, seed, list(jobs.values()), out_bytes=offset
-    )
+    try:
+        work = Beside.start(
+            _resize_tables_into, ckpt, plan, tokenizers, wording, seed, list(jobs.values()), out_bytes=offset
+        )
+    except MemoryError:  # a size no machine holds comes from the config (override_vocab_size, divisible-by)
+        raise ResizeError(
+            f"the new rows ({plan.rows.new_rows:,} rows in all) need {offset / 2**30:,.1f} GiB of memory, more "
+            "than this machine gives; check the new vocabulary size and the config's padding settings"
+        ) from None
 
     def computed_rows(job: _TableJob) -> list[memoryview]:
         work.result()  # waits for the computation (or raises its error)

@@ -957,7 +957,7 @@ def run_op(op: str, src: Path, out: Path) -> None:
     """What the CLI's command runs for ``op``, in-process."""
     from nemo_vocab_ext.core.rows import Init
     from nemo_vocab_ext.describe import describe
-    from nemo_vocab_ext.io import Format, load_checkpoint, save_checkpoint, select
+    from nemo_vocab_ext.io import Format, convert_checkpoint, load_checkpoint
     from nemo_vocab_ext.options import ResizeOptions
     from nemo_vocab_ext.resize_job import run_resize
     from nemo_vocab_ext.validate import validate_checkpoint
@@ -970,10 +970,7 @@ def run_op(op: str, src: Path, out: Path) -> None:
     elif op.startswith("convert:"):  # as the convert command does
         fmt = Format(op.split(":", 1)[1])
         dst = out / f"out{FORMATS[fmt.value]}"
-        ckpt, _ = load_checkpoint(src)
-        if fmt is not Format.CKPT:
-            ckpt = select(ckpt, lambda key: not key.startswith("optimizer."))
-        save_checkpoint(ckpt, dst, fmt)
+        convert_checkpoint(src, dst, fmt)
         _check_output(dst, fmt, load_checkpoint(src)[0])
     elif op == "resize":
         dst = out / "out.nemo"

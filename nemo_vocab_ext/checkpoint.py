@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Union
 
 from .core.keys import VocabKeys, find_vocab_keys, hf_vocab_keys
 from .entries import is_tensor, tensor_meta
+from .errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
@@ -78,3 +79,13 @@ class Checkpoint:
             value = self.tensors[key]
             assert is_tensor(value)
             yield key, value  # type: ignore[misc]
+
+
+def tokenizer_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The model config's ``tokenizer`` section ({} when it has none)."""
+    tok = config.get("tokenizer")
+    if tok is None:
+        return {}
+    if not isinstance(tok, dict) or not all(isinstance(k, str) for k in tok):
+        raise ConfigError(f"model config: tokenizer is {type(tok).__name__} {tok!r:.60}, not a table of settings")
+    return tok

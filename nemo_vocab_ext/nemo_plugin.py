@@ -27,13 +27,12 @@ from .checkpoint import DISTRIBUTED, Checkpoint, artifact_named
 from .core.keys import find_vocab_keys
 from .core.rows import Init
 from .errors import ConfigError, DataError, ResizeError, TokenizerError
-from .formats.nemo import read_dist_tensor_shapes, read_nemo, read_nemo_header, write_nemo_dir
+from .formats.nemo import embed_tokenizer, read_dist_tensor_shapes, read_nemo, read_nemo_header, write_nemo_dir
 from .options import DEFAULTS, PADDING_INITS, ResizeOptions
 from .pipeline import Wording, checked_pieces, prepare_resize, with_padding_of
 from .vocab import (
     apply_resize,
     checkpoint_tokenizer_files,
-    embed_tokenizer,
     expected_rows,
     refuse_training_checkpoint_of_another_size,
     vocab_table_shapes,

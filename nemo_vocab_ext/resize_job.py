@@ -16,6 +16,7 @@ from .formats.megatron_run import (
     optimizer_keys,
     state_without_optimizer,
 )
+from .formats.nemo import embed_tokenizer, tokenizer_config_files
 from .io import Format, Stage, load_checkpoint, no_stage, save_checkpoint, select, weights_for
 from .options import ResizeOptions
 from .pipeline import Wording, checked_pieces, prepare_resize, read_tokenizers, resize_while_writing, with_padding_of
@@ -24,8 +25,6 @@ from .vocab import (
     ResizePlan,
     TensorResize,
     checkpoint_tokenizer_files,
-    embed_tokenizer,
-    tokenizer_config_files,
 )
 
 WORDING = Wording(

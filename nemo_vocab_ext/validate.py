@@ -10,14 +10,13 @@ from typing import Any
 import torch
 
 from .atomic import scratch_dir
-from .checkpoint import HF_LAYOUT, Checkpoint, artifact_named
+from .checkpoint import HF_LAYOUT, Checkpoint, artifact_named, tokenizer_config
 from .errors import VocabExtError
 from .vocab import (
     divisible_by_of,
     expected_rows,
     load_checkpoint_tokenizer,
     tensor_parallel_of,
-    tokenizer_config,
     vocab_table_shapes,
 )
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from .checkpoint import HF_LAYOUT, NEMO_REF, Checkpoint, Value, artifact_name, artifact_named
+from .checkpoint import HF_LAYOUT, Checkpoint, Value, tokenizer_config
 from .core.dtypes import DType, dtype_of
 from .core.keys import UnknownKeysError, VocabKeys, find_vocab_keys
 from .core.rows import INIT_DESCRIPTIONS, Init, RowPlan, ShrinkRefusedError, plan_rows
@@ -87,16 +87,6 @@ def check_model_config(config: dict[str, Any]) -> None:
     if config.get("override_vocab_size") is not None:
         model_config_int(config, "override_vocab_size", 0)
     tokenizer_config(config)
-
-
-def tokenizer_config(config: dict[str, Any]) -> dict[str, Any]:
-    """The model config's ``tokenizer`` section ({} when it has none)."""
-    tok = config.get("tokenizer")
-    if tok is None:
-        return {}
-    if not isinstance(tok, dict) or not all(isinstance(k, str) for k in tok):
-        raise ConfigError(f"model config: tokenizer is {type(tok).__name__} {tok!r:.60}, not a table of settings")
-    return tok
 
 
 def divisible_by_of(config: dict[str, Any]) -> int:
@@ -391,34 +381,15 @@ def _split_into_ranks(
     return out
 
 
-def _artifact_bytes(ckpt: Checkpoint, cfg_key: str) -> bytes | None:
-    ref = tokenizer_config(ckpt.config).get(cfg_key)
-    if not isinstance(ref, str) or not ref:
-        return None
-    if (name := artifact_named(ref)) is not None:
-        if name not in ckpt.artifacts:
-            raise ConfigError(f"tokenizer.{cfg_key} refers to artifact '{name}', which the checkpoint does not contain")
-        return ckpt.artifacts[name]
-    local = Path(ref)  # a training checkpoint may point at files on disk
-    return local.read_bytes() if local.is_file() else None
-
-
 def checkpoint_tokenizer_files(ckpt: Checkpoint, out_dir: Path) -> Path | None:
     """Write the checkpoint's embedded tokenizer under plain file names; None when it carries none."""
     if ckpt.layout == HF_LAYOUT:
         from .formats.hf_folder import hf_tokenizer_files
 
         return hf_tokenizer_files(ckpt, out_dir)
-    vocab, merges = _artifact_bytes(ckpt, "vocab_file"), _artifact_bytes(ckpt, "merge_file")
-    if vocab is not None and merges is not None:
-        (out_dir / "vocab.json").write_bytes(vocab)
-        (out_dir / "merges.txt").write_bytes(merges)
-        return out_dir
-    model = _artifact_bytes(ckpt, "model") or _artifact_bytes(ckpt, "tokenizer_model")
-    if model is not None:
-        (out_dir / "tokenizer.model").write_bytes(model)
-        return out_dir / "tokenizer.model"
-    return None
+    from .formats.nemo import nemo_tokenizer_files
+
+    return nemo_tokenizer_files(ckpt, out_dir)
 
 
 def check_tokenizer_fits(own: TokenizerInfo, new: TokenizerInfo, what: str) -> None:
@@ -472,34 +443,3 @@ def load_checkpoint_tokenizer(ckpt: Checkpoint, workdir: Path) -> TokenizerInfo 
     """The checkpoint's own tokenizer (from its ``nemo:`` artifacts), or None."""
     where = checkpoint_tokenizer_files(ckpt, workdir)
     return None if where is None else load_tokenizer(where)
-
-
-def embed_tokenizer(ckpt: Checkpoint, files: dict[str, Path]) -> Checkpoint:
-    """Replace the tokenizer artifacts with ``files`` (config key -> file) and point the config at them."""
-    config = dict(ckpt.config)
-    tok = dict(tokenizer_config(config))
-    artifacts = dict(ckpt.artifacts)
-    for cfg_key, path in files.items():
-        if (old := artifact_named(tok.get(cfg_key))) is not None:
-            artifacts.pop(old, None)
-        data = path.read_bytes()
-        name = artifact_name(data, path.name)
-        artifacts[name] = data
-        tok[cfg_key] = f"{NEMO_REF}{name}"
-    config["tokenizer"] = tok
-    return replace(ckpt, config=config, artifacts=artifacts)
-
-
-def tokenizer_config_files(tokenizer_path: Path) -> dict[str, Path]:
-    """Config keys NeMo reads for the tokenizer at ``tokenizer_path``."""
-    p = Path(tokenizer_path)
-    if p.is_dir() and (p / "vocab.json").is_file():
-        files = {"vocab_file": p / "vocab.json"}
-        if (p / "merges.txt").is_file():
-            files["merge_file"] = p / "merges.txt"
-        return files
-    if p.is_file() and p.suffix == ".model":
-        return {"model": p}
-    raise TokenizerError(
-        f"{p}: cannot embed this tokenizer in a .nemo; give a vocab.json+merges.txt folder or a .model file"
-    )

@@ -16,9 +16,9 @@ from conftest import invoke_cli, sources_unchanged
 
 from nemo_vocab_ext.checkpoint import DISTRIBUTED, Checkpoint
 from nemo_vocab_ext.cli import main
+from nemo_vocab_ext.formats.nemo import embed_tokenizer
 from nemo_vocab_ext.io import Format, load_checkpoint, save_checkpoint
 from nemo_vocab_ext.tokenization.train import train_bpe
-from nemo_vocab_ext.vocab import embed_tokenizer
 
 HIDDEN = 8
 

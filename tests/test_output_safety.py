@@ -24,9 +24,10 @@ from nemo_vocab_ext.checkpoint import DISTRIBUTED, SINGLE, Checkpoint
 from nemo_vocab_ext.cli import main
 from nemo_vocab_ext.cli_common import error_message
 from nemo_vocab_ext.errors import ResizeError
+from nemo_vocab_ext.formats.nemo import embed_tokenizer
 from nemo_vocab_ext.io import Format, load_checkpoint, save_checkpoint
 from nemo_vocab_ext.tokenization.train import train_bpe
-from nemo_vocab_ext.vocab import embed_tokenizer, refuse_training_checkpoint_of_another_size
+from nemo_vocab_ext.vocab import refuse_training_checkpoint_of_another_size
 
 REPO = Path(__file__).resolve().parents[1]
 HIDDEN = 8

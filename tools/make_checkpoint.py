@@ -349,8 +349,8 @@ def build_checkpoint(
 ) -> Any:
     """A :class:`nemo_vocab_ext.checkpoint.Checkpoint` with the tokenizer embedded as NeMo artifacts."""
     from nemo_vocab_ext.checkpoint import Checkpoint
+    from nemo_vocab_ext.formats.nemo import embed_tokenizer
     from nemo_vocab_ext.tokenization.load import load_tokenizer
-    from nemo_vocab_ext.vocab import embed_tokenizer
 
     got = load_tokenizer(tokenizer_dir).vocab_size
     if got != shape.vocab:

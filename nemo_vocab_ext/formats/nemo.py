@@ -6,14 +6,26 @@ import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ..checkpoint import DISTRIBUTED, MP_RANK, SINGLE, TP_PP_RANK, Checkpoint, Value
+from ..checkpoint import (
+    DISTRIBUTED,
+    MP_RANK,
+    NEMO_REF,
+    SINGLE,
+    TP_PP_RANK,
+    Checkpoint,
+    Value,
+    artifact_name,
+    artifact_named,
+    tokenizer_config,
+)
 from ..entries import Entries, held
-from ..errors import CheckpointFormatError, ConfigError, UnsupportedError
+from ..errors import CheckpointFormatError, ConfigError, TokenizerError, UnsupportedError
 from .archive import NemoArchive, extract_gzip, is_gzip
 from .byteio import FileRegion
 from .folder import DirOut, InFolder, OutFolder, tar_out
@@ -219,3 +231,65 @@ def write_nemo(ckpt: Checkpoint, dst: Path) -> None:
     """Write a .nemo archive at ``dst``, streamed straight into the tar (callers make it atomic)."""
     with tar_out(dst) as out:
         _write_nemo_to(ckpt, out)
+
+
+# The tokenizer artifacts: NeMo's convention (``nemo:<member>`` in the config's tokenizer section),
+# which every format but a Hugging Face folder keeps.
+
+
+def _artifact_bytes(ckpt: Checkpoint, cfg_key: str) -> bytes | None:
+    ref = tokenizer_config(ckpt.config).get(cfg_key)
+    if not isinstance(ref, str) or not ref:
+        return None
+    if (name := artifact_named(ref)) is not None:
+        if name not in ckpt.artifacts:
+            raise ConfigError(f"tokenizer.{cfg_key} refers to artifact '{name}', which the checkpoint does not contain")
+        return ckpt.artifacts[name]
+    local = Path(ref)  # a training checkpoint may point at files on disk
+    return local.read_bytes() if local.is_file() else None
+
+
+def nemo_tokenizer_files(ckpt: Checkpoint, out_dir: Path) -> Path | None:
+    """Write the tokenizer a checkpoint's config names (``nemo:`` artifacts) under plain file names;
+    None when it carries none."""
+    vocab, merges = _artifact_bytes(ckpt, "vocab_file"), _artifact_bytes(ckpt, "merge_file")
+    if vocab is not None and merges is not None:
+        (out_dir / "vocab.json").write_bytes(vocab)
+        (out_dir / "merges.txt").write_bytes(merges)
+        return out_dir
+    model = _artifact_bytes(ckpt, "model") or _artifact_bytes(ckpt, "tokenizer_model")
+    if model is not None:
+        (out_dir / "tokenizer.model").write_bytes(model)
+        return out_dir / "tokenizer.model"
+    return None
+
+
+def embed_tokenizer(ckpt: Checkpoint, files: dict[str, Path]) -> Checkpoint:
+    """Replace the tokenizer artifacts with ``files`` (config key -> file) and point the config at them."""
+    config = dict(ckpt.config)
+    tok = dict(tokenizer_config(config))
+    artifacts = dict(ckpt.artifacts)
+    for cfg_key, path in files.items():
+        if (old := artifact_named(tok.get(cfg_key))) is not None:
+            artifacts.pop(old, None)
+        data = path.read_bytes()
+        name = artifact_name(data, path.name)
+        artifacts[name] = data
+        tok[cfg_key] = f"{NEMO_REF}{name}"
+    config["tokenizer"] = tok
+    return replace(ckpt, config=config, artifacts=artifacts)
+
+
+def tokenizer_config_files(tokenizer_path: Path) -> dict[str, Path]:
+    """Config keys NeMo reads for the tokenizer at ``tokenizer_path``."""
+    p = Path(tokenizer_path)
+    if p.is_dir() and (p / "vocab.json").is_file():
+        files = {"vocab_file": p / "vocab.json"}
+        if (p / "merges.txt").is_file():
+            files["merge_file"] = p / "merges.txt"
+        return files
+    if p.is_file() and p.suffix == ".model":
+        return {"model": p}
+    raise TokenizerError(
+        f"{p}: cannot embed this tokenizer in a .nemo; give a vocab.json+merges.txt folder or a .model file"
+    )

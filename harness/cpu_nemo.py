@@ -48,7 +48,7 @@ def _have_apex() -> bool:
     return importlib.util.find_spec("apex") is not None
 
 
-def init_cpu_process_group(tensor_parallel: int = 1) -> None:
+def init_cpu_process_group(tensor_parallel: int = 1, pipeline_parallel: int = 1) -> None:
     """Set up torch.distributed (gloo; NCCL on a GPU) and megatron's parallel state before a model is built.
 
     megatron-core reads process groups while it builds the model, but NeMo only sets them up in
@@ -63,20 +63,23 @@ def init_cpu_process_group(tensor_parallel: int = 1) -> None:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    model_parallel = tensor_parallel * pipeline_parallel
     if not dist.is_initialized():
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
             dist.init_process_group(backend, init_method="env://")
-        elif tensor_parallel != 1:
-            raise ValueError(f"tensor_parallel={tensor_parallel} needs torchrun with that many processes")
+        elif model_parallel != 1:
+            raise ValueError(f"model parallel size {model_parallel} needs torchrun with that many processes")
         else:
             # gloo deletes the store file once every rank has let go of it.
             fd, store = tempfile.mkstemp(prefix="gloo_store_")
             os.close(fd)
             dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1)
-    if dist.get_world_size() % tensor_parallel:
-        raise ValueError(f"world size {dist.get_world_size()} is not a multiple of tensor_parallel={tensor_parallel}")
+    if dist.get_world_size() % model_parallel:
+        raise ValueError(
+            f"world size {dist.get_world_size()} is not a multiple of the model parallel size {model_parallel}"
+        )
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tensor_parallel, 1)
+        parallel_state.initialize_model_parallel(tensor_parallel, pipeline_parallel)
 
 
 def _noop(*args: Any, **kwargs: Any) -> None:

@@ -6,15 +6,21 @@ The saved dict is laid out as Megatron-LM's ``generate_state_dict`` lays it out:
 state dict, keys without a prefix), ``rng_state`` (a ShardedObject per TP/PP rank) and
 ``num_floating_point_operations_so_far``. No optimizer state: megatron-core's optimizers allocate
 on CUDA and accept only ``torch.cuda`` parameter types. Under ``torchrun --nproc_per_node=N``
-(gloo) each rank saves its shard.
+(gloo, N = TP x PP) each rank saves its shard. With pipeline parallelism each rank builds its
+stage as Megatron-LM does: the embedding on the first stage, the output layer and final norm on
+the last, the layers split between them; tied, the last stage holds a copy of the embedding
+(all-reduced from the first at construction) that the checkpoint stores once.
 
     python -m harness.megatron_run OUT --tp 1 --untied
     torchrun --nproc_per_node=2 -m harness.megatron_run OUT --tp 2 --tied
+    torchrun --nproc_per_node=2 -m harness.megatron_run OUT --pp 2 --untied
 
 With ``--load CKPT --rows R``, a model built with ``R`` vocabulary rows loads the torch_dist folder
 ``CKPT`` with megatron-core's ``dist_checkpointing.load`` (strict ``load_state_dict``) and saves what
-it loaded into ``OUT`` (a plain torch_dist folder: every tensor global, whatever the TP), so that a
-test can compare, tensor by tensor, what megatron-core read:
+it loaded into ``OUT`` (a plain torch_dist folder: every tensor global, whatever the TP and PP), so
+that a test can compare, tensor by tensor, what megatron-core read. The last stage's copy of a tied
+table, a replica of the embedding in the checkpoint, is saved as ``output_layer.weight`` there, so
+that what that stage loaded can be compared too:
 
     torchrun --nproc_per_node=2 -m harness.megatron_run OUT --tp 2 --tied --load RUN/iter_0000010 --rows 768
 """
@@ -34,7 +40,7 @@ import torch
 
 from harness.cpu_nemo import _patch_cuda_calls, init_cpu_process_group
 from nemo_vocab_ext.core.sizes import padded_vocab_size
-from nemo_vocab_ext.formats.megatron_run import TOKENIZER_DIR, TRACKER_FILE, iteration_folder_name
+from nemo_vocab_ext.formats.megatron_run import OUTPUT_LAYER_KEY, TOKENIZER_DIR, TRACKER_FILE, iteration_folder_name
 
 CHECKPOINT_VERSION = 3.0  # what Megatron-LM and Megatron-Bridge write
 
@@ -55,7 +61,7 @@ def run_args(options: argparse.Namespace) -> argparse.Namespace:
         padded_vocab_size=vocab_rows(options),
         make_vocab_size_divisible_by=options.divisible_by,
         tensor_model_parallel_size=options.tp,
-        pipeline_model_parallel_size=1,
+        pipeline_model_parallel_size=options.pp,
         virtual_pipeline_model_parallel_size=None,
         untie_embeddings_and_output_weights=not options.tied,
         tokenizer_type="GPT2BPETokenizer",
@@ -82,6 +88,8 @@ def vocab_rows(options: argparse.Namespace) -> int:
 
 
 def build_model(options: argparse.Namespace) -> Any:
+    """This rank's stage of the GPT model (the whole model without pipeline parallelism)."""
+    from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer import TransformerConfig
@@ -91,6 +99,8 @@ def build_model(options: argparse.Namespace) -> Any:
         hidden_size=options.hidden,
         num_attention_heads=options.heads,
         tensor_model_parallel_size=options.tp,
+        pipeline_model_parallel_size=options.pp,
+        pipeline_dtype=torch.float32,  # required with pipeline parallelism: what flows between the stages
         use_cpu_initialization=True,  # no CUDA RNG tracker: weights drawn on the CPU from torch's generator
     )
     return GPTModel(
@@ -99,10 +109,12 @@ def build_model(options: argparse.Namespace) -> Any:
         vocab_size=vocab_rows(options),
         max_sequence_length=options.seq_length,
         share_embeddings_and_output_weights=options.tied,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
     )
 
 
-def rng_state(tp: int) -> Any:
+def rng_state(tp: int, pp: int) -> Any:
     """Megatron-LM's ``get_rng_state`` for torch_dist: one ShardedObject per (PP, TP) rank (no CUDA state here)."""
     from megatron.core import parallel_state
     from megatron.core.dist_checkpointing.mapping import ShardedObject
@@ -115,8 +127,8 @@ def rng_state(tp: int) -> Any:
     return ShardedObject(
         "rng_state",
         [state],
-        (1, tp),
-        (0, parallel_state.get_tensor_model_parallel_rank()),
+        (pp, tp),
+        (parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank()),
         replica_id=parallel_state.get_data_parallel_rank(),
     )
 
@@ -143,7 +155,7 @@ def save_run(options: argparse.Namespace) -> Path:
     from megatron.core import dist_checkpointing
 
     _patch_cuda_calls()  # the torch_dist writer synchronises and asks for the current CUDA device
-    init_cpu_process_group(options.tp)
+    init_cpu_process_group(options.tp, options.pp)
     torch.manual_seed(options.seed)
     model = build_model(options)
     state: dict[str, Any] = {
@@ -151,7 +163,7 @@ def save_run(options: argparse.Namespace) -> Path:
         "checkpoint_version": CHECKPOINT_VERSION,
         "iteration": options.iteration,
         "model": model.sharded_state_dict(prefix=""),
-        "rng_state": rng_state(options.tp),
+        "rng_state": rng_state(options.tp, options.pp),
         "num_floating_point_operations_so_far": 0,
     }
     if options.optimizer_state:
@@ -178,7 +190,7 @@ def load_and_resave(options: argparse.Namespace) -> Path:
     from megatron.core import dist_checkpointing
 
     _patch_cuda_calls()
-    init_cpu_process_group(options.tp)
+    init_cpu_process_group(options.tp, options.pp)
     model = build_model(options)
     loaded = dist_checkpointing.load({"model": model.sharded_state_dict(prefix="")}, str(options.load))
     model.load_state_dict(loaded["model"], strict=True)  # every parameter, each of the right shape
@@ -186,15 +198,31 @@ def load_and_resave(options: argparse.Namespace) -> Path:
     if torch.distributed.get_rank() == 0:
         out.mkdir(parents=True)
     torch.distributed.barrier()
-    dist_checkpointing.save({"model": model.sharded_state_dict(prefix="")}, str(out))
+    dist_checkpointing.save({"model": own_copies(model.sharded_state_dict(prefix=""))}, str(out))
     torch.distributed.barrier()
     return out
+
+
+def own_copies(model_state: dict[str, Any]) -> dict[str, Any]:
+    """``model_state`` with the last stage's copy of a tied table (the embedding's key, a replica) saved
+    under its own key, ``output_layer.weight``, as the one stored copy of it."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    copy = model_state.get(OUTPUT_LAYER_KEY)
+    if isinstance(copy, ShardedTensor) and copy.key != OUTPUT_LAYER_KEY:
+        replica = (0, *copy.replica_id[1:]) if isinstance(copy.replica_id, tuple) else 0
+        model_state = {
+            **model_state,
+            OUTPUT_LAYER_KEY: dataclasses.replace(copy, key=OUTPUT_LAYER_KEY, replica_id=replica),
+        }
+    return model_state
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path, help="the run folder (created)")
-    parser.add_argument("--tp", type=int, default=1, help="tensor parallel size (= torchrun's process count)")
+    parser.add_argument("--tp", type=int, default=1, help="tensor parallel size")
+    parser.add_argument("--pp", type=int, default=1, help="pipeline parallel size (torchrun's process count: TP x PP)")
     tying = parser.add_mutually_exclusive_group()
     tying.add_argument("--tied", dest="tied", action="store_true", default=True)
     tying.add_argument("--untied", dest="tied", action="store_false")

@@ -42,26 +42,31 @@ DIVISIBLE_BY = 128
 TP2_VOCAB = 600  # pads to 640 rows at TP1 and 768 at TP2: the row count shows the TP it was built for
 
 
-def megatron(out: Path, *flags: str, nproc: int = 1) -> Path:
+def megatron(out: Path, *flags: str, nproc: int = 1, pp: int = 1) -> Path:
     """``harness.megatron_run`` (megatron-core itself) in a fresh process, so that its CPU patches stay
-    out of this one; under torchrun with ``nproc`` ranks, one per tensor-parallel rank."""
+    out of this one; under torchrun with ``nproc`` ranks: ``pp`` pipeline stages of ``nproc // pp``
+    tensor-parallel ranks each."""
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
-    argv = [*launcher, "-m", "harness.megatron_run", str(out), "--tp", str(nproc), "--hidden", str(HIDDEN), *flags]
+    parallel = ["--tp", str(nproc // pp), "--pp", str(pp)]
+    argv = [*launcher, "-m", "harness.megatron_run", str(out), *parallel, "--hidden", str(HIDDEN), *flags]
     env = cpu_env(out.parent / "hf_home")
     done = subprocess.run([sys.executable, *argv], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return out
 
 
-def generate(out: Path, *flags: str, nproc: int = 1) -> Path:
+def generate(out: Path, *flags: str, nproc: int = 1, pp: int = 1) -> Path:
     """A run folder saved by megatron-core."""
-    return megatron(out, "--iteration", str(ITERATION), "--divisible-by", str(DIVISIBLE_BY), *flags, nproc=nproc)
+    return megatron(out, "--iteration", str(ITERATION), "--divisible-by", str(DIVISIBLE_BY), *flags, nproc=nproc, pp=pp)
 
 
-def megatron_loads(folder: Path, out: Path, rows: int, tying: str, nproc: int = 1) -> dict[str, torch.Tensor]:
+def megatron_loads(
+    folder: Path, out: Path, rows: int, tying: str, nproc: int = 1, pp: int = 1
+) -> dict[str, torch.Tensor]:
     """What megatron-core's ``dist_checkpointing.load`` gives a ``GPTModel`` of ``rows`` vocabulary rows at
-    TP ``nproc`` loading ``folder``: the model saved again after loading, read back as global tensors."""
-    megatron(out, f"--{tying}", "--load", str(folder), "--rows", str(rows), nproc=nproc)
+    TP ``nproc // pp``, PP ``pp`` loading ``folder``: the model saved again after loading, read back as
+    global tensors (a tied last stage's copy of the embedding under ``output_layer.weight``)."""
+    megatron(out, f"--{tying}", "--load", str(folder), "--rows", str(rows), nproc=nproc, pp=pp)
     return {k: v for k, v in read_torch_dist(out).items() if isinstance(v, torch.Tensor)}
 
 
@@ -395,6 +400,33 @@ def test_tp2_run_resized_loads_at_tp2_and_tp1(
     for nproc in (2, 1):  # the TP it was saved with, and another
         loaded = megatron_loads(folder, tmp_path / f"loaded_tp{nproc}", rows, tying, nproc=nproc)
         check_resized(run / iteration_folder_name(ITERATION), loaded, BASE_VOCAB, rows)
+
+
+@pytest.mark.nemo  # slow: megatron-core processes under torchrun
+@pytest.mark.parametrize("tying", ["tied", "untied"])
+def test_pp2_run_resized_loads_at_pp2(base_tokenizer: Path, larger_tokenizer: Path, tmp_path: Path, tying: str) -> None:
+    tokenizer = ["--vocab-size", str(BASE_VOCAB), "--tokenizer", str(base_tokenizer)]
+    run = generate(tmp_path / "run", f"--{tying}", *tokenizer, nproc=2, pp=2)  # two stages, TP1 each
+    source = run / iteration_folder_name(ITERATION)
+    assert list(source.glob("__1_*.distcp"))  # the last stage saved its own part
+    shown = invoke_cli("inspect", run, "--json")
+    assert shown.exit_code == 0, shown.output
+    info = json.loads(shown.output)
+    assert info["pipeline_model_parallel_size"] == 2 and info["tensor_model_parallel_size"] == 1
+    assert info["embedding_rows"] == padded_vocab_size(BASE_VOCAB, DIVISIBLE_BY, 1) and info["hidden_size"] == HIDDEN
+    assert info["tied"] is (tying == "tied") and info["has_output_layer"] is (tying == "untied")
+    rows = padded_vocab_size(LARGER_VOCAB, DIVISIBLE_BY, 1)
+    result = invoke_cli(
+        "resize", run, tmp_path / "resized", "--tokenizer", larger_tokenizer, "--init", "mean", "--verify"
+    )
+    assert result.exit_code == 0, result.output
+    folder = check_run_written(run, tmp_path / "resized", larger_tokenizer, rows)
+    assert read_megatron_run(folder).config["pipeline_model_parallel_size"] == 2
+    loaded = megatron_loads(folder, tmp_path / "loaded", rows, tying, nproc=2, pp=2)
+    if tying == "tied":  # the last stage's copy, stored once under the embedding's key: it loaded the same rows
+        copy = loaded.pop(OUTPUT_LAYER_KEY)
+        assert torch.equal(copy.view(torch.int32), loaded[EMBEDDING_KEY].view(torch.int32))
+    check_resized(source, loaded, BASE_VOCAB, rows)
 
 
 def test_bridge_run_resized_records_the_new_vocab_size(

@@ -6,20 +6,23 @@
 Generates the inputs into ``--workdir`` once (``tools/make_checkpoint.py``: the same weights as a
 distributed and a single-file .nemo, safetensors, a distributed training-checkpoint folder and a
 Lightning file; a 50257-token tokenizer and a merged one with 7000 more; a Megatron .bin/.idx of
-``--data-gb`` GB) and reuses them on later runs. Then, in one run on those files, each command
-runs as a subprocess whose wall time and peak RSS (``os.wait4``: that process and the children it
-reaped; started from a small launcher, as a child's peak counts from its parent's memory) are
-measured, beside its I/O floor (``cp --reflink=never`` of the bytes it reads), the two
-interleaved and repeated (median of ``--repeat``), each started with its inputs just read
-through so that the page cache is warm for both, and with no dirty pages left by earlier runs.
-Baselines: the seed's approach (``tools/seed_resize.py``), NeMo's own ``restore_from`` +
-``save_to``, and the plugin's ``restore_from`` against stock NeMo's on the same checkpoint (timed
-inside forked NeMo processes, imports excluded).
+``--data-gb`` GB; ``tools/make_bench_folders.py``: a Llama-shaped ~1B bf16 Hugging Face folder in
+two shards and a Megatron-LM run folder of the GPT's shape, at sizes tiny and 1.3b) and reuses them
+on later runs. Then, in one run on those files, each command runs as a subprocess whose wall time
+and peak RSS (``os.wait4``: that process and the children it reaped; started from a small launcher,
+as a child's peak counts from its parent's memory) are measured, beside its I/O floor
+(``cp --reflink=never`` of the bytes it reads), the two interleaved and repeated (median of ``--repeat``),
+each started with its inputs just read through so that the page cache is warm for both, and with no
+dirty pages left by earlier runs. Baselines: the seed's approach (``tools/seed_resize.py``), NeMo's
+own ``restore_from`` + ``save_to``, and the plugin's ``restore_from`` against stock NeMo's on the
+same checkpoint (timed inside forked NeMo processes, imports excluded), and transformers'
+``from_pretrained`` + ``resize_token_embeddings`` + ``save_pretrained`` on the Hugging Face folder.
 
 Targets, each printed PASS/FAIL: every convert and resize within 1.5x its floor; every CLI
 command's peak RSS within 2 x the largest stored tensor (from the files' own metadata) + 512 MiB;
-the plugin's restore within 10% of stock; ``validate --data`` at 1 GB/s or more (data bytes over
-the command's wall time). MB means MiB throughout.
+the plugin's restore within 10% of stock; a Megatron-LM run's resize within 0.2x ``cp -r`` of its
+iteration folder and writing at most 1.1x the resized tables' bytes (its hard links not counted);
+``validate --data`` at 1 GB/s or more (data bytes over the command's wall time). MB means MiB throughout.
 """
 
 from __future__ import annotations
@@ -362,7 +365,7 @@ def folder_ops(inp: Inputs, out: Path, cli: list[str]) -> list[Op]:
             [sys.executable, "-c", transformers, str(hf), str(out / "hf_transformers"), str(new)],
             [hf],
             out / "hf_transformers",
-            [hf],
+            [],  # no memory budget: not the project's command
             checked=False,
             cli=False,
         ),

@@ -6,20 +6,23 @@
 Generates the inputs into ``--workdir`` once (``tools/make_checkpoint.py``: the same weights as a
 distributed and a single-file .nemo, safetensors, a distributed training-checkpoint folder and a
 Lightning file; a 50257-token tokenizer and a merged one with 7000 more; a Megatron .bin/.idx of
-``--data-gb`` GB) and reuses them on later runs. Then, in one run on those files, each command
-runs as a subprocess whose wall time and peak RSS (``os.wait4``: that process and the children it
-reaped; started from a small launcher, as a child's peak counts from its parent's memory) are
-measured, beside its I/O floor (``cp --reflink=never`` of the bytes it reads), the two
-interleaved and repeated (median of ``--repeat``), each started with its inputs just read
-through so that the page cache is warm for both, and with no dirty pages left by earlier runs.
-Baselines: the seed's approach (``tools/seed_resize.py``), NeMo's own ``restore_from`` +
-``save_to``, and the plugin's ``restore_from`` against stock NeMo's on the same checkpoint (timed
-inside forked NeMo processes, imports excluded).
+``--data-gb`` GB; ``tools/make_bench_folders.py``: a Llama-shaped ~1B bf16 Hugging Face folder in
+two shards and a Megatron-LM run folder of the GPT's shape, at sizes tiny and 1.3b) and reuses them
+on later runs. Then, in one run on those files, each command runs as a subprocess whose wall time
+and peak RSS (``os.wait4``: that process and the children it reaped; started from a small launcher,
+as a child's peak counts from its parent's memory) are measured, beside its I/O floor
+(``cp --reflink=never`` of the bytes it reads), the two interleaved and repeated (median of ``--repeat``),
+each started with its inputs just read through so that the page cache is warm for both, and with no
+dirty pages left by earlier runs. Baselines: the seed's approach (``tools/seed_resize.py``), NeMo's
+own ``restore_from`` + ``save_to``, and the plugin's ``restore_from`` against stock NeMo's on the
+same checkpoint (timed inside forked NeMo processes, imports excluded), and transformers'
+``from_pretrained`` + ``resize_token_embeddings`` + ``save_pretrained`` on the Hugging Face folder.
 
 Targets, each printed PASS/FAIL: every convert and resize within 1.5x its floor; every CLI
 command's peak RSS within 2 x the largest stored tensor (from the files' own metadata) + 512 MiB;
-the plugin's restore within 10% of stock; ``validate --data`` at 1 GB/s or more (data bytes over
-the command's wall time). MB means MiB throughout.
+the plugin's restore within 10% of stock; a Megatron-LM run's resize within 0.2x ``cp -r`` of its
+iteration folder and writing at most 1.1x the resized tables' bytes (its hard links not counted);
+``validate --data`` at 1 GB/s or more (data bytes over the command's wall time). MB means MiB throughout.
 """
 
 from __future__ import annotations
@@ -47,12 +50,21 @@ REPO = TOOLS.parent
 sys.path.insert(0, str(TOOLS))
 
 import checkout_root  # noqa: E402, F401 (the harness)
-from make_checkpoint import SIZES, ModelShape, base_tokenizer_dir, largest_stored_tensor_bytes  # noqa: E402
+from make_bench_folders import LLAMA_SHAPES  # noqa: E402
+from make_checkpoint import (  # noqa: E402
+    SIZES,
+    ModelShape,
+    base_tokenizer_dir,
+    largest_stored_tensor_bytes,
+    stored_entries,
+)
 
 MIB = 1 << 20
 RATIO_TARGET = 1.5
 RSS_SLACK = 512 * MIB
 PLUGIN_OVERHEAD_TARGET = 0.10
+MEGATRON_RATIO_TARGET = 0.2  # a run's resize hard-links the unchanged .distcp files
+WRITTEN_TARGET = 1.1  # its new bytes over the resized tables' own
 VALIDATE_TARGET = 1e9  # bytes/s
 
 
@@ -148,7 +160,13 @@ class Inputs:
     base_tokenizer: Path
     merged_tokenizer: Path
     data_prefix: Path
+    hf_folder: Path
+    megatron_run: Path
     generate_s: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def megatron_iteration(self) -> Path:
+        return self.megatron_run / "iter_0000001"
 
     @property
     def data_files(self) -> list[Path]:
@@ -171,6 +189,8 @@ def plan_inputs(workdir: Path, size: str, tied: bool, data_gb: float) -> Inputs:
         base_tokenizer=base_tokenizer_dir(tokenizers, shape.vocab, 0),
         merged_tokenizer=tokenizers / f"bpe{shape.vocab}_plus{shape.new_tokens}_seed0",
         data_prefix=workdir / "data" / f"vocab{shape.vocab}_{data_gb:g}gb_text_document",
+        hf_folder=workdir / f"llama-{size}-hf",
+        megatron_run=folder / "megatron_run",
     )
 
 
@@ -180,6 +200,8 @@ def generate_inputs(inp: Inputs, needed: set[Path], workdir: Path, data_gb: floa
     maker = [sys.executable, str(TOOLS / "make_checkpoint.py"), "--size", inp.size]
     maker += ["--tied" if inp.tied else "--untied", "--tokenizer-cache", str(tokenizers)]
     dist, single = [*maker, "--layout", "distributed"], [*maker, "--layout", "single"]
+    folders = [sys.executable, str(TOOLS / "make_bench_folders.py"), "--size", inp.size]
+    folders += ["--tokenizer", str(inp.base_tokenizer)]
     jobs: list[tuple[str, list[Path], list[str]]] = [
         (
             "tokenizers + distributed .nemo",
@@ -195,6 +217,13 @@ def generate_inputs(inp: Inputs, needed: set[Path], workdir: Path, data_gb: floa
             inp.data_files,
             [sys.executable, str(TOOLS / "make_indexed_data.py"), "--gb", str(data_gb)]
             + ["--vocab", str(inp.shape.vocab), "--out", str(inp.data_prefix)],
+        ),
+        *(
+            (f"{what} folder", [out, *within], [*folders, kind, "--out", str(out)] + (["--tied"] * inp.tied))
+            for what, kind, out, within in (
+                ("Llama Hugging Face", "hf", inp.hf_folder, []),
+                ("Megatron-LM run", "megatron", inp.megatron_run, [inp.megatron_iteration]),
+            )
         ),
     ]
     for name, outputs, argv in jobs:
@@ -229,6 +258,9 @@ class Op:
     floor: bool = True
     extra: bool = False  # only with --all
     baseline: str | None = None  # the same command without --data: its time is taken off for the data rate
+    ratio_target: float = RATIO_TARGET
+    stored_output: Path | None = None  # where the output's tensors are listed, when not at ``output`` itself
+    links_from: Path | None = None  # the folder whose files the output hard-links: its new bytes are counted
 
 
 def cli_command() -> list[str]:
@@ -312,7 +344,51 @@ def make_ops(inp: Inputs, out: Path) -> list[Op]:
             floor=False,
         ),
     ]
-    return ops
+    return [*ops, *(folder_ops(inp, out, cli) if inp.size in LLAMA_SHAPES else [])]
+
+
+def folder_ops(inp: Inputs, out: Path, cli: list[str]) -> list[Op]:
+    """The Hugging Face folder's resize (and transformers' own route) and the Megatron-LM run's."""
+    hf, run = inp.hf_folder, inp.megatron_run
+    iteration = inp.megatron_iteration
+    new = inp.shape.vocab + inp.shape.new_tokens
+    resize_hf = [*cli, "resize", str(hf), str(out / "hf"), "--tokenizer", str(inp.merged_tokenizer)]
+    transformers = (
+        "import sys, torch, transformers as t; "
+        "m = t.AutoModelForCausalLM.from_pretrained(sys.argv[1], torch_dtype=torch.bfloat16); "
+        "m.resize_token_embeddings(int(sys.argv[3])); m.save_pretrained(sys.argv[2])"
+    )
+    return [
+        Op(f"resize hf folder (Llama, untied) {inp.shape.vocab} -> {new} rows", resize_hf, [hf], out / "hf", [hf]),
+        Op(
+            "hf transformers: from_pretrained, resize_token_embeddings, save_pretrained",
+            [sys.executable, "-c", transformers, str(hf), str(out / "hf_transformers"), str(new)],
+            [hf],
+            out / "hf_transformers",
+            [],  # no memory budget: not the project's command
+            checked=False,
+            cli=False,
+        ),
+        Op(
+            f"resize megatron run {inp.shape.padded_vocab} -> {inp.shape.padded_new_vocab} rows",
+            [*cli, "resize", str(run), str(out / "run"), "--tokenizer", str(inp.merged_tokenizer)],
+            [iteration],
+            out / "run",
+            [iteration],
+            ratio_target=MEGATRON_RATIO_TARGET,
+            stored_output=out / "run" / iteration.name,
+            links_from=iteration,
+        ),
+    ]
+
+
+def new_bytes(folder: Path, source: Path) -> tuple[int, int]:
+    """Bytes of ``folder``'s files that are no hard link of ``source``'s, and of its tensors whose size changed."""
+    linked = {(st.st_dev, st.st_ino) for st in (p.stat() for p in file_paths([source]))}
+    written = sum(st.st_size for st in (p.stat() for p in file_paths([folder])) if (st.st_dev, st.st_ino) not in linked)
+    before = stored_entries(source)
+    tables = sum(e.nbytes for k, e in stored_entries(folder).items() if k not in before or before[k] != e)
+    return written, tables
 
 
 @dataclass
@@ -330,6 +406,9 @@ class Row:
     input_bytes: int = 0
     note: str = ""
     errors: list[str] = field(default_factory=list)
+    ratio_target: float = RATIO_TARGET
+    written_bytes: int | None = None  # new blocks (hard links of the source not counted)
+    table_bytes: int | None = None  # the resized tables' own bytes
 
     @property
     def wall_s(self) -> float | None:
@@ -368,6 +447,9 @@ class Row:
             "runs": [asdict(r) for r in self.runs],
             "floor_runs": [asdict(r) for r in self.floors],
             "errors": self.errors,
+            "ratio_target": self.ratio_target,
+            "written_bytes": self.written_bytes,
+            "table_bytes": self.table_bytes,
         }
 
 
@@ -406,9 +488,12 @@ def _measure_op(op: Op, row: Row, log: Path, timeout: float) -> None:
     if (
         run.returncode == 0 and row.budget_mb is None and op.checkpoints
     ):  # from the inputs' and the output's own metadata
-        largest = max(largest_stored_tensor_bytes(p) for p in [*op.checkpoints, op.output] if p.exists())
+        written = op.stored_output or op.output
+        largest = max(largest_stored_tensor_bytes(p) for p in [*op.checkpoints, written] if p.exists())
         row.largest_tensor_mb = largest / MIB
         row.budget_mb = rss_budget_mb(largest)
+    if run.returncode == 0 and op.links_from is not None and op.stored_output is not None:
+        row.written_bytes, row.table_bytes = new_bytes(op.stored_output, op.links_from)
     remove(op.output)
 
 
@@ -422,6 +507,7 @@ def bench_ops(ops: list[Op], repeat: int, workdir: Path, *, timeout: float) -> l
             data_bytes=total_bytes(op.data),
             baseline=op.baseline,
             input_bytes=total_bytes(op.inputs),
+            ratio_target=op.ratio_target,
         )
         for op in ops
     ]
@@ -602,8 +688,16 @@ def evaluate(rows: list[Row], comparison: RestoreComparison | None) -> list[dict
             add(f"{row.name}: runs", f"failed ({len(row.errors)} errors)", "exit 0", False)
             continue
         if row.checked:
-            ok = row.ratio is not None and row.ratio <= RATIO_TARGET
-            add(f"{row.name}: time", f"{fmt(row.ratio, '.2f')}x cp", f"<= {RATIO_TARGET}x", ok)
+            ok = row.ratio is not None and row.ratio <= row.ratio_target
+            add(f"{row.name}: time", f"{fmt(row.ratio, '.2f')}x cp", f"<= {row.ratio_target}x", ok)
+        if row.written_bytes is not None and row.table_bytes is not None:
+            limit = WRITTEN_TARGET * row.table_bytes
+            add(
+                f"{row.name}: bytes written",
+                f"{row.written_bytes / MIB:.0f} MB (new tables {row.table_bytes / MIB:.0f} MB)",
+                f"<= {WRITTEN_TARGET}x the new tables",
+                row.written_bytes <= limit,
+            )
         if row.cli and row.budget_mb is not None and row.maxrss_mb is not None:
             add(
                 f"{row.name}: peak RSS",
@@ -633,7 +727,10 @@ def table(rows: list[Row], comparison: RestoreComparison | None) -> str:
         if row.wall_s is None:
             verdicts.append("ERROR")
         if row.checked and row.ratio is not None:
-            verdicts.append("time ok" if row.ratio <= RATIO_TARGET else "TIME FAIL")
+            verdicts.append("time ok" if row.ratio <= row.ratio_target else "TIME FAIL")
+        if row.written_bytes is not None and row.table_bytes is not None:
+            ok = row.written_bytes <= WRITTEN_TARGET * row.table_bytes
+            verdicts.append(f"wrote {row.written_bytes / MIB:.0f} MB " + ("ok" if ok else "FAIL"))
         if row.cli and row.budget_mb is not None and row.maxrss_mb is not None:
             verdicts.append("mem ok" if row.maxrss_mb <= row.budget_mb else "MEM FAIL")
         rate = data_rate(row, rows)
@@ -822,6 +919,8 @@ def main(argv: list[str] | None = None) -> int:
                 ("dist_ckpt", inp.dist_ckpt),
                 ("single_ckpt", inp.single_ckpt),
                 ("data", inp.data_files[0]),
+                ("hf_folder", inp.hf_folder),
+                ("megatron_run", inp.megatron_iteration),
             ]
             if p.exists()
         },

@@ -162,7 +162,7 @@ def resize_while_writing(
         work = Beside.start(
             _resize_tables_into, ckpt, plan, tokenizers, wording, seed, list(jobs.values()), out_bytes=offset
         )
-    except MemoryError:  # a size no machine holds comes from the config (override_vocab_size, divisible-by)
+    except (MemoryError, OverflowError):  # a size no machine holds, from the config (override_vocab_size...)
         raise ResizeError(
             f"the new rows ({plan.rows.new_rows:,} rows in all) need {offset / 2**30:,.1f} GiB of memory, more "
             "than this machine gives; check the new vocabulary size and the config's padding settings"

@@ -154,6 +154,8 @@ def _fvt_rows(
     """Fill ``out`` with the mean of each new token's piece rows, stored as ``dtype``; tokens with no
     usable pieces get ``mean``. With ``norm``, every row is first rescaled to that L2 norm. Returns the
     fallbacks."""
+    if not rows.flags.aligned:  # a table mapped at an odd offset: numpy's take would copy it whole per call
+        rows = np.require(rows, requirements="A")
     fallback = mean if norm is None else _rescale(mean[None].copy(), norm)[0]
     out[:] = from_float64(fallback, dtype)
     lengths = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))

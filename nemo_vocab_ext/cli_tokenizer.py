@@ -18,6 +18,7 @@ import click
 from nemo_vocab_ext.atomic import atomic_output
 from nemo_vocab_ext.cli_common import report_errors
 from nemo_vocab_ext.errors import TokenizerError
+from nemo_vocab_ext.options import DEFAULTS
 from nemo_vocab_ext.tokenization.check import check_merged
 from nemo_vocab_ext.tokenization.load import KIND_SENTENCEPIECE, KIND_TOKENIZER_JSON, TokenizerInfo, load_tokenizer
 from nemo_vocab_ext.tokenization.merge import MergeResult, merge_bpe, merge_sentencepiece, merge_tokenizer_json
@@ -77,7 +78,7 @@ def train_cmd(
 @click.option(
     "--divisible-by",
     type=click.IntRange(min=1),
-    default=128,
+    default=DEFAULTS.divisible_by,
     show_default=True,
     help="The model's make_vocab_size_divisible_by, for the padded sizes printed.",
 )

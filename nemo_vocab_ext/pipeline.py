@@ -130,7 +130,7 @@ def resize_while_writing(
     and the new rows computed beside the caller (:class:`~.beside.Beside`) while it writes the result.
     The tables are :class:`~.entries.Deferred` entries, which writers take last, so the
     computation overlaps the copy of everything else; their kept rows are copied from the file where
-    they lie, the computed rows come back through the work's shared buffer. A writer that takes an
+    they lie, the computed rows come back through the work's output buffer. A writer that takes an
     entry once the work has failed gets its error (the copy stops there); the tables raise it when
     awaited. The second value waits for the work and returns what was done (or raises its error).
 
@@ -145,7 +145,7 @@ def resize_while_writing(
         resized, done = apply_resize(ckpt, plan, pieces=pieces, seed=seed)
         return resized, lambda: done
     jobs: dict[Hashable, _TableJob] = {}  # tied copies: one job, one entry written once
-    offset = 0  # where the next table's computed rows go in the shared buffer
+    offset = 0  # where the next table's computed rows go in the work's output buffer
     for key, (shape, dtype) in vocab_table_shapes(ckpt).items():
         if (identity := same_table(ckpt, key)) in jobs:
             continue
@@ -183,7 +183,7 @@ def resize_while_writing(
 
 @dataclass(frozen=True)
 class _TableJob:
-    """One table a resize computes beside the writer, and where its computed rows go in the shared buffer."""
+    """One table a resize computes beside the writer, and where its computed rows go in the work's output buffer."""
 
     key: str
     shape: tuple[int, ...]

@@ -93,7 +93,7 @@ def run_resize(
     with scratch_dir() as tmp:
         own_files = checkpoint_tokenizer_files(ckpt, tmp)
         # The plan needs only the two sizes. The tokenizers are then read whole and checked, and the
-        # new rows computed, beside this process while it copies (a failed check stops the copy at
+        # new rows computed, on a thread beside the copy (a failed check stops the copy at
         # the next entry).
         new_vocab = tokenizer_size(tokenizer) if tokenizer else vocab_size
         assert new_vocab is not None

@@ -35,9 +35,9 @@ def test_padded_vocab_size_rounds_up_to_divisible_times_tp(vocab: int, tp: int, 
 
 def test_padded_vocab_size_rejects_nonsense() -> None:
     with pytest.raises(ValueError):
-        padded_vocab_size(0)
+        padded_vocab_size(0, 128, 1)
     with pytest.raises(ValueError):
-        padded_vocab_size(10, 0)
+        padded_vocab_size(10, 0, 1)
 
 
 def test_tp_row_ranges_move_when_the_table_grows() -> None:

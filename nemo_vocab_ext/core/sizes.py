@@ -16,7 +16,7 @@ def positive_count(value: object, what: str) -> int:
     return int(value)
 
 
-def padded_vocab_size(vocab_size: int, divisible_by: int = 128, tensor_parallel: int = 1) -> int:
+def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) -> int:
     """Rows of the embedding table Megatron builds for ``vocab_size`` tokens.
 
     Megatron pads to a multiple of ``divisible_by * tensor_parallel`` so that every tensor-parallel

@@ -60,7 +60,7 @@ class MergeResult:
     check: IdCheck
     skipped: list[str] = field(default_factory=list)  # new tokens not carried over (special/control)
 
-    def padded_sizes(self, divisible_by: int = 128, tensor_parallel: Sequence[int] = (1, 2, 4, 8)) -> dict[int, int]:
+    def padded_sizes(self, divisible_by: int, tensor_parallel: Sequence[int] = (1, 2, 4, 8)) -> dict[int, int]:
         from nemo_vocab_ext.core.sizes import padded_vocab_size
 
         return {tp: padded_vocab_size(self.vocab_size, divisible_by, tp) for tp in tensor_parallel}

@@ -121,6 +121,31 @@ def test_fvt_blocks_of_tokens_give_the_per_token_means() -> None:
     assert np.array_equal(out[3000:5500], expected) and stats.fvt_fallbacks == 0
 
 
+def test_fvt_of_a_table_at_an_odd_offset_gathers_rows_without_copying_the_table() -> None:
+    """A table mapped at an odd offset (an fp32 table in a Megatron run's .distcp) is not aligned: its rows
+    are the same as an aligned copy's, and the gathers take its rows, not a whole aligned copy of it."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    rows, width = 4000, 256
+    data = rng.standard_normal((rows, width), dtype=np.float32)
+    buffer = np.zeros(data.nbytes + 1, dtype=np.uint8)
+    odd = np.frombuffer(buffer.data, np.float32, data.size, 1).reshape(data.shape)
+    odd[...] = data
+    assert not odd.flags.aligned
+    pieces = [[int(t) for t in rng.integers(0, rows, size=n)] for n in rng.integers(1, 7, size=500)]
+    plan = plan_rows(rows, rows, rows + 500, rows + 512)
+    expected, _ = rows_after_kept(data, plan, Init.FVT, dtype=F32, padding_init=Init.MEAN, pieces=pieces)
+    tracemalloc.start()
+    try:
+        got, stats = rows_after_kept(odd, plan, Init.FVT, dtype=F32, padding_init=Init.MEAN, pieces=pieces)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert got.tobytes() == expected.tobytes() and stats.fvt_fallbacks == 0
+    assert peak < data.nbytes / 2  # the new rows and block-sized buffers, not a copy of the table
+
+
 def test_fvt_norm_blocks_give_each_token_its_pieces_mean_at_the_median_norm() -> None:
     # As above, over several blocks of rows and tokens; a trained padding row (3000) and two fallbacks.
     rng = np.random.default_rng(0)

@@ -154,8 +154,6 @@ def _fvt_rows(
     """Fill ``out`` with the mean of each new token's piece rows, stored as ``dtype``; tokens with no
     usable pieces get ``mean``. With ``norm``, every row is first rescaled to that L2 norm. Returns the
     fallbacks."""
-    if not rows.flags.aligned:  # a table mapped at an odd offset: numpy's take would copy it whole per call
-        rows = np.require(rows, requirements="A")
     fallback = mean if norm is None else _rescale(mean[None].copy(), norm)[0]
     out[:] = from_float64(fallback, dtype)
     lengths = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
@@ -171,6 +169,9 @@ def _fvt_rows(
     width = rows.shape[1]
     block_sums = np.empty((min(len(tokens), _FVT_BLOCK_TOKENS), width), dtype=np.float64)
     gathered = np.empty((block_sums.shape[0], width), dtype=rows.dtype)
+    # A table mapped at an odd offset (an fp32 table in a Megatron run's .distcp) is gathered from as bytes:
+    # numpy's take would copy it whole, to align it, on every call (bytes are always aligned).
+    source, target = (rows, gathered) if rows.flags.aligned else (rows.view(np.uint8), gathered.view(np.uint8))
     scratch = np.empty(block_sums.size * 4, dtype=np.uint8)
     for block in range(0, len(tokens), _FVT_BLOCK_TOKENS):
         chunk = tokens[block : block + _FVT_BLOCK_TOKENS]
@@ -179,7 +180,7 @@ def _fvt_rows(
         sums.fill(0.0)
         for k in range(int(counts[0])):
             have = int(np.count_nonzero(counts > k))
-            np.take(rows, ids[first[:have] + k], axis=0, out=gathered[:have])
+            np.take(source, ids[first[:have] + k], axis=0, out=target[:have])
             sums[:have] += widen(gathered[:have], dtype, scratch)  # pieces added in order, in float64
         sums /= counts[:, None]
         if norm is not None:

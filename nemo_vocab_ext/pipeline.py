@@ -211,13 +211,14 @@ def _resize_tables_into(
     """The work beside the copy: the tokenizers read and checked, fvt's pieces taken, and the tables
     resized in the order of ``jobs`` (their order in ``work.out``), each one's computed rows put in
     ``work.out`` and said filled before the next one is computed, so that the writer takes them while
-    the rest is computed; what was done. The kept rows are hashed (for the report) beside this
-    work: they need no tokenizer."""
+    the rest is computed; what was done (the kept rows' hashes, for the report, taken beside it)."""
     import numpy as np
 
-    tables = vocab_tables(ckpt)
-    hashes = Beside.start(kept_rows_hashes, tables, plan.rows.kept)
     pieces = checked_pieces(plan, *read_tokenizers(*tokenizers), wording)
+    tables = vocab_tables(ckpt)
+    # Hashed beside the tables' computation once the tokenizers are checked: while the first table
+    # is computed, a writer done with what comes before it waits and leaves a core free.
+    hashes = Beside.start(kept_rows_hashes, tables, plan.rows.kept)
     fallbacks: dict[str, int] = {}
     resized = resized_tables(ckpt, plan, tables, pieces=pieces, seed=seed)
     for job, (key, table, fallback_count) in zip(jobs, resized, strict=True):  # one order: vocab_table_shapes'

@@ -305,11 +305,11 @@ def resized_tables(
 
     dtypes = {key: dtype for key, (_, dtype) in vocab_table_shapes(ckpt).items()}
     rng = np.random.default_rng(seed)
-    done: set[int] = set()
+    computed: set[int] = set()  # ids of the arrays resized: a tied copy's is its table's
     for key, old in tables.items():
-        if id(old) in done:
+        if id(old) in computed:
             continue
-        done.add(id(old))
+        computed.add(id(old))
         tail, stats = rows_after_kept(
             old, plan.rows, plan.init, dtype=dtypes[key], padding_init=plan.padding_init, pieces=pieces, rng=rng
         )

@@ -29,11 +29,14 @@ from .vocab import (
     apply_resize,
     check_tokenizer_fits,
     divisible_by_of,
+    kept_rows_hashes,
     plan_resize,
-    resize_tables,
+    resize_report,
+    resized_tables,
     same_table,
     tensor_parallel_of,
     vocab_table_shapes,
+    vocab_tables,
     with_tables,
 )
 
@@ -130,7 +133,9 @@ def resize_while_writing(
     and the new rows computed beside the caller (:class:`~.beside.Beside`) while it writes the result.
     The tables are :class:`~.entries.Deferred` entries, which writers take last, so the
     computation overlaps the copy of everything else; their kept rows are copied from the file where
-    they lie, the computed rows come back through the work's output buffer. A writer that takes an
+    they lie, the computed rows come back through the work's output buffer, each table's as soon as it
+    is computed (an untied folder's first shard, with the embedding, is written while the output
+    layer's rows are computed and its shard copied). A writer that takes an
     entry once the work has failed gets its error (the copy stops there); the tables raise it when
     awaited. The second value waits for the work and returns what was done (or raises its error).
 
@@ -169,8 +174,9 @@ def resize_while_writing(
         ) from None
 
     def computed_rows(job: _TableJob) -> list[memoryview]:
-        work.result()  # waits for the computation (or raises its error)
-        return [work.out[job.offset : job.offset + job.nbytes]]
+        # Waits for this table's rows only (or raises the work's error): the first table is written
+        # while the next is computed.
+        return [work.out_until(job.offset + job.nbytes)[job.offset :]]
 
     entries = {
         identity: Deferred(job.shape, job.dtype, functools.partial(computed_rows, job), job.kept or ())
@@ -194,7 +200,7 @@ class _TableJob:
 
 
 def _resize_tables_into(
-    out: memoryview,
+    work: Beside[list[TensorResize]],
     ckpt: Checkpoint,
     plan: ResizePlan,
     tokenizers: tuple[Path | None, Path | None],
@@ -202,16 +208,28 @@ def _resize_tables_into(
     seed: int,
     jobs: list[_TableJob],
 ) -> list[TensorResize]:
-    """The work beside the copy: the tokenizers read and checked, fvt's pieces taken, the tables
-    resized and their computed rows put in ``out``; what was done."""
+    """The work beside the copy: the tokenizers read and checked, fvt's pieces taken, and the tables
+    resized in the order of ``jobs`` (their order in ``work.out``), each one's computed rows put in
+    ``work.out`` and said filled before the next one is computed, so that the writer takes them while
+    the rest is computed; what was done (the kept rows' hashes, for the report, taken beside it)."""
     import numpy as np
 
     pieces = checked_pieces(plan, *read_tokenizers(*tokenizers), wording)
-    resized, done = resize_tables(ckpt, plan, pieces=pieces, seed=seed)
-    for job in jobs:
-        rows = resized[job.key].tail if job.kept is not None else resized[job.key].array()
-        np.frombuffer(out, rows.dtype, rows.size, job.offset).reshape(rows.shape)[...] = rows
-    return done
+    tables = vocab_tables(ckpt)
+    # Hashed beside the tables' computation once the tokenizers are checked: while the first table
+    # is computed, a writer done with what comes before it waits and leaves a core free.
+    hashes = Beside.start(kept_rows_hashes, tables, plan.rows.kept)
+    fallbacks: dict[str, int] = {}
+    resized = resized_tables(ckpt, plan, tables, pieces=pieces, seed=seed)
+    for job, (key, table, fallback_count) in zip(jobs, resized, strict=True):  # one order: vocab_table_shapes'
+        fallbacks[key] = fallback_count
+        rows = table.tail if job.kept is not None else table.array()
+        np.frombuffer(work.out, rows.dtype, rows.size, job.offset).reshape(rows.shape)[...] = rows
+        if job is not jobs[-1]:
+            # The last table is filled when the work has succeeded: a writer cannot finish the
+            # checkpoint before the whole work (the report's hashes included) has.
+            work.filled(job.offset + job.nbytes)
+    return resize_report(plan, tables, fallbacks, hashes.result())
 
 
 class StopOnFailure(Entries):

@@ -6,7 +6,7 @@ Works on ``Checkpoint`` objects only, so the CLI and the NeMo plugin share one i
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -275,6 +275,57 @@ class ResizedTable(NamedTuple):
         return np.concatenate([self.old[: self.kept], self.tail])
 
 
+def kept_rows_hashes(tables: Mapping[str, np.ndarray], kept: int) -> dict[str, str]:
+    """:func:`rows_hash` of the first ``kept`` rows of each of ``tables`` (:func:`vocab_tables`), by key;
+    tied copies (one array) are hashed once."""
+    digests: dict[int, str] = {}
+    for table in tables.values():
+        if id(table) not in digests:
+            digests[id(table)] = rows_hash(table, kept)
+    return {key: digests[id(table)] for key, table in tables.items()}
+
+
+def resized_tables(
+    ckpt: Checkpoint,
+    plan: ResizePlan,
+    tables: Mapping[str, np.ndarray],
+    *,
+    pieces: Sequence[Sequence[int]] | None = None,
+    seed: int = 0,
+) -> Iterator[tuple[str, ResizedTable, int]]:
+    """Each of ``tables`` (:func:`vocab_tables`) resized, in their order, tied copies once (under their
+    first key), with its fvt fallbacks. Each is computed when asked for, so that a caller can write a
+    table while the next one is computed; one generator draws the sampling inits' values for all.
+
+    ``pieces``: fvt's, of each new token (:func:`~.pipeline.checked_pieces`).
+    """
+    import numpy as np
+
+    from .core.resize import rows_after_kept
+
+    dtypes = {key: dtype for key, (_, dtype) in vocab_table_shapes(ckpt).items()}
+    rng = np.random.default_rng(seed)
+    computed: set[int] = set()  # ids of the arrays resized: a tied copy's is its table's
+    for key, old in tables.items():
+        if id(old) in computed:
+            continue
+        computed.add(id(old))
+        tail, stats = rows_after_kept(
+            old, plan.rows, plan.init, dtype=dtypes[key], padding_init=plan.padding_init, pieces=pieces, rng=rng
+        )
+        yield key, ResizedTable(old, plan.rows.kept, tail), stats.fvt_fallbacks
+
+
+def resize_report(
+    plan: ResizePlan, tables: Mapping[str, np.ndarray], fallbacks: Mapping[str, int], hashes: Mapping[str, str]
+) -> list[TensorResize]:
+    """What was done to each table resized (the keys of ``fallbacks``, with their fvt fallbacks)."""
+    return [
+        TensorResize(key, tuple(tables[key].shape), (plan.rows.new_rows, *tables[key].shape[1:]), hashes[key], count)
+        for key, count in fallbacks.items()
+    ]
+
+
 def resize_tables(
     ckpt: Checkpoint,
     plan: ResizePlan,
@@ -288,28 +339,13 @@ def resize_tables(
 
     ``pieces``: fvt's, of each new token (:func:`~.pipeline.checked_pieces`).
     """
-    import numpy as np
-
-    from .core.resize import rows_after_kept
-
-    dtypes = {key: dtype for key, (_, dtype) in vocab_table_shapes(ckpt).items()}
     tables = vocab_tables(ckpt)
-    firsts = {id(table): key for key, table in reversed(tables.items())}  # each array's first key
-    hashes = {key: rows_hash(tables[key], plan.rows.kept) for key in firsts.values()}
-    rng = np.random.default_rng(seed)
-    resized: dict[str, ResizedTable] = {}
-    done: list[TensorResize] = []
-    for key, old in tables.items():
-        if (first := firsts[id(old)]) != key:
-            resized[key] = resized[first]
-            continue
-        tail, stats = rows_after_kept(
-            old, plan.rows, plan.init, dtype=dtypes[key], padding_init=plan.padding_init, pieces=pieces, rng=rng
-        )
-        resized[key] = ResizedTable(old, plan.rows.kept, tail)
-        new_shape = (plan.rows.new_rows, *old.shape[1:])
-        done.append(TensorResize(key, tuple(old.shape), new_shape, hashes[key], stats.fvt_fallbacks))
-    return resized, done
+    hashes = kept_rows_hashes(tables, plan.rows.kept)
+    resized: dict[int, ResizedTable] = {}
+    fallbacks: dict[str, int] = {}
+    for key, table, fallback_count in resized_tables(ckpt, plan, tables, pieces=pieces, seed=seed):
+        resized[id(table.old)], fallbacks[key] = table, fallback_count
+    return {key: resized[id(old)] for key, old in tables.items()}, resize_report(plan, tables, fallbacks, hashes)
 
 
 def same_table(ckpt: Checkpoint, key: str) -> Hashable:

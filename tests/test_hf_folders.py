@@ -7,8 +7,10 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -211,6 +213,49 @@ def test_sharded_index_rewritten(make_model: Callable[..., Path], thai_tokenizer
     for shard in shards:  # shards without a vocabulary table are byte for byte the same
         if shard != embedding_shard:
             assert (out / shard).read_bytes() == (src / shard).read_bytes()
+
+
+def test_the_first_shard_is_written_while_the_output_layer_is_computed(
+    make_model: Callable[..., Path], thai_tokenizer: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An untied folder's writer takes each table's new rows as soon as they are computed: the shards
+    up to the output layer's are written (its own begun) before the output layer's rows are computed,
+    not after both tables; the folder is the same bit for bit."""
+    import nemo_vocab_ext.core.resize as core_resize
+    import nemo_vocab_ext.formats.hf_folder as hf_folder
+
+    src = make_model("mistral", tied=False, shard=True)
+    weight_map = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
+    head_shard = weight_map["lm_head.weight"]
+    assert weight_map["model.embed_tokens.weight"] < head_shard  # written first
+    merged = _merged(src, thai_tokenizer, tmp_path)
+    expected = tmp_path / "expected"
+    assert invoke_cli("resize", src, expected, "--tokenizer", merged).exit_code == 0
+
+    events: list[str] = []
+    head_shard_begun = threading.Event()
+    compute_rows, write_shard = core_resize.rows_after_kept, hf_folder._write_file
+
+    def computes(*args: Any, **kwargs: Any) -> Any:
+        if events:  # the second table, the output layer: it waits for the writer (at most 10 s)
+            head_shard_begun.wait(10)
+        rows = compute_rows(*args, **kwargs)
+        events.append("table computed")
+        return rows
+
+    def writes(path: Path, *args: Any) -> None:
+        if path.name == head_shard:
+            events.append("output layer's shard begun")
+            head_shard_begun.set()
+        write_shard(path, *args)
+
+    monkeypatch.setattr(core_resize, "rows_after_kept", computes)
+    monkeypatch.setattr(hf_folder, "_write_file", writes)
+    out = tmp_path / "out"
+    result = invoke_cli("resize", src, out, "--tokenizer", merged)
+    assert result.exit_code == 0, result.output
+    assert events == ["table computed", "output layer's shard begun", "table computed"]
+    assert tree_digest(out) == tree_digest(expected)
 
 
 def _tensor_bytes(shard: Path) -> int:

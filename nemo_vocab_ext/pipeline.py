@@ -29,7 +29,6 @@ from .vocab import (
     apply_resize,
     check_tokenizer_fits,
     divisible_by_of,
-    kept_rows_hashes,
     plan_resize,
     resize_report,
     resized_tables,
@@ -211,14 +210,11 @@ def _resize_tables_into(
     """The work beside the copy: the tokenizers read and checked, fvt's pieces taken, and the tables
     resized in the order of ``jobs`` (their order in ``work.out``), each one's computed rows put in
     ``work.out`` and said filled before the next one is computed, so that the writer takes them while
-    the rest is computed; what was done (the kept rows' hashes, for the report, taken beside it)."""
+    the rest is computed; what was done."""
     import numpy as np
 
     pieces = checked_pieces(plan, *read_tokenizers(*tokenizers), wording)
     tables = vocab_tables(ckpt)
-    # Hashed beside the tables' computation once the tokenizers are checked: while the first table
-    # is computed, a writer done with what comes before it waits and leaves a core free.
-    hashes = Beside.start(kept_rows_hashes, tables, plan.rows.kept)
     fallbacks: dict[str, int] = {}
     resized = resized_tables(ckpt, plan, tables, pieces=pieces, seed=seed)
     for job, (key, table, fallback_count) in zip(jobs, resized, strict=True):  # one order: vocab_table_shapes'
@@ -227,9 +223,9 @@ def _resize_tables_into(
         np.frombuffer(work.out, rows.dtype, rows.size, job.offset).reshape(rows.shape)[...] = rows
         if job is not jobs[-1]:
             # The last table is filled when the work has succeeded: a writer cannot finish the
-            # checkpoint before the whole work (the report's hashes included) has.
+            # checkpoint before the whole work has.
             work.filled(job.offset + job.nbytes)
-    return resize_report(plan, tables, fallbacks, hashes.result())
+    return resize_report(plan, tables, fallbacks)
 
 
 class StopOnFailure(Entries):

@@ -5,7 +5,6 @@ Works on ``Checkpoint`` objects only, so the CLI and the NeMo plugin share one i
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,7 +19,6 @@ from .entries import (
     Entries,
     Stored,
     array_as_torch,
-    array_bytes,
     held,
     is_tensor,
     same_bytes_key,
@@ -156,17 +154,11 @@ def vocab_table_shapes(ckpt: Checkpoint) -> dict[str, tuple[tuple[int, ...], DTy
     return out
 
 
-def rows_hash(table: np.ndarray, rows: int) -> str:
-    """Short digest of the first ``rows`` rows' stored bytes, to show old rows survive bit-exact."""
-    return hashlib.sha256(array_bytes(table[:rows])).hexdigest()[:16]  # a C-order table's rows: no copy
-
-
 @dataclass
 class TensorResize:
     key: str
     old_shape: tuple[int, ...]
     new_shape: tuple[int, ...]
-    old_rows_hash: str
     fvt_fallbacks: int = 0
 
 
@@ -219,7 +211,7 @@ class ResizePlan:
         out.append(f"expected cost of '{self.init}': {expected_cost(self.init)}")
         for t in done:
             extra = f", fvt fallbacks to mean: {t.fvt_fallbacks}" if self.init.needs_pieces else ""
-            out.append(f"{t.key}: {list(t.old_shape)} -> {list(t.new_shape)}, old rows sha256 {t.old_rows_hash}{extra}")
+            out.append(f"{t.key}: {list(t.old_shape)} -> {list(t.new_shape)}{extra}")
         return out
 
 
@@ -275,16 +267,6 @@ class ResizedTable(NamedTuple):
         return np.concatenate([self.old[: self.kept], self.tail])
 
 
-def kept_rows_hashes(tables: Mapping[str, np.ndarray], kept: int) -> dict[str, str]:
-    """:func:`rows_hash` of the first ``kept`` rows of each of ``tables`` (:func:`vocab_tables`), by key;
-    tied copies (one array) are hashed once."""
-    digests: dict[int, str] = {}
-    for table in tables.values():
-        if id(table) not in digests:
-            digests[id(table)] = rows_hash(table, kept)
-    return {key: digests[id(table)] for key, table in tables.items()}
-
-
 def resized_tables(
     ckpt: Checkpoint,
     plan: ResizePlan,
@@ -317,11 +299,11 @@ def resized_tables(
 
 
 def resize_report(
-    plan: ResizePlan, tables: Mapping[str, np.ndarray], fallbacks: Mapping[str, int], hashes: Mapping[str, str]
+    plan: ResizePlan, tables: Mapping[str, np.ndarray], fallbacks: Mapping[str, int]
 ) -> list[TensorResize]:
     """What was done to each table resized (the keys of ``fallbacks``, with their fvt fallbacks)."""
     return [
-        TensorResize(key, tuple(tables[key].shape), (plan.rows.new_rows, *tables[key].shape[1:]), hashes[key], count)
+        TensorResize(key, tuple(tables[key].shape), (plan.rows.new_rows, *tables[key].shape[1:]), count)
         for key, count in fallbacks.items()
     ]
 
@@ -340,12 +322,11 @@ def resize_tables(
     ``pieces``: fvt's, of each new token (:func:`~.pipeline.checked_pieces`).
     """
     tables = vocab_tables(ckpt)
-    hashes = kept_rows_hashes(tables, plan.rows.kept)
     resized: dict[int, ResizedTable] = {}
     fallbacks: dict[str, int] = {}
     for key, table, fallback_count in resized_tables(ckpt, plan, tables, pieces=pieces, seed=seed):
         resized[id(table.old)], fallbacks[key] = table, fallback_count
-    return {key: resized[id(old)] for key, old in tables.items()}, resize_report(plan, tables, fallbacks, hashes)
+    return {key: resized[id(old)] for key, old in tables.items()}, resize_report(plan, tables, fallbacks)
 
 
 def same_table(ckpt: Checkpoint, key: str) -> Hashable:

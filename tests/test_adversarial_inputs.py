@@ -607,6 +607,26 @@ def test_megatron_args_of_the_wrong_type_are_refused(
     assert_refused(run, work, monkeypatch, "is not a positive whole number")
 
 
+def test_megatron_args_nested_deep_are_refused(
+    megatron_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A value of the args nested 2,000 lists deep: writing the args again (a resize) would recurse past
+    Python's limit."""
+    work = tmp_path / "work"
+    work.mkdir()
+    run_dir, folder = run_copy(megatron_run, work)
+    deep: list[Any] = []
+    for _ in range(2000):
+        deep = [deep]
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(10_000)  # for torch.save to write it
+    try:
+        change_common(folder, lambda common: setattr(common["args"], "data_path", deep))
+    finally:
+        sys.setrecursionlimit(limit)
+    assert_refused(run_dir, work, monkeypatch, "nests deeper")
+
+
 RUN_CONFIGS = {
     "a size as text": ("model:\n  tensor_model_parallel_size: two\n", "is not a positive whole number"),
     "a size as a list": ("model:\n  make_vocab_size_divisible_by: [128]\n", "is not a positive whole number"),

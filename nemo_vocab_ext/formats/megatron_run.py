@@ -169,6 +169,15 @@ def read_common(folder: Path) -> dict[str, Any]:
     common = read_torch_file(FileRegion(path, 0, path.stat().st_size), what=str(path), also_allowed=_common_global)
     if not isinstance(common, dict):
         raise CheckpointFormatError(f"{path}: expected a dict, found {type(common).__name__}")
+    return _args_checked(common, path)
+
+
+def _args_checked(common: dict[str, Any], where: object) -> dict[str, Any]:
+    """``common`` once its args, the run's config, are bounded as any model config is (the unpickler
+    bounds the nesting of containers, not of a Namespace's values; writing them recurses)."""
+    args = common.get("args")
+    if isinstance(args, argparse.Namespace):
+        check_config(vars(args), where)
     return common
 
 
@@ -405,7 +414,7 @@ def _parse_common(data: bytes) -> dict[str, Any] | None:
         f.write(data)
         f.flush()
         common = read_torch_file(FileRegion(Path(f.name), 0, len(data)), what=COMMON_FILE, also_allowed=_common_global)
-        return common if isinstance(common, dict) else None
+        return _args_checked(common, COMMON_FILE) if isinstance(common, dict) else None
 
 
 def _run_config_bytes(source: Path, ckpt: Checkpoint) -> bytes | None:

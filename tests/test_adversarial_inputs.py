@@ -460,6 +460,20 @@ def test_crafted_model_configs_are_refused(
 # ------------------------------------------------------------------------------ 5. Lightning hparams
 
 
+def test_torch_save_zip_of_an_unknown_version_is_refused(
+    models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A central directory entry asking for zip version 12.5 to extract: zipfile raises NotImplementedError."""
+    work = tmp_path / "work"
+    work.mkdir()
+    src = copy_of(models, "single.ckpt", work / "single.ckpt")
+    data = bytearray(src.read_bytes())
+    entry = data.index(b"PK\x01\x02")
+    data[entry + 6 : entry + 8] = (125).to_bytes(2, "little")  # version needed to extract
+    src.write_bytes(bytes(data))
+    assert_refused(src, work, monkeypatch, "not a torch.save file")
+
+
 def _laughs() -> dict[str, Any]:
     level: Any = ["lol"] * 9
     for _ in range(9):

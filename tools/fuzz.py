@@ -109,7 +109,8 @@ def _folder_members(root: Path) -> list[tuple[str, bytes]]:
 
 
 def build_seeds(root: Path) -> dict[str, Seed]:
-    """Every reader's seed, written by the project's writers (each read back and checked as it is written)."""
+    """Every reader's seed: the project's formats written by its writers (each read back and checked as it
+    is written), the Hugging Face folder by transformers, the Megatron runs by megatron-core."""
     from nemo_vocab_ext.formats.lightning import write_lightning
     from nemo_vocab_ext.formats.nemo import write_nemo, write_nemo_dir
     from nemo_vocab_ext.formats.safetensors_io import write_safetensors
@@ -158,9 +159,7 @@ def build_seeds(root: Path) -> dict[str, Seed]:
         "st_sharded": ("sharded", "dir", "model_st"),
     }
     seeds = {r: Seed(r, container, filename, found[src][1]) for r, (src, container, filename) in spec.items()}
-    hf = _hf_folder(tok, root / "hf")
-    verify_written(load_checkpoint(hf)[0], load_checkpoint(hf)[0], hf, bitwise=True)  # reads whole
-    seeds["hf_sharded"] = Seed("hf_sharded", "dir", "model_hf", _folder_members(hf))
+    seeds["hf_sharded"] = Seed("hf_sharded", "dir", "model_hf", _folder_members(_hf_folder(tok, root / "hf")))
     run = _megatron_run(tok, root / "megatron")
     seeds["megatron_lm"] = Seed("megatron_lm", "dir", "run", _folder_members(run))
     seeds["megatron_bridge"] = Seed("megatron_bridge", "dir", "run", _bridge_members(seeds["megatron_lm"].members))
@@ -192,20 +191,8 @@ def _megatron_run(tok: Path, out: Path) -> Path:
     """A Megatron-LM run folder saved by megatron-core (in its own process: its CPU patches stay there)."""
     from harness.tiny import cpu_env
 
-    shape = SIZES["tiny"]
-    argv = [sys.executable, "-m", "harness.megatron_run", str(out), "--untied", "--iteration", "10"]
-    argv += [
-        "--hidden",
-        "32",
-        "--heads",
-        "2",
-        "--layers",
-        "1",
-        "--vocab-size",
-        str(shape.vocab),
-        "--tokenizer",
-        str(tok),
-    ]
+    shape = f"--untied --iteration 10 --hidden 32 --heads 2 --layers 1 --vocab-size {SIZES['tiny'].vocab}"
+    argv = [sys.executable, "-m", "harness.megatron_run", str(out), *shape.split(), "--tokenizer", str(tok)]
     done = subprocess.run(argv, env=cpu_env(out.parent / "hf_home"), capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
         raise RuntimeError(f"megatron-core could not save the seed run:\n{done.stderr[-3000:]}")

@@ -460,6 +460,20 @@ def test_crafted_model_configs_are_refused(
 # ------------------------------------------------------------------------------ 5. Lightning hparams
 
 
+def test_torch_save_zip_of_an_unknown_version_is_refused(
+    models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A central directory entry asking for zip version 12.5 to extract: zipfile raises NotImplementedError."""
+    work = tmp_path / "work"
+    work.mkdir()
+    src = copy_of(models, "single.ckpt", work / "single.ckpt")
+    data = bytearray(src.read_bytes())
+    entry = data.index(b"PK\x01\x02")
+    data[entry + 6 : entry + 8] = (125).to_bytes(2, "little")  # version needed to extract
+    src.write_bytes(bytes(data))
+    assert_refused(src, work, monkeypatch, "not a torch.save file")
+
+
 def _laughs() -> dict[str, Any]:
     level: Any = ["lol"] * 9
     for _ in range(9):
@@ -514,3 +528,146 @@ def test_a_fifo_is_refused_without_waiting_for_a_writer(tmp_path: Path) -> None:
     assert done.returncode == 1 and done.stderr.strip().splitlines() == [
         f"Error: {fifo}: not a regular file or folder"
     ], done.stderr
+
+
+@pytest.mark.parametrize("rows", [2**64, 10**12])
+def test_dist_record_of_a_shape_no_file_holds_is_refused(
+    models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rows: int
+) -> None:
+    """A tensor record (and its one chunk) claiming rows past int64, or a terabyte: refused before anything is
+    allocated for it."""
+    work = tmp_path / "work"
+    work.mkdir()
+    src = copy_of(models, "dist_ckpt", work / "dist_ckpt")
+    md = parse_metadata((src / ".metadata").read_bytes(), "test")
+    record = md.state_dict_metadata["model.embedding.word_embeddings.weight"]
+    record.size = torch.Size([rows, *record.size[1:]])
+    record.chunks[0].sizes = torch.Size([rows, *record.chunks[0].sizes[1:]])
+    (src / ".metadata").write_bytes(dumps(md))
+    assert_refused(src, work, monkeypatch, "does not hold a", commands=("validate",))
+
+
+# --------------------------------------------------------------------------- 6. Megatron run folders
+
+
+@pytest.fixture(scope="module")
+def megatron_run(tmp_path_factory: pytest.TempPathFactory, base_tokenizer: Path) -> Path:
+    """A Megatron-LM run folder saved by megatron-core, its tokenizer files in the iteration folder."""
+    from test_megatron_run import generate
+
+    root = tmp_path_factory.mktemp("adversarial_run")
+    return generate(root / "run", "--untied", "--vocab-size", "500", "--tokenizer", str(base_tokenizer))
+
+
+def run_copy(megatron_run: Path, work: Path) -> tuple[Path, Path]:
+    """A copy of the run under ``work``, and its iteration folder."""
+    from nemo_vocab_ext.formats.megatron_run import TRACKER_FILE
+
+    run = Path(shutil.copytree(megatron_run, work / "run"))
+    return run, run / f"iter_{int((run / TRACKER_FILE).read_text()):07d}"
+
+
+def change_common(folder: Path, change: Callable[[dict[str, Any]], object]) -> None:
+    common = torch.load(folder / "common.pt", weights_only=False)  # written by megatron-core here
+    change(common)
+    torch.save(common, folder / "common.pt")
+
+
+@pytest.mark.parametrize("text", ["\u00b9\u2070", "1" * 5000])
+def test_megatron_tracker_takes_ascii_digits_only(
+    megatron_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str
+) -> None:
+    """'¹⁰' passes str.isdigit and then fails int(); 5,000 digits are over int()'s limit for text."""
+    work = tmp_path / "work"
+    work.mkdir()
+    run, _ = run_copy(megatron_run, work)
+    (run / "latest_checkpointed_iteration.txt").write_text(text)
+    assert_refused(run, work, monkeypatch, "expected an iteration number")
+
+
+@pytest.mark.parametrize(
+    "member", [".metadata", "__0_0.distcp", "common.pt", "tokenizer/vocab.json", "TRACKER", "LATEST_TRAIN_STATE"]
+)
+def test_links_in_a_megatron_run_are_refused(
+    megatron_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, member: str
+) -> None:
+    """A file of the run replaced by a link to a copy beside the run: read through it, the run would read
+    whatever the link names."""
+    work = tmp_path / "work"
+    work.mkdir()
+    run, folder = run_copy(megatron_run, work)
+    if member == "LATEST_TRAIN_STATE":  # Megatron-Bridge's copy beside the iteration, carried over by a resize
+        (work / "elsewhere").write_bytes(b"not the run's")
+        (run / "latest_train_state.pt").symlink_to(work / "elsewhere")
+    else:
+        path = run / "latest_checkpointed_iteration.txt" if member == "TRACKER" else folder / member
+        path.rename(work / "elsewhere")
+        path.symlink_to(work / "elsewhere")
+    assert_refused(run, work, monkeypatch, "link")
+
+
+BAD_SIZES = {"text": "128x", "a list": [128], "infinite": float("inf"), "a dict": {"a": 1}}
+
+
+@pytest.mark.parametrize("arg", ["make_vocab_size_divisible_by", "tensor_model_parallel_size"])
+@pytest.mark.parametrize("value", BAD_SIZES)
+def test_megatron_args_of_the_wrong_type_are_refused(
+    megatron_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, arg: str, value: str
+) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    run, folder = run_copy(megatron_run, work)
+    change_common(folder, lambda common: setattr(common["args"], arg, BAD_SIZES[value]))
+    assert_refused(run, work, monkeypatch, "is not a positive whole number")
+
+
+def test_megatron_args_nested_deep_are_refused(
+    megatron_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A value of the args nested 2,000 lists deep: writing the args again (a resize) would recurse past
+    Python's limit."""
+    work = tmp_path / "work"
+    work.mkdir()
+    run_dir, folder = run_copy(megatron_run, work)
+    deep: list[Any] = []
+    for _ in range(2000):
+        deep = [deep]
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(10_000)  # for torch.save to write it
+    try:
+        change_common(folder, lambda common: setattr(common["args"], "data_path", deep))
+    finally:
+        sys.setrecursionlimit(limit)
+    assert_refused(run_dir, work, monkeypatch, "nests deeper")
+
+
+RUN_CONFIGS = {
+    "a size as text": ("model:\n  tensor_model_parallel_size: two\n", "is not a positive whole number"),
+    "a size as a list": ("model:\n  make_vocab_size_divisible_by: [128]\n", "is not a positive whole number"),
+    "nested deep": ("model: " + "[" * 5000 + "]" * 5000 + "\n", "not valid YAML"),
+    "recursive alias": ("model: &m {a: *m}\n", "contains itself"),
+}
+
+
+@pytest.mark.parametrize("case", RUN_CONFIGS)
+def test_crafted_bridge_run_configs_are_refused(
+    megatron_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    """Megatron-Bridge's run_config.yaml is read where common.pt holds no args."""
+    text, expected = RUN_CONFIGS[case]
+    work = tmp_path / "work"
+    work.mkdir()
+    run, folder = run_copy(megatron_run, work)
+    change_common(folder, lambda common: common.pop("args"))
+    (folder / "run_config.yaml").write_text(text)
+    assert_refused(run, work, monkeypatch, expected)
+
+
+def test_megatron_args_without_padded_vocab_size_resize(megatron_run: Path, tmp_path: Path) -> None:
+    """args without padded_vocab_size (the config read from them has none): resized, they still have none."""
+    src, folder = run_copy(megatron_run, tmp_path)
+    change_common(folder, lambda common: delattr(common["args"], "padded_vocab_size"))
+    result = run("resize", src, tmp_path / "resized", "--vocab-size", 600, "--init", "mean")
+    assert result.exit_code == 0, result.output
+    written = torch.load(tmp_path / "resized" / folder.name / "common.pt", weights_only=False)
+    assert not hasattr(written["args"], "padded_vocab_size")

@@ -349,6 +349,15 @@ def test_shard_header_disagrees_with_index(make_model: Callable[..., Path], tmp_
     _refused(["resize", broken, "--vocab-size", "500", "--init", "mean"], "header disagrees", tmp_path)
 
 
+@pytest.mark.parametrize("metadata", ["../../secret.txt", None, [1]])
+def test_index_metadata_not_a_mapping(make_model: Callable[..., Path], tmp_path: Path, metadata: object) -> None:
+    """A resize rewrites the index's metadata.total_size: metadata of another type is refused when read."""
+    broken = _copy(make_model("llama", shard=True), tmp_path)
+    index_path = broken / "model.safetensors.index.json"
+    index_path.write_text(json.dumps({**json.loads(index_path.read_text()), "metadata": metadata}))
+    _refused(["resize", broken, "--vocab-size", "500", "--init", "mean"], "'metadata' is a", tmp_path)
+
+
 def test_unknown_architecture(make_model: Callable[..., Path], tmp_path: Path) -> None:
     broken = _copy(make_model("llama"), tmp_path)
     config = json.loads((broken / "config.json").read_text())

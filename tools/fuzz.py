@@ -4,9 +4,14 @@ Seeds are tiny checkpoints written by the project's own writers (``tools/make_ch
 ``tiny`` shape) in every container a reader takes: .nemo as a plain tar, a tar.gz and an extracted
 folder (distributed ``model_weights/`` and single ``model_weights.ckpt`` layouts), a Lightning
 ``.ckpt`` file and a distributed ``.ckpt`` folder, one safetensors file and a sharded folder with
-its index. Each case mutates a seed (raw bytes; pickle opcodes; safetensors and JSON headers;
-torch_dist ``.metadata`` records; the YAML config; archive members) and runs what a command runs on
-it: ``read`` (inspect, validate, every entry read), ``convert`` to another format, or ``resize``.
+its index; and, written by the libraries that make them, a Hugging Face model folder (transformers'
+``save_pretrained``, sharded, with its tokenizer files) and Megatron run folders (megatron-core's
+``dist_checkpointing.save`` through ``harness/megatron_run.py``, as Megatron-LM leaves them and as
+Megatron-Bridge does: no args, a ``run_config.yaml``, its train state). Each case mutates a seed
+(raw bytes; pickle opcodes; safetensors and JSON headers; torch_dist ``.metadata`` records; the YAML
+config; a run's tracker, its pickled args, Bridge's run config; a config.json's keys; an index's
+shard names; archive members, folder files swapped) and runs what a command runs on it: ``read``
+(inspect, validate, every entry read), ``convert`` to another format, or ``resize``.
 
 The property: the command succeeds, or fails with the project's own error class; never another
 exception, never past a deadline, never an open, write or rename outside the input (read-only),
@@ -39,6 +44,7 @@ import shlex
 import shutil
 import signal
 import struct
+import subprocess
 import sys
 import tarfile
 import tempfile
@@ -56,6 +62,7 @@ from hypothesis import strategies as st
 
 TOOLS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TOOLS))
+sys.path.insert(1, str(TOOLS.parent))  # harness/: the Megatron seed is saved by megatron-core through it
 
 from make_checkpoint import SIZES, build_checkpoint, make_base_tokenizer  # noqa: E402
 
@@ -92,6 +99,9 @@ READERS = (
     "st_file",
     "st_sharded",
 )
+# Folders other libraries write: a Hugging Face model (transformers), Megatron runs (megatron-core).
+FOREIGN_READERS = ("hf_sharded", "megatron_lm", "megatron_bridge")
+READERS += FOREIGN_READERS
 
 
 def _folder_members(root: Path) -> list[tuple[str, bytes]]:
@@ -99,7 +109,8 @@ def _folder_members(root: Path) -> list[tuple[str, bytes]]:
 
 
 def build_seeds(root: Path) -> dict[str, Seed]:
-    """Every reader's seed, written by the project's writers (each read back and checked as it is written)."""
+    """Every reader's seed: the project's formats written by its writers (each read back and checked as it
+    is written), the Hugging Face folder by transformers, the Megatron runs by megatron-core."""
     from nemo_vocab_ext.formats.lightning import write_lightning
     from nemo_vocab_ext.formats.nemo import write_nemo, write_nemo_dir
     from nemo_vocab_ext.formats.safetensors_io import write_safetensors
@@ -147,7 +158,89 @@ def build_seeds(root: Path) -> dict[str, Seed]:
         "st_file": ("model.safetensors", "file", "model.safetensors"),
         "st_sharded": ("sharded", "dir", "model_st"),
     }
-    return {r: Seed(r, container, filename, found[src][1]) for r, (src, container, filename) in spec.items()}
+    seeds = {r: Seed(r, container, filename, found[src][1]) for r, (src, container, filename) in spec.items()}
+    seeds["hf_sharded"] = Seed("hf_sharded", "dir", "model_hf", _folder_members(_hf_folder(tok, root / "hf")))
+    run = _megatron_run(tok, root / "megatron")
+    seeds["megatron_lm"] = Seed("megatron_lm", "dir", "run", _folder_members(run))
+    seeds["megatron_bridge"] = Seed("megatron_bridge", "dir", "run", _bridge_members(seeds["megatron_lm"].members))
+    return seeds
+
+
+def _hf_folder(tok: Path, out: Path) -> Path:
+    """A tiny untied Llama and its tokenizer (``tok``'s BPE), saved by transformers in three shards."""
+    import torch
+    from transformers import AutoModelForCausalLM, GPT2TokenizerFast, LlamaConfig
+
+    tokenizer = GPT2TokenizerFast(str(tok / "vocab.json"), str(tok / "merges.txt"), eos_token="<|endoftext|>")
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out, max_shard_size="20KB")
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def _megatron_run(tok: Path, out: Path) -> Path:
+    """A Megatron-LM run folder saved by megatron-core (in its own process: its CPU patches stay there)."""
+    from harness.tiny import cpu_env
+
+    shape = f"--untied --iteration 10 --hidden 32 --heads 2 --layers 1 --vocab-size {SIZES['tiny'].vocab}"
+    argv = [sys.executable, "-m", "harness.megatron_run", str(out), *shape.split(), "--tokenizer", str(tok)]
+    done = subprocess.run(argv, env=cpu_env(out.parent / "hf_home"), capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"megatron-core could not save the seed run:\n{done.stderr[-3000:]}")
+    return out
+
+
+def _bridge_members(members: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+    """A Megatron-LM run's files as Megatron-Bridge leaves them: ``common.pt`` without args, the model and
+    tokenizer settings in ``run_config.yaml``, and its train state beside the iteration and the tracker."""
+    from nemo_vocab_ext.formats.megatron_run import BRIDGE_LATEST_TRAIN_STATE, BRIDGE_TRAIN_STATE, RUN_CONFIG
+    from nemo_vocab_ext.formats.torch_zip import torch_file_bytes
+
+    iteration = next(name.split("/")[0] for name, _ in members if name.endswith("/common.pt"))
+    bridge: list[tuple[str, bytes]] = []
+    for name, data in members:
+        if name.endswith("/common.pt"):
+            common = _parse_common(data)
+            args = common.pop("args")
+            data = torch_file_bytes(common)
+        bridge.append((name, data))
+    model = {
+        "num_layers": args.num_layers,
+        "hidden_size": args.hidden_size,
+        "vocab_size": SIZES["tiny"].vocab,
+        "should_pad_vocab": True,
+        "make_vocab_size_divisible_by": args.make_vocab_size_divisible_by,
+        "tensor_model_parallel_size": 1,
+        "pipeline_model_parallel_size": 1,
+        "share_embeddings_and_output_weights": False,
+    }
+    tokenizer = {"tokenizer_type": "GPT2BPETokenizer", "vocab_file": args.vocab_file, "merge_file": args.merge_file}
+    train_state = torch_file_bytes({"step": 10, "consumed_train_samples": 640})
+    bridge += [
+        (f"{iteration}/{RUN_CONFIG}", yaml.safe_dump({"model": model, "tokenizer": tokenizer}).encode()),
+        (f"{iteration}/{BRIDGE_TRAIN_STATE}", train_state),
+        (BRIDGE_LATEST_TRAIN_STATE, train_state),
+    ]
+    return bridge
+
+
+def _parse_common(data: bytes) -> dict[str, Any]:
+    """A run's ``common.pt`` as the run reader parses it."""
+    from nemo_vocab_ext.formats.megatron_run import _parse_common as parse
+
+    common = parse(data)
+    if common is None:
+        raise ValueError("common.pt holds no dict")
+    return common
 
 
 # --------------------------------------------------------------------------- values worth trying
@@ -157,6 +250,8 @@ INTS += [2**63 - 1, 2**63, -(2**63), 2**64, 10**30]
 STRINGS = ["", "0", "1", "99", "data/0", "cpu", "meta", "\x00", "a" * 300, "../secret.txt", "../../secret.txt"]
 STRINGS += ["/etc/hostname", "__0_0.distcp", "../__0_0.distcp", "model_weights/__0_0.distcp", "nemo:../secret.txt"]
 STRINGS += ["model.embedding.word_embeddings.weight", "model.output_layer.weight", "state_dict", "storage", "zarr"]
+STRINGS += ["torch_dist", "model.safetensors", "model-00001-of-00003.safetensors", "model-00009-of-00009.safetensors"]
+STRINGS += ["config.json", "sub/model.safetensors", "model.embed_tokens.weight", "lm_head.weight", "LlamaForCausalLM"]
 VALUES: list[Any] = [None, True, False, 1.5, math.nan, math.inf, [], [1, 2], {}, {"a": 1}, [[1]], *INTS, *STRINGS]
 VALUES += ["F32", "BF16", "I64", "F8_E4M3", "C64", "BOOL", [0, 0], [-1, 1], [1, 0], [0, 10**12], [2**64, 2**64 + 4]]
 GLOBALS = [
@@ -216,6 +311,28 @@ CONFIG_KEYS = [
     "tokenizer.type",
     "tokenizer.model",
 ]
+# config.json of a Hugging Face folder, and Megatron-Bridge's run_config.yaml.
+HF_CONFIG_KEYS = ["vocab_size", "tie_word_embeddings", "architectures", "hidden_size", "torch_dtype", "model_type"]
+HF_CONFIG_KEYS += ["num_hidden_layers", "pad_token_id", "eos_token_id", "auto_map"]
+RUN_CONFIG_KEYS = [f"model.{k}" for k in CONFIG_KEYS[:6]]
+RUN_CONFIG_KEYS += ["model.vocab_size", "model.should_pad_vocab", "model", "tokenizer", "tokenizer.tokenizer_type"]
+RUN_CONFIG_KEYS += ["tokenizer.tokenizer_model", "tokenizer.vocab_file", "tokenizer.merge_file"]
+# Megatron-LM's args in common.pt (``args.<name>``) and common.pt's own keys.
+ARGS_KEYS = ["padded_vocab_size", "vocab_size", "make_vocab_size_divisible_by", "tensor_model_parallel_size"]
+ARGS_KEYS += ["pipeline_model_parallel_size", "untie_embeddings_and_output_weights", "tokenizer_type"]
+ARGS_KEYS += ["tokenizer_model", "vocab_file", "merge_file", "hidden_size", "num_layers", "iteration"]
+COMMON_KEYS = ["args", "iteration", "checkpoint_version", "optimizer", "model"]
+TRACKER_TEXTS = ["10", "release", "0", "9", "11", "-10", "+10", "10.0", " 10\n", "1e1", "0x0a", "", "\x00"]
+TRACKER_TEXTS += [
+    "0000010",
+    "iter_0000010",
+    "../10",
+    "9" * 30,
+    "1" * 5000,
+    "\u0661\u0660",
+    "\u00b9\u2070",
+    "\uff11\uff10",
+]
 _BOMB = "".join(f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi", strict=True))
 YAML_TEXTS = [
     "make_vocab_size_divisible_by: &x [*x]\n",
@@ -241,6 +358,13 @@ MEMBER_NAMES += [
     "c:evil",
     "model_weights/.metadata/x",
     "0123456789abcdef0123456789abcdef_v",
+    "release",
+    "iter_0000011",
+    "iter_0000010/__9_9.distcp",
+    "iter_0000010/mp_rank_00",
+    "iter_0000010/tokenizer/tokenizer.model",
+    "model-00009-of-00009.safetensors",
+    "pytorch_model.bin",
 ]
 LINK_TARGETS = ["SECRET", "/etc/hostname", "model_config.yaml", "."]  # SECRET: a file beside the input
 NEW_KINDS = ["file", "symlink", "hardlink", "dir", "fifo", "empty"]
@@ -451,11 +575,11 @@ def _json_edit(obj: Any, index: int, action: str, value: Any) -> Any:
     return _edit_tree(obj, paths[index % len(paths)], action, value)
 
 
-def _config_edit(config: Any, key: int, action: str, value: Any) -> Any:
+def _config_edit(config: Any, key: int, action: str, value: Any, keys: list[str] = CONFIG_KEYS) -> Any:
     """A named config key (``tokenizer.vocab_file``) set to ``value`` or deleted; a missing parent is made."""
     if not isinstance(config, dict):
         return config
-    *parents, last = CONFIG_KEYS[key % len(CONFIG_KEYS)].split(".")
+    *parents, last = keys[key % len(keys)].split(".")
     node = config
     for p in parents:
         if not isinstance(node.get(p), dict):
@@ -513,6 +637,67 @@ def _yaml_config(data: bytes, key: int, action: str, value: Any) -> bytes:
         return yaml.safe_dump(_config_edit(config, key, action, value)).encode()
     except Exception:
         return data
+
+
+def _hf_config(data: bytes, key: int, action: str, value: Any) -> bytes:
+    """A key of a Hugging Face ``config.json`` set or deleted."""
+    return _json_member(data, lambda obj: _config_edit(obj, key, action, value, HF_CONFIG_KEYS))
+
+
+def _run_config(data: bytes, key: int, action: str, value: Any) -> bytes:
+    """A key of Megatron-Bridge's ``run_config.yaml`` set or deleted."""
+    try:
+        config = yaml.safe_load(data)
+        return yaml.safe_dump(_config_edit(config, key, action, value, RUN_CONFIG_KEYS)).encode()
+    except Exception:
+        return data
+
+
+def _weight_map(data: bytes, entry: int, choice: int) -> bytes:
+    """An index entry pointing at another shard of the folder, at a file that is not a shard, or at none."""
+
+    def edit(index: Any) -> Any:
+        weight_map = index["weight_map"]
+        keys = sorted(weight_map)
+        names = sorted(set(weight_map.values())) + STRINGS
+        key = keys[entry % len(keys)]
+        if choice % 5 == 0:
+            del weight_map[key]
+        elif choice % 5 == 1:  # a tensor no shard holds
+            weight_map[f"{key}.extra"] = weight_map[key]
+        else:
+            weight_map[key] = names[choice % len(names)]
+        return index
+
+    return _json_member(data, edit)
+
+
+def _tracker(data: bytes, text: int) -> bytes:
+    return TRACKER_TEXTS[text % len(TRACKER_TEXTS)].encode("utf-8", "surrogatepass")
+
+
+def _common_value(data: bytes, key: int, action: str, value: Any) -> bytes:
+    """One of Megatron-LM's args (or one of common.pt's own keys) set, deleted or given a sibling, the
+    file saved again as torch saves it."""
+    from nemo_vocab_ext.formats.torch_zip import torch_file_bytes
+
+    common = _parse_common(data)
+    names = [f"args.{k}" for k in ARGS_KEYS] + COMMON_KEYS
+    name = names[key % len(names)]
+    if name.startswith("args."):
+        args = common.get("args")
+        if args is None:
+            return data
+        attr = name.split(".", 1)[1] if action != "add" else "extra"
+        if action == "delete":
+            vars(args).pop(attr, None)
+        else:
+            setattr(args, attr, value)
+    elif action == "delete":
+        common.pop(name, None)
+    else:
+        common[name if action == "set" else "extra"] = value
+    return torch_file_bytes(common)
 
 
 def _yaml_text(data: bytes, text: int) -> bytes:
@@ -617,6 +802,12 @@ def _tree_rename(members: list[tuple[str, Member]], index: int, name: int) -> li
     return [*members[:i], (MEMBER_NAMES[name % len(MEMBER_NAMES)], members[i][1]), *members[i + 1 :]]
 
 
+def _tree_swap(members: list[tuple[str, Member]], index: int, other: int) -> list[tuple[str, Member]]:
+    """One member's content under another's name: a shard for another, common.pt for .metadata..."""
+    i, j = index % len(members), other % len(members)
+    return [*members[:i], (members[i][0], members[j][1]), *members[i + 1 :]]
+
+
 def _tree_dup(members: list[tuple[str, Member]], index: int, blob: bytes) -> list[tuple[str, Member]]:
     return [*members, (members[index % len(members)][0], blob)]
 
@@ -628,6 +819,7 @@ TREE_EDITS: dict[str, Callable[..., list[tuple[str, Member]]]] = {
     "tree_drop": _tree_drop,
     "tree_rename": _tree_rename,
     "tree_dup": _tree_dup,
+    "tree_swap": _tree_swap,
 }
 BYTE_EDITS: dict[str, Callable[..., bytes]] = {
     "truncate": _raw_truncate,
@@ -641,6 +833,11 @@ BYTE_EDITS: dict[str, Callable[..., bytes]] = {
     "yaml_config": _yaml_config,
     "yaml_text": _yaml_text,
     "dcp_record": _dcp_record,
+    "hf_config": _hf_config,
+    "run_config": _run_config,
+    "weight_map": _weight_map,
+    "tracker": _tracker,
+    "common_value": _common_value,
 }
 
 # ---------------------------------------------------------------------------------------- strategies
@@ -678,13 +875,30 @@ ARGS: dict[str, st.SearchStrategy[tuple[Any, ...]]] = {
     "tree_drop": st.tuples(small),
     "tree_rename": st.tuples(small, small),
     "tree_dup": st.tuples(small, blobs),
+    "tree_swap": st.tuples(small, small),
+    "hf_config": st.tuples(small, actions, values),
+    "run_config": st.tuples(small, actions, values),
+    "weight_map": st.tuples(small, small),
+    "tracker": st.tuples(small),
+    "common_value": st.tuples(small, actions, values),
 }
 
 
 def _member_kinds(name: str, data: bytes) -> list[str]:
     """The structure-aware edits that fit a member, beside the raw ones every member takes."""
+    base = name.rsplit("/", 1)[-1]
+    if base == "run_config.yaml":
+        return ["run_config", "yaml_text"]
     if name.endswith(".yaml"):
         return ["yaml_config", "yaml_text"]
+    if base == "latest_checkpointed_iteration.txt":
+        return ["tracker"]
+    if base == "common.pt":  # the args' values as often as the pickle's opcodes
+        return [*["common_value"] * len(PICKLE_EDITS), *PICKLE_EDITS]
+    if base == "config.json":
+        return ["hf_config", "json_value"]
+    if base == "model.safetensors.index.json":
+        return ["weight_map", "json_value"]
     if name.endswith(".metadata"):
         return ["dcp_record", *PICKLE_EDITS]
     if _is_zip(data):
@@ -720,8 +934,23 @@ def mutations(draw: st.DrawFn, seed: Seed) -> Mutation:
     return Mutation(kind, index, draw(ARGS[kind]))
 
 
-OPS = ["read", "read", "convert", "resize"]
-FORMATS = {"nemo": ".nemo", "ckpt": ".ckpt", "safetensors": ".safetensors"}
+# Where convert and resize write, by format: a run folder and a Hugging Face folder have no suffix.
+DESTINATIONS = {"nemo": "out.nemo", "ckpt": "out.ckpt", "safetensors": "out.safetensors", "hf": "out_hf"}
+DESTINATIONS["megatron"] = "out_run"
+# The formats each reader's checkpoints convert to: a Hugging Face folder only to another one.
+FORMATS = ["nemo", "ckpt", "safetensors"]
+# Megatron-LM's: the .ckpt reader refuses the args Namespace its common.pt would carry, so no .ckpt.
+CONVERTS = {"hf_sharded": ["hf"], "megatron_lm": ["nemo", "safetensors", "megatron"]}
+CONVERTS["megatron_bridge"] = [*FORMATS, "megatron"]
+
+
+def reader_format(reader: str) -> str:
+    return {"st": "safetensors"}.get(reader.split("_")[0], reader.split("_")[0])
+
+
+def seed_ops(reader: str) -> list[str]:
+    """Every command a reader's seed, unmutated, passes."""
+    return ["read", "resize", *(f"convert:{f}" for f in CONVERTS.get(reader, FORMATS))]
 
 
 @dataclass(frozen=True)
@@ -742,8 +971,9 @@ class Case:
 
 
 def cases(seed: Seed) -> st.SearchStrategy[Case]:
-    own = {"nemo": "nemo", "ckpt": "ckpt", "st": "safetensors"}[seed.name.split("_")[0]]
-    ops = st.sampled_from(["read", "read", "resize", *(f"convert:{f}" for f in FORMATS if f != own)])
+    own = reader_format(seed.name)
+    converts = [op for op in seed_ops(seed.name)[2:] if op != f"convert:{own}" or own == "hf"]
+    ops = st.sampled_from(["read", "read", "resize", *converts])
     return st.builds(Case, st.just(seed.name), ops, st.lists(mutations(seed), min_size=1, max_size=3).map(tuple))
 
 
@@ -864,8 +1094,10 @@ def _audit(event: str, args: tuple[Any, ...]) -> None:
     watch = _watch
     if watch is None or (event != "open" and event not in _WRITE_EVENTS):
         return
-    writes = event != "open" or _open_writes(args)
-    for arg in args[: 2 if event in ("os.rename", "os.symlink", "os.link", "shutil.copyfile", "shutil.move") else 1]:
+    two = event in ("os.rename", "os.symlink", "os.link", "shutil.copyfile", "shutil.move")
+    for i, arg in enumerate(args[: 2 if two else 1]):
+        # A hard link's or a copy's source is only read (a run folder's output links the input's data files).
+        writes = (event != "open" or _open_writes(args)) and not (i == 0 and event in ("os.link", "shutil.copyfile"))
         # Relative names are those shutil.rmtree opens beside a folder's descriptor; a reader's own
         # relative names land in the empty working folder, checked afterwards.
         if not isinstance(arg, str | bytes | os.PathLike) or not os.path.isabs(os.fsdecode(arg)):
@@ -957,6 +1189,7 @@ def run_op(op: str, src: Path, out: Path) -> None:
     """What the CLI's command runs for ``op``, in-process."""
     from nemo_vocab_ext.core.rows import Init
     from nemo_vocab_ext.describe import describe
+    from nemo_vocab_ext.formats.detect import detect_format
     from nemo_vocab_ext.io import Format, convert_checkpoint, load_checkpoint
     from nemo_vocab_ext.options import ResizeOptions
     from nemo_vocab_ext.resize_job import run_resize
@@ -969,14 +1202,15 @@ def run_op(op: str, src: Path, out: Path) -> None:
         _read_everything(ckpt)
     elif op.startswith("convert:"):  # as the convert command does
         fmt = Format(op.split(":", 1)[1])
-        dst = out / f"out{FORMATS[fmt.value]}"
+        dst = out / DESTINATIONS[fmt.value]
         convert_checkpoint(src, dst, fmt)
         _check_output(dst, fmt, load_checkpoint(src)[0])
-    elif op == "resize":
-        dst = out / "out.nemo"
+    elif op == "resize":  # as the command does: a Hugging Face folder or a run into its own kind, else a .nemo
+        fmt = {Format.HF: Format.HF, Format.MEGATRON: Format.MEGATRON}.get(detect_format(src), Format.NEMO)
+        dst = out / DESTINATIONS[fmt.value]
         options = ResizeOptions(init=Init.MEAN)
-        run_resize(src, dst, tokenizer=None, vocab_size=SIZES["tiny"].vocab + 100, options=options)
-        _check_output(dst, Format.NEMO, None)
+        run_resize(src, dst, fmt=fmt, tokenizer=None, vocab_size=SIZES["tiny"].vocab + 100, options=options)
+        _check_output(dst, fmt, None)
     else:
         raise ValueError(op)
 

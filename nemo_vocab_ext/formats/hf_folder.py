@@ -47,7 +47,10 @@ def _weight_map(artifacts: dict[str, bytes], where: Path) -> dict[str, str] | No
         return None
     index = _json(artifacts[INDEX], str(where / INDEX))
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    assert isinstance(weight_map, dict)  # checked by _shard_files when the folder was read
+    assert isinstance(index, dict) and isinstance(weight_map, dict)  # checked by _shard_files when the folder was read
+    metadata = index.get("metadata", {})
+    if not isinstance(metadata, dict):  # a resize sets its total_size
+        raise CheckpointFormatError(f"{where / INDEX}: 'metadata' is a {type(metadata).__name__}, not a mapping")
     return weight_map
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import functools
 import re
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +26,14 @@ import yaml
 from ..checkpoint import DISTRIBUTED, NEMO_REF, Checkpoint, artifact_name, artifact_named
 from ..core.keys import MEGATRON
 from ..entries import Entries, tensor_meta
-from ..errors import CheckpointFormatError, ConfigError, UnsupportedError
+from ..errors import CheckpointFormatError, ConfigError, UnsafeCheckpointError, UnsupportedError
 from .byteio import FileRegion
 from .dcp_records import Opaque
+from .folder import InFolder
 from .torch_dist import COMMON_FILE, DATA_FILE, METADATA_FILE, METADATA_JSON, open_torch_dist, write_torch_dist
 from .torch_pickle import register_name
 from .torch_zip import read_torch_file, torch_file_bytes
+from .untrusted import MAX_CONFIG_BYTES, check_config, check_config_text
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 RELEASE = "release"
@@ -39,6 +42,7 @@ RUN_CONFIG = "run_config.yaml"  # Megatron-Bridge
 EMBEDDING_KEY = "embedding.word_embeddings.weight"
 OUTPUT_LAYER_KEY = "output_layer.weight"
 _ITERATION_DIR = re.compile(r"iter_(\d{7,})")
+_ITERATION = re.compile(r"[0-9]{1,18}")  # ASCII digits (str.isdigit takes '¹'), within int64
 # Megatron-LM's default for --make-vocab-size-divisible-by.
 DEFAULT_DIVISIBLE_BY = 128
 # Tokenizer files as Megatron-LM and Megatron-Bridge copy them into <iteration>/tokenizer/, by the
@@ -59,14 +63,22 @@ class RunIteration:
     tracker: Path | None = None
 
 
+def _refuse_special(path: Path) -> None:
+    """A run's file outside its iteration folder must be a regular file: a link's target can lie
+    anywhere, and a FIFO never ends."""
+    if path.is_symlink() or (path.exists() and not stat.S_ISREG(path.stat().st_mode)):
+        raise UnsafeCheckpointError(f"{path}: a link or not a regular file; refusing the run folder")
+
+
 def _read_tracker(tracker: Path) -> int | None:
+    _refuse_special(tracker)
     try:
         text = tracker.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as exc:
         raise CheckpointFormatError(f"{tracker}: unreadable ({exc})") from None
     if text == RELEASE:
         return None
-    if not text.isdigit():
+    if not _ITERATION.fullmatch(text):
         raise CheckpointFormatError(f"{tracker}: expected an iteration number or 'release', found {text[:40]!r}")
     return int(text)
 
@@ -157,6 +169,15 @@ def read_common(folder: Path) -> dict[str, Any]:
     common = read_torch_file(FileRegion(path, 0, path.stat().st_size), what=str(path), also_allowed=_common_global)
     if not isinstance(common, dict):
         raise CheckpointFormatError(f"{path}: expected a dict, found {type(common).__name__}")
+    return _args_checked(common, path)
+
+
+def _args_checked(common: dict[str, Any], where: object) -> dict[str, Any]:
+    """``common`` once its args, the run's config, are bounded as any model config is (the unpickler
+    bounds the nesting of containers, not of a Namespace's values; writing them recurses)."""
+    args = common.get("args")
+    if isinstance(args, argparse.Namespace):
+        check_config(vars(args), where)
     return common
 
 
@@ -168,7 +189,8 @@ def common_with_vocab_rows(common: dict[str, Any], rows: int, vocab_size: int | 
     if not isinstance(args, argparse.Namespace):
         return torch_file_bytes(common)
     updated = argparse.Namespace(**vars(args))
-    updated.padded_vocab_size = rows
+    if getattr(args, "padded_vocab_size", None) is not None:  # kept unset, as the config read from it
+        updated.padded_vocab_size = rows
     if getattr(args, "vocab_size", None) is not None and vocab_size is not None:
         updated.vocab_size = vocab_size
     return torch_file_bytes({**common, "args": updated})
@@ -204,9 +226,10 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "num_attention_heads": arg("num_attention_heads"),
         "max_position_embeddings": arg("max_position_embeddings"),
         "encoder_seq_length": arg("seq_length"),
-        "make_vocab_size_divisible_by": int(arg("make_vocab_size_divisible_by", DEFAULT_DIVISIBLE_BY)),
-        "tensor_model_parallel_size": int(arg("tensor_model_parallel_size", 1)),
-        "pipeline_model_parallel_size": int(arg("pipeline_model_parallel_size", 1)),
+        # As stored: the loader's check_model_config refuses what is not a positive whole number.
+        "make_vocab_size_divisible_by": arg("make_vocab_size_divisible_by", DEFAULT_DIVISIBLE_BY),
+        "tensor_model_parallel_size": arg("tensor_model_parallel_size", 1),
+        "pipeline_model_parallel_size": arg("pipeline_model_parallel_size", 1),
         "share_embeddings_and_output_weights": not arg("untie_embeddings_and_output_weights", False),
         # The rows Megatron built; not an override: a resize recomputes them for the new tokenizer.
         "padded_vocab_size": arg("padded_vocab_size"),
@@ -226,7 +249,7 @@ def config_from_run_config(run_config: dict[str, Any], where: str) -> dict[str, 
     model, tokenizer = run_config.get("model"), run_config.get("tokenizer") or {}
     if not isinstance(model, dict) or not isinstance(tokenizer, dict):
         raise ConfigError(f"{where}: no 'model' section")
-    divisible_by = int(model.get("make_vocab_size_divisible_by") or DEFAULT_DIVISIBLE_BY)
+    divisible_by = model.get("make_vocab_size_divisible_by") or DEFAULT_DIVISIBLE_BY  # checked as args' are
     return {
         "num_layers": model.get("num_layers"),
         "hidden_size": model.get("hidden_size"),
@@ -234,8 +257,8 @@ def config_from_run_config(run_config: dict[str, Any], where: str) -> dict[str, 
         "num_attention_heads": model.get("num_attention_heads"),
         "encoder_seq_length": model.get("seq_length"),
         "make_vocab_size_divisible_by": divisible_by if model.get("should_pad_vocab", True) else 1,
-        "tensor_model_parallel_size": int(model.get("tensor_model_parallel_size") or 1),
-        "pipeline_model_parallel_size": int(model.get("pipeline_model_parallel_size") or 1),
+        "tensor_model_parallel_size": model.get("tensor_model_parallel_size") or 1,
+        "pipeline_model_parallel_size": model.get("pipeline_model_parallel_size") or 1,
         "share_embeddings_and_output_weights": bool(model.get("share_embeddings_and_output_weights", True)),
         "vocab_size": model.get("vocab_size"),
         "tokenizer": _tokenizer_config(
@@ -248,13 +271,15 @@ def config_from_run_config(run_config: dict[str, Any], where: str) -> dict[str, 
 
 
 def _read_run_config(path: Path) -> dict[str, Any]:
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: {path.stat().st_size} bytes, over the {MAX_CONFIG_BYTES}-byte limit of a config")
     try:
-        run_config = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        run_config = yaml.safe_load(check_config_text(path.read_bytes(), path))
+    except (yaml.YAMLError, RecursionError) as exc:  # RecursionError: nested thousands deep
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
     if not isinstance(run_config, dict):
         raise ConfigError(f"{path}: does not hold a mapping")
-    return run_config
+    return check_config(run_config, path)  # bounded: aliases expanded, nesting
 
 
 def _tokenizer_artifacts(folder: Path, config: dict[str, Any]) -> dict[str, bytes]:
@@ -294,6 +319,11 @@ def read_megatron_run(path: str | Path) -> Checkpoint:
     """
     found = find_iteration(path)
     folder = found.folder
+    if folder.is_symlink():
+        raise UnsafeCheckpointError(f"{folder}: a link (to '{folder.readlink()}'); refusing the run folder")
+    InFolder(folder)  # refuses links and special files anywhere in the iteration folder
+    if found.tracker is not None:
+        _refuse_special(found.tracker.parent / BRIDGE_LATEST_TRAIN_STATE)  # copied when the run is written
     metadata_json = _check_backend(folder)
     common = read_common(folder)
     entries = open_torch_dist(folder)  # refuses a metadata that names a missing .distcp file
@@ -370,7 +400,8 @@ def _common_bytes(ckpt: Checkpoint, common: dict[str, Any], stored: bytes) -> by
     args = common.get("args")
     rows = _vocab_rows(ckpt)
     unchanged = not isinstance(args, argparse.Namespace) or (
-        args.padded_vocab_size == rows and getattr(args, "vocab_size", None) in (None, ckpt.config.get("vocab_size"))
+        getattr(args, "padded_vocab_size", None) in (None, rows)
+        and getattr(args, "vocab_size", None) in (None, ckpt.config.get("vocab_size"))
     )
     if unchanged:
         return stored
@@ -383,7 +414,7 @@ def _parse_common(data: bytes) -> dict[str, Any] | None:
         f.write(data)
         f.flush()
         common = read_torch_file(FileRegion(Path(f.name), 0, len(data)), what=COMMON_FILE, also_allowed=_common_global)
-        return common if isinstance(common, dict) else None
+        return _args_checked(common, COMMON_FILE) if isinstance(common, dict) else None
 
 
 def _run_config_bytes(source: Path, ckpt: Checkpoint) -> bytes | None:

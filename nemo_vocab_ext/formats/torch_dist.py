@@ -220,10 +220,11 @@ class DistTensor(Stored):
     def load(self) -> torch.Tensor:
         import torch
 
+        # Every chunk checked against its file first: a shape no stored bytes back is never allocated.
+        chunks = [(chunk, self.chunk_tensor(chunk)) for chunk in self.chunks]
         out = torch.empty(self.shape, dtype=self.dtype.torch)
-        for chunk in self.chunks:
+        for chunk, stored in chunks:
             target = out[tuple(slice(o, o + s) for o, s in zip(chunk.offsets, chunk.sizes, strict=False))]
-            stored = self.chunk_tensor(chunk)
             raw = stored.raw()
             if raw is not None and target.is_contiguous():
                 raw[0].read_into(tensor_bytes(target))  # straight into place: no intermediate copy

@@ -75,7 +75,12 @@ def _record_regions(container: FileRegion, what: str) -> tuple[str, dict[str, Fi
     with container.open() as f:
         try:
             infos = zipfile.ZipFile(f).infolist()  # type: ignore[arg-type]
-        except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        except (
+            zipfile.BadZipFile,
+            OSError,
+            ValueError,
+            NotImplementedError,
+        ) as exc:  # NotImplementedError: an unknown zip version
             raise CheckpointFormatError(f"{what}: not a torch.save file ({exc})") from None
         for info in infos:
             if info.compress_type != zipfile.ZIP_STORED:

@@ -1,9 +1,11 @@
-"""tools/quality.py's verdict: each init's costs against the base and zeros, and the two targets, per seed."""
+"""tools/quality.py: interval arithmetic, the verdict and its exit code on hand-written numbers; the packaged
+measurement as the README block and the resize report show it; one tiny end-to-end run of the tool."""
 
 from __future__ import annotations
 
-import itertools
 import json
+import math
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,120 +16,149 @@ import torch
 from nemo_vocab_ext import init_costs
 from nemo_vocab_ext.checkpoint import Checkpoint
 from nemo_vocab_ext.core.rows import Init
+from nemo_vocab_ext.options import DEFAULTS
 from nemo_vocab_ext.vocab import plan_resize
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
-quality = pytest.importorskip("quality")  # tools/quality.py (imports tools/demo.py; no NeMo)
+ROOT = Path(__file__).parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+quality = pytest.importorskip("quality")  # tools/quality.py (no NeMo)
 
-BASE_EN = 5.0
-
-
-def _run(init: str, seed: int, en0: float, th_end: float, en_end: float = 5.1) -> dict[str, Any]:
-    curve = [
-        {"step": 0, "en": en0, "th": 9.0, "p_new_en": 0.01, "p_new_th": 0.5},
-        {"step": 20, "en": en_end, "th": th_end, "p_new_en": 0.01, "p_new_th": 0.9},
-    ]
-    return {"init": init, "seed": seed, "curve": curve}
+T2 = 4.302652729911275  # Student's t, 97.5% quantile, 2 degrees of freedom
 
 
-def test_targets_are_met_only_within_both_margins_on_every_seed() -> None:
-    runs = [
-        _run("zeros", 1, 5.5, 6.0),
-        _run("zeros", 2, 5.5, 6.2),
-        _run("good", 1, 5.029, 6.009),  # just inside both margins
-        _run("good", 2, 5.01, 6.0),
-        _run("costly", 1, 5.04, 5.0),  # English cost over 0.03
-        _run("costly", 2, 5.01, 5.0),
-        _run("slow", 1, 5.0, 6.03),  # Thai 0.03 behind zeros
-        _run("slow", 2, 5.0, 6.0),
-    ]
-    summary = quality.summarise(BASE_EN, runs)
-    assert list(summary) == ["zeros", "good", "costly", "slow"]
-    verdict = {init: [s["meets_targets"] for s in v["seeds"]] for init, v in summary.items()}
-    assert verdict == {"zeros": [False, False], "good": [True, True], "costly": [False, True], "slow": [False, True]}
-    assert [v["meets_targets_every_seed"] for v in summary.values()] == [False, True, False, False]
-    good = summary["good"]["mean"]
-    assert good["en_step0_cost"] == pytest.approx(0.0195) and good["th_final_vs_zeros"] == pytest.approx(-0.0955)
-    assert good["en_final_cost"] == pytest.approx(0.1) and good["th_final"] == pytest.approx(6.0045)
+def test_interval_is_the_t_interval_over_bases() -> None:
+    got = quality.interval([1.0, 2.0, 3.0])
+    assert got["mean"] == 2.0 and got["by_base"] == [1.0, 2.0, 3.0]
+    assert got["hi"] - 2.0 == pytest.approx(T2 / math.sqrt(3)) and got["lo"] == pytest.approx(4.0 - got["hi"])
+    assert quality.interval([0.5]) == {"by_base": [0.5], "mean": 0.5, "lo": 0.5, "hi": 0.5}
 
 
-def test_no_zeros_run_for_a_seed_means_no_verdict() -> None:
-    summary = quality.summarise(BASE_EN, [_run("mean", 1, 5.0, 5.0)])
-    assert summary["mean"]["seeds"][0]["th_final_vs_zeros"] is None
-    assert not summary["mean"]["meets_targets_every_seed"]
-    assert "th_final_vs_zeros" not in summary["mean"]["mean"]
+def _row(en0: list[float], th: list[float]) -> dict[str, Any]:
+    return {"en_step0_cost": quality.interval(en0), "th_final": quality.interval(th)}
 
 
-# --- the packaged measurement: the README's table, the resize report and tools/quality.py agree -------------
+def test_the_paired_interval_takes_differences_base_by_base() -> None:
+    # Thai far apart between bases but b is 0.1 below a on each: paired, that is sure; unpaired it would not be.
+    summary = {"a": _row([0, 0, 0], [5.0, 6.0, 7.0]), "b": _row([0, 0, 0], [4.9, 5.9, 6.9])}
+    d = quality.paired(summary, "b", "a")
+    assert d["mean"] == pytest.approx(-0.1) and d["hi"] == pytest.approx(-0.1)
 
-README = Path(__file__).parents[1] / "README.md"
-LABEL = "a 4-layer GPT (hidden 128) with a 2000-token English BPE + 1743 Thai tokens, 2 seeds"
+
+def test_the_default_must_be_cheap_on_english_and_not_beaten_on_thai() -> None:
+    fvt, other = str(Init.FVT), str(Init.MEAN)
+    ok = {fvt: _row([0.01, 0.02, 0.015], [5.0, 5.2, 5.1]), other: _row([0.3, 0.3, 0.3], [5.0, 5.25, 5.05])}
+    costly = {**ok, fvt: _row([0.01, 0.05, 0.03], [5.0, 5.2, 5.1])}  # mean 0.03, upper end above it
+    beaten = {**ok, other: _row([0.3, 0.3, 0.3], [4.9, 5.11, 5.0])}  # mean mostly better on every base
+    v = quality.verdict({"gpt2": ok, "llama": ok}, fvt)
+    assert v["default_meets_targets"] and quality.exit_code(v) == 0
+    assert v["styles"]["gpt2"]["inits_meeting_targets"] == [fvt]
+    v = quality.verdict({"gpt2": ok, "llama": costly}, fvt)
+    assert not v["styles"]["llama"]["en_ok"] and v["styles"]["llama"]["th_ok"] and quality.exit_code(v) == 1
+    assert v["styles"]["llama"]["en_step0_cost_hi"] > quality.EN_STEP0_TARGET
+    v = quality.verdict({"gpt2": beaten, "llama": ok}, fvt)
+    assert v["styles"]["gpt2"]["th_beaten_by"] == [other] and quality.exit_code(v) == 1
+    assert v["styles"]["gpt2"]["inits_meeting_targets"] == []  # mean: too costly on English
 
 
-def _readme_table() -> list[str]:
+def test_the_moonshot_needs_both_margins_on_every_style() -> None:
+    fvt = str(Init.FVT)
+    moon = {fvt: _row([0.02, 0.02, 0.02], [5.0, 5.2, 5.1]), "x": _row([0.0, 0.005, 0.002], [4.9, 5.1, 5.0])}
+    assert quality.verdict({"gpt2": moon, "llama": moon}, fvt)["moonshot"] == ["x"]
+    short = {**moon, "x": _row([0.0, 0.005, 0.002], [4.96, 5.16, 5.06])}  # 0.04 ahead only
+    assert quality.verdict({"gpt2": moon, "llama": short}, fvt)["moonshot"] == []
+
+
+def test_heldout_precision_is_the_paired_half_width_per_token() -> None:
+    a, b = [[10.0, 12.0, 14.0, 16.0]], [[10.0, 10.0, 10.0, 10.0]]  # per-token diffs 0, .02, .04, .06 over 100
+    got = quality.heldout_precision(a, b, 100)
+    sd = 0.02 * math.sqrt(5 / 3)
+    assert got["sequences"] == 4 and got["tokens"] == 400
+    assert got["half_width"] == pytest.approx(1.96 * sd / 2)
+    assert got["tokens_for_precision"] == math.ceil((1.96 * sd / 0.01) ** 2) * 100
+
+
+# --- the packaged measurement: README block, resize report and the tool agree ------------------------------
+
+README = ROOT / "README.md"
+START, END = "<!-- measured: generated by tools/quality.py -->", "<!-- end of measured -->"
+
+
+def test_the_readme_block_is_the_packaged_measurement() -> None:
     text = README.read_text(encoding="utf-8")
-    section = text[text.index("### Which init: measured") :]
-    lines = section[section.index("| init |") :].splitlines()
-    assert lines[1].startswith("|---")
-    return list(itertools.takewhile(lambda line: line.startswith("|"), lines[2:]))
-
-
-def test_the_readme_table_is_the_packaged_measurement() -> None:
+    block = text[text.index(START) + len(START) : text.index(END)].strip("\n").splitlines()
     result = init_costs.measured()
-    assert _readme_table() == init_costs.readme_rows(result)
-    section = README.read_text(encoding="utf-8").split("### Which init: measured")[1].split("\n## ")[0]
-    for fact in (
-        f"held-out English loss is {result['base']['heldout_en_loss']:.2f} nats",
-        f"({result['new']['new_tokens']} new",
-        f"pretrained for {result['base']['pretraining_steps']} steps",
-        f"{result['base']['vocab_size']}-token BPE",
-        f"English after {result['continual_steps']} steps",
-        f"{result['model']['num_layers']} layers, hidden {result['model']['hidden_size']}",
-    ):
-        assert fact in section, fact
-    # The file is read from the package; the repository's copy is that file.
+    assert block == init_costs.readme_block(result)
+    assert set(result["inits"]) == {str(i) for i in Init}  # every offered init measured
+    assert result["verdict"]["default"] == str(DEFAULTS.init)
     packaged = Path(init_costs.__file__).parent / init_costs.RESULT_FILE
     assert json.loads(packaged.read_text(encoding="utf-8")) == result
 
 
-def test_the_resize_report_quotes_the_packaged_measurement(tmp_path: Path) -> None:
+def test_the_resize_report_quotes_the_packaged_measurement() -> None:
     result = init_costs.measured()
     ckpt = Checkpoint({"model.embedding.word_embeddings.weight": torch.zeros(8, 2)}, {}, "distributed")
-    for init in map(Init, result["inits"]):  # the others: tests/test_inits.py
-        row = result["inits"][str(init)]
+    for init in Init:
         lines = plan_resize(ckpt, 8, 12, tensor_parallel=1, divisible_by=4, init=init, padding_init=Init.MEAN).lines()
         (line,) = [line for line in lines if line.startswith(f"expected cost of '{init}': ")]
         assert line.endswith(init_costs.expected_cost(init))
-        assert (
-            "measured on a 4-layer GPT (hidden 128) with a 2000-token English BPE + 1743 Thai tokens, 2 seeds: " in line
-        )
-        assert f"{row['en_step0_cost']:+.2f} nats" in line and f"({row['p_new_en_step0']:.0%} of probability" in line
+        assert "GPT-2 style" in line and "Llama style" in line and "pydoc_data" in line and "Thai" in line
+        for row in result["inits"][str(init)].values():
+            assert f"{row['en_step0_cost']['mean']:+.3f} [{row['en_step0_cost']['lo']:+.3f}, " in line
     readme = README.read_text(encoding="utf-8")
-    assert readme.count(f"expected cost of 'mean': {init_costs.expected_cost(Init.MEAN)}\n") == 2  # both examples
-    # Other numbers give another line: the report is not typed by hand.
-    changed = json.loads(json.dumps(result))
-    changed["inits"]["mean"]["en_step0_cost"] = 0.5
-    changed["seeds"] = [7]
-    other = init_costs.expected_cost(Init.MEAN, changed)
-    assert "+0.50 nats" in other and "1 seed:" in other
+    for init in (Init.MEAN, Init.FVT):  # the README's example outputs are this line
+        assert f"expected cost of '{init}': {init_costs.expected_cost(init)}\n" in readme
+    changed = json.loads(json.dumps(result))  # other numbers give another line: nothing typed by hand
+    changed["inits"]["mean"]["gpt2"]["en_step0_cost"].update(mean=0.5, lo=0.25, hi=0.75)
+    assert "GPT-2 style +0.500 [+0.250, +0.750] nats" in init_costs.expected_cost(Init.MEAN, changed)
 
 
-def test_the_tool_writes_the_packaged_form() -> None:
-    """tools/quality.py's measured.json has the packaged file's keys, and the report and README read it."""
-    runs = [_run(init, seed, 5.1, 6.0 - 0.1 * k) for k, init in enumerate(i.value for i in Init) for seed in (1, 2)]
-    args = quality.parse_args(["--seeds", "1,2"])
-    written = quality.measured_result(quality.summarise(BASE_EN, runs), BASE_EN, 2000, 1743, args)
-    written = json.loads(json.dumps(written))
+# --- one tiny end-to-end run ------------------------------------------------------------------------------
+
+
+def test_a_tiny_run_writes_the_packaged_form_and_exits_on_its_verdict(tmp_path: Path) -> None:
+    work = tmp_path / "q"
+    args = ["--workdir", str(work), "--inits", "zeros,fvt", "--bases", "1,2", "--base-steps", "6", "--steps", "4"]
+    args += ["--eval-every", "2", "--heldout", "3", "--thai-titles", "6000"]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "quality.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.returncode in (0, 1), proc.stdout + proc.stderr
+    written = json.loads((work / "measured.json").read_text())
+    assert proc.returncode == quality.exit_code(written["verdict"])
     packaged = init_costs.measured()
-    assert set(written) == set(packaged)
-    for part in ("model", "base", "new"):
-        assert set(written[part]) == set(packaged[part])
-    assert list(written["inits"]) == [i.value for i in Init]
-    assert list(packaged["inits"]) == [name for name in written["inits"] if name in packaged["inits"]]
-    for init in map(Init, packaged["inits"]):
-        assert set(packaged["inits"][str(init)]) <= set(written["inits"][str(init)])
-        assert init_costs.expected_cost(init, written) != init_costs.expected_cost(init, packaged)
-    assert len(init_costs.readme_rows(written)) == len(Init)
-    last = list(Init)[-1]  # the lowest Thai loss above
-    ahead = f"the best on the new one ({0.1 * (len(Init) - 1):.2f} nats ahead of zeros)"
-    assert ahead in init_costs.expected_cost(last, written)
+    assert set(written) == set(packaged) and set(written["styles"]) == set(packaged["styles"])
+    assert list(written["inits"]) == ["zeros", "fvt"] and list(written["output_trials"]["llama"]) == list(
+        quality.OUTPUT_TRIALS
+    )
+    assert init_costs.readme_block(written)[0].startswith("Measured on tiny GPT-2 style and Llama style models")
+    full = json.loads((work / "quality.json").read_text())
+    for style in full["styles"].values():
+        for run in style["runs"]:  # every held-out sequence checked: English and Thai (as the base reads it)
+            assert run["old_logits_identical"] == 2 * 3
+            assert [p["step"] for p in run["curve"]] == [0, 2, 4]
+    assert (work / "quality.png").stat().st_size > 0
+    assert "default fvt" in proc.stdout
+
+
+def test_render_readme_replaces_the_block_and_the_report_lines_only() -> None:
+    result = init_costs.measured()
+    text = (
+        f"intro\n{START}\nold table\n{END}\nkeep\n[x] expected cost of 'mean': old numbers\nexpected cost of 'fvt': x\n"
+    )
+    got = quality.render_readme(text, result)
+    block = "\n".join(init_costs.readme_block(result))
+    assert got == (
+        f"intro\n{START}\n{block}\n{END}\nkeep\n[x] expected cost of 'mean': {init_costs.expected_cost(Init.MEAN)}\n"
+        f"expected cost of 'fvt': {init_costs.expected_cost(Init.FVT)}\n"
+    )
+    assert quality.render_readme(got, result) == got
+
+
+def test_compact_json_is_the_same_json_with_number_lists_on_one_line() -> None:
+    obj = {"a": {"by_base": [1.5, -2e-05, 3], "names": ["x", "y"]}, "b": []}
+    text = quality.compact_json(obj)
+    assert json.loads(text) == obj and '"by_base": [1.5, -2e-05, 3]' in text

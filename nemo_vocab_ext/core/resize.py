@@ -10,8 +10,9 @@ resized, so an untied output layer uses its own rows, and a tensor-parallel tabl
 
 from __future__ import annotations
 
+import functools
 import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -148,21 +149,23 @@ def _fvt_rows(
     rows: np.ndarray,
     dtype: DType,
     pieces: Sequence[Sequence[int]],
-    mean: np.ndarray,
+    mean: Callable[[], np.ndarray],
     out: np.ndarray,
     norm: float | None = None,
 ) -> int:
     """Fill ``out`` with the mean of each new token's piece rows, stored as ``dtype``; tokens with no
-    usable pieces get ``mean``. With ``norm``, every row is first rescaled to that L2 norm. Returns the
-    fallbacks."""
-    fallback = mean if norm is None else _rescale(mean[None].copy(), norm)[0]
-    out[:] = from_float64(fallback, dtype)
+    usable pieces get ``mean()`` (taken only for them: a pass over the whole table). With ``norm``,
+    every row is first rescaled to that L2 norm. Returns the fallbacks."""
     lengths = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
     ids = np.fromiter(itertools.chain.from_iterable(pieces), dtype=np.int64, count=int(lengths.sum()))
     starts = np.cumsum(lengths) - lengths  # token i's pieces are ids[starts[i] : starts[i] + lengths[i]]
     owner = np.repeat(np.arange(len(pieces)), lengths)
     out_of_range = np.bincount(owner[(ids < 0) | (ids >= rows.shape[0])], minlength=len(pieces)) > 0
-    tokens = np.flatnonzero((lengths > 0) & ~out_of_range)
+    usable = (lengths > 0) & ~out_of_range
+    if not usable.all():
+        fallback = mean() if norm is None else _rescale(mean()[None].copy(), norm)[0]
+        out[~usable] = from_float64(fallback, dtype)
+    tokens = np.flatnonzero(usable)
     # Longest first, so that the tokens with a k-th piece are a prefix for every k: each block of
     # tokens then takes one gather and one add per piece position, not one small op per token.
     tokens = tokens[np.argsort(-lengths[tokens], kind="stable")]
@@ -206,11 +209,11 @@ def init_rows(
     dtype: DType,
     pieces: Sequence[Sequence[int]] | None = None,
     rng: np.random.Generator | None = None,
-    mean: np.ndarray | None = None,
+    mean: Callable[[], np.ndarray] | None = None,
 ) -> int:
     """Fill ``out`` (new rows) from the old real rows by ``init``, computed in float64; both hold
-    ``dtype``'s stored elements. Returns the FVT fallback count. ``mean``: the old rows' float64 mean,
-    if already taken; ``rng``: the sampling inits' draws."""
+    ``dtype``'s stored elements. Returns the FVT fallback count. ``mean``: gives the old rows' float64
+    mean (shared with the padding rows, taken once); ``rng``: the sampling inits' draws."""
     count = out.shape[0]
     if count == 0 or init is Init.ZEROS:
         out.fill(0)
@@ -218,12 +221,13 @@ def init_rows(
     if old_real.shape[0] == 0:
         raise ValueError(f"init '{init}' needs old rows to take statistics from; the table has none")
     if mean is None:
-        mean = _row_mean(old_real, dtype)
+        mean = functools.cache(functools.partial(_row_mean, old_real, dtype))
     if init is Init.MEAN:
-        out[...] = from_float64(mean, dtype)
+        out[...] = from_float64(mean(), dtype)
         return 0
     if init in _SAMPLERS:
-        out[...] = from_float64(_SAMPLERS[init](old_real, dtype, count, rng or np.random.default_rng(0), mean), dtype)
+        drawn = _SAMPLERS[init](old_real, dtype, count, rng or np.random.default_rng(0), mean())
+        out[...] = from_float64(drawn, dtype)
         return 0
     if init.needs_pieces:
         if pieces is None or len(pieces) != count:
@@ -264,9 +268,9 @@ def rows_after_kept(
     old_real = old[: plan.old_vocab]
     new_count = max(plan.new_vocab - plan.old_vocab, 0)
     pad_count = plan.new_rows - plan.new_vocab
-    # One pass over the old rows for their mean, which both row classes may use.
-    wants_mean = any(i is not Init.ZEROS and n for i, n in ((init, new_count), (padding_init, pad_count)))
-    mean = _row_mean(old_real, dtype) if wants_mean and old_real.shape[0] else None
+    # At most one pass over the old rows for their mean, which both row classes may use (fvt only
+    # for tokens without pieces).
+    mean = functools.cache(functools.partial(_row_mean, old_real, dtype))
     tail = np.empty((plan.new_rows - plan.kept, *old.shape[1:]), dtype=old.dtype)
     fallbacks = init_rows(old_real, tail[:new_count], init, dtype=dtype, pieces=pieces, rng=rng, mean=mean)
     init_rows(old_real, tail[new_count:], padding_init, dtype=dtype, rng=rng, mean=mean)

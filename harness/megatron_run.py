@@ -37,10 +37,20 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 from harness.cpu_nemo import _patch_cuda_calls, init_cpu_process_group
 from nemo_vocab_ext.core.sizes import padded_vocab_size
-from nemo_vocab_ext.formats.megatron_run import OUTPUT_LAYER_KEY, TOKENIZER_DIR, TRACKER_FILE, iteration_folder_name
+from nemo_vocab_ext.formats.megatron_run import (
+    BRIDGE_LATEST_TRAIN_STATE,
+    BRIDGE_TRAIN_STATE,
+    OUTPUT_LAYER_KEY,
+    RUN_CONFIG,
+    TOKENIZER_DIR,
+    TRACKER_FILE,
+    iteration_folder_name,
+)
+from nemo_vocab_ext.formats.torch_dist import COMMON_FILE
 
 CHECKPOINT_VERSION = 3.0  # what Megatron-LM and Megatron-Bridge write
 
@@ -216,6 +226,23 @@ def own_copies(model_state: dict[str, Any]) -> dict[str, Any]:
             OUTPUT_LAYER_KEY: dataclasses.replace(copy, key=OUTPUT_LAYER_KEY, replica_id=replica),
         }
     return model_state
+
+
+def as_bridge_run(
+    run: Path, model: dict[str, Any], tokenizer: dict[str, Any], *, train_state: dict[str, Any] | None = None
+) -> Path:
+    """``run`` rewritten in place as Megatron-Bridge leaves it: ``common.pt`` without args, the model and
+    tokenizer settings in ``run_config.yaml``; with ``train_state``, Bridge's train state in the iteration
+    folder and beside the tracker."""
+    folder = run / iteration_folder_name(int((run / TRACKER_FILE).read_text()))
+    common = torch.load(folder / COMMON_FILE, weights_only=False)
+    del common["args"]
+    torch.save(common, folder / COMMON_FILE)
+    (folder / RUN_CONFIG).write_text(yaml.safe_dump({"model": model, "tokenizer": tokenizer}))
+    if train_state is not None:
+        for path in (folder / BRIDGE_TRAIN_STATE, run / BRIDGE_LATEST_TRAIN_STATE):
+            torch.save(train_state, path)
+    return run
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:

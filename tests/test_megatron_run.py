@@ -17,6 +17,7 @@ import torch
 import yaml
 from conftest import BASE_VOCAB, LARGER_VOCAB, invoke_cli
 
+from harness.megatron_run import as_bridge_run
 from harness.tiny import cpu_env
 from nemo_vocab_ext.checkpoint import DISTRIBUTED
 from nemo_vocab_ext.core.sizes import padded_vocab_size
@@ -192,14 +193,8 @@ def test_refuses_common_pt_that_would_run_code(runs: dict[str, Path], tmp_path: 
 
 
 def bridge_style(run: Path, model: dict[str, object]) -> Path:
-    """``run`` as Megatron-Bridge leaves it: no args in common.pt, its ConfigContainer in run_config.yaml."""
-    folder = run / iteration_folder_name(ITERATION)
-    common = torch.load(folder / COMMON_FILE, weights_only=False)
-    del common["args"]
-    torch.save(common, folder / COMMON_FILE)
-    run_config = {"model": model, "tokenizer": {"tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": "gpt2"}}
-    (folder / RUN_CONFIG).write_text(yaml.safe_dump(run_config))
-    return run
+    """``run`` as Megatron-Bridge leaves it, its tokenizer named as a Hugging Face one."""
+    return as_bridge_run(run, model, {"tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": "gpt2"})
 
 
 def test_bridge_run_config_maps_onto_the_config(runs: dict[str, Path], tmp_path: Path) -> None:

@@ -162,7 +162,7 @@ def build_seeds(root: Path) -> dict[str, Seed]:
     seeds["hf_sharded"] = Seed("hf_sharded", "dir", "model_hf", _folder_members(_hf_folder(tok, root / "hf")))
     run = _megatron_run(tok, root / "megatron")
     seeds["megatron_lm"] = Seed("megatron_lm", "dir", "run", _folder_members(run))
-    seeds["megatron_bridge"] = Seed("megatron_bridge", "dir", "run", _bridge_members(seeds["megatron_lm"].members))
+    seeds["megatron_bridge"] = Seed("megatron_bridge", "dir", "run", _folder_members(_bridge_run(run, root / "bridge")))
     return seeds
 
 
@@ -199,20 +199,15 @@ def _megatron_run(tok: Path, out: Path) -> Path:
     return out
 
 
-def _bridge_members(members: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
-    """A Megatron-LM run's files as Megatron-Bridge leaves them: ``common.pt`` without args, the model and
-    tokenizer settings in ``run_config.yaml``, and its train state beside the iteration and the tracker."""
-    from nemo_vocab_ext.formats.megatron_run import BRIDGE_LATEST_TRAIN_STATE, BRIDGE_TRAIN_STATE, RUN_CONFIG
-    from nemo_vocab_ext.formats.torch_zip import torch_file_bytes
+def _bridge_run(lm_run: Path, out: Path) -> Path:
+    """A copy of the Megatron-LM run as Megatron-Bridge leaves it: ``common.pt`` without args, the model
+    and tokenizer settings in ``run_config.yaml``, and its train state beside the iteration and the tracker."""
+    import torch
 
-    iteration = next(name.split("/")[0] for name, _ in members if name.endswith("/common.pt"))
-    bridge: list[tuple[str, bytes]] = []
-    for name, data in members:
-        if name.endswith("/common.pt"):
-            common = _parse_common(data)
-            args = common.pop("args")
-            data = torch_file_bytes(common)
-        bridge.append((name, data))
+    from harness.megatron_run import as_bridge_run
+
+    run = Path(shutil.copytree(lm_run, out))
+    args = torch.load(next(run.glob("iter_*/common.pt")), weights_only=False)["args"]
     model = {
         "num_layers": args.num_layers,
         "hidden_size": args.hidden_size,
@@ -224,13 +219,7 @@ def _bridge_members(members: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]
         "share_embeddings_and_output_weights": False,
     }
     tokenizer = {"tokenizer_type": "GPT2BPETokenizer", "vocab_file": args.vocab_file, "merge_file": args.merge_file}
-    train_state = torch_file_bytes({"step": 10, "consumed_train_samples": 640})
-    bridge += [
-        (f"{iteration}/{RUN_CONFIG}", yaml.safe_dump({"model": model, "tokenizer": tokenizer}).encode()),
-        (f"{iteration}/{BRIDGE_TRAIN_STATE}", train_state),
-        (BRIDGE_LATEST_TRAIN_STATE, train_state),
-    ]
-    return bridge
+    return as_bridge_run(run, model, tokenizer, train_state={"step": 10, "consumed_train_samples": 640})
 
 
 def _parse_common(data: bytes) -> dict[str, Any]:

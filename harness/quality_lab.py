@@ -11,7 +11,6 @@ Two base styles, as users bring them:
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import shutil
 from collections.abc import Callable, Sequence
@@ -22,7 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from nemo_vocab_ext.tokenization.load import EOS_TOKEN, SP_SPACE, TokenizerInfo
+from harness.sentencepiece_style import SP_SPECIALS, sentencepiece_style
+from nemo_vocab_ext.tokenization.load import EOS_TOKEN, TokenizerInfo
 from nemo_vocab_ext.tokenization.train import train_bpe
 
 STYLES = ("gpt2", "llama")
@@ -30,8 +30,6 @@ STYLE_LABELS = {
     "gpt2": "GPT-2 style (byte-level BPE, tied embeddings)",
     "llama": "Llama style (SentencePiece-style BPE with byte fallback, untied output layer, RoPE, SwiGLU, RMSNorm)",
 }
-SP_SPECIALS = ("<unk>", "<s>", "</s>")
-SP_BYTES = tuple(f"<0x{b:02X}>" for b in range(256))
 EOS = {"gpt2": EOS_TOKEN, "llama": "</s>"}
 SEQ = 128
 BATCH = 16
@@ -52,25 +50,7 @@ def train_tokenizer(style: str, texts: Sequence[str], vocab_size: int, out: Path
     """A tokenizer of ``style`` trained on ``texts``: a vocab.json + merges.txt folder (gpt2) or a tokenizer.json."""
     if style == "gpt2":
         return train_bpe(texts, out, vocab_size)
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-
-    # Pieces are learnt word by word (no piece across a ▁), then laid out as SentencePiece's BPE files are:
-    # specials, the 256 byte pieces, then the learnt pieces in the order they were made.
-    learner = Tokenizer(models.BPE())
-    learner.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="always")
-    learner.train_from_iterator(
-        texts, trainers.BpeTrainer(vocab_size=vocab_size - len(SP_SPECIALS) - 256, show_progress=False)
-    )
-    learnt = json.loads(learner.to_str())["model"]
-    pieces = sorted(learnt["vocab"], key=learnt["vocab"].__getitem__)
-    vocab = {t: i for i, t in enumerate([*SP_SPECIALS, *SP_BYTES, *pieces])}
-    merges = [tuple(m) for m in learnt["merges"]]
-    tk = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
-    tk.normalizer = normalizers.Sequence([normalizers.Prepend(SP_SPACE), normalizers.Replace(" ", SP_SPACE)])
-    tk.decoder = decoders.Sequence(
-        [decoders.Replace(SP_SPACE, " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
-    )
-    tk.add_special_tokens(list(SP_SPECIALS))
+    tk = sentencepiece_style(texts, vocab_size)
     out.mkdir(parents=True, exist_ok=True)
     tk.save(str(out / "tokenizer.json"))
     return out / "tokenizer.json"

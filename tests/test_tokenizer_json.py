@@ -15,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+from harness.sentencepiece_style import SP_BYTES, SP_SPECIALS, sentencepiece_style
 from nemo_vocab_ext.cli_tokenizer import tokenizer as tokenizer_cli
 from nemo_vocab_ext.errors import OutputExistsError, TokenizerError
 from nemo_vocab_ext.tokenization.bytelevel import bytes_to_unicode
@@ -29,8 +30,6 @@ from nemo_vocab_ext.tokenization.merge import (
 from nemo_vocab_ext.tokenization.pieces import pieces_under, pieces_under_json
 
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"  # byte-level specials, above the BPE vocabulary
-SP_SPECIALS = ["<unk>", "<s>", "</s>"]  # SentencePiece-style specials at ids 0..2
-SP_BYTES = [f"<0x{b:02X}>" for b in range(256)]
 SPACE = "\u2581"
 STYLES = (STYLE_BYTE_LEVEL, STYLE_SENTENCEPIECE)
 
@@ -72,30 +71,6 @@ def byte_level(texts: list[str], vocab_size: int, specials: list[str]) -> Tokeni
     tk.post_processor = processors.TemplateProcessing(
         single=f"{specials[0]} $A", special_tokens=[(specials[0], tk.token_to_id(specials[0]))]
     )
-    return tk
-
-
-def sentencepiece_style(texts: list[str], vocab_size: int, *, llama2_normalizer: bool) -> Tokenizer:
-    """A Llama 2 / Mistral style tokenizer: <unk> <s> </s>, 256 byte tokens, then BPE pieces with ▁ for
-    spaces and byte fallback. Llama 2's files prepend and replace ▁ in the normalizer; Mistral's later
-    conversions use a Metaspace pre-tokenizer."""
-    trainer_tk = Tokenizer(models.BPE())
-    trainer_tk.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="always")  # no pieces across words
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 259, show_progress=False)
-    trainer_tk.train_from_iterator(texts, trainer)
-    trained = json.loads(trainer_tk.to_str())["model"]
-    pieces = sorted(trained["vocab"], key=trained["vocab"].__getitem__)
-    vocab = {t: i for i, t in enumerate([*SP_SPECIALS, *SP_BYTES, *pieces])}
-    merges = [tuple(m) for m in trained["merges"]]
-    tk = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
-    if llama2_normalizer:
-        tk.normalizer = normalizers.Sequence([normalizers.Prepend(SPACE), normalizers.Replace(" ", SPACE)])
-    else:
-        tk.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=False)
-    tk.decoder = decoders.Sequence(
-        [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
-    )
-    tk.add_special_tokens(SP_SPECIALS)
     return tk
 
 

@@ -75,12 +75,8 @@ def _record_regions(container: FileRegion, what: str) -> tuple[str, dict[str, Fi
     with container.open() as f:
         try:
             infos = zipfile.ZipFile(f).infolist()  # type: ignore[arg-type]
-        except (
-            zipfile.BadZipFile,
-            OSError,
-            ValueError,
-            NotImplementedError,
-        ) as exc:  # NotImplementedError: an unknown zip version
+        # NotImplementedError: a zip version zipfile does not know
+        except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError) as exc:
             raise CheckpointFormatError(f"{what}: not a torch.save file ({exc})") from None
         for info in infos:
             if info.compress_type != zipfile.ZIP_STORED:

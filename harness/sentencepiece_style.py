@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
@@ -37,3 +38,20 @@ def sentencepiece_style(texts: Sequence[str], vocab_size: int, *, llama2_normali
     )
     tk.add_special_tokens(SP_SPECIALS)
     return tk
+
+
+def sentencepiece_model(lines: Sequence[str], prefix: Path, vocab_size: int) -> Path:
+    """A SentencePiece BPE ``.model`` with byte fallback, as Llama 2 and Mistral ship theirs, trained on
+    ``lines`` by the sentencepiece library: ``prefix``.model."""
+    import sentencepiece as spm
+
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_prefix=str(prefix),
+        vocab_size=vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        minloglevel=2,
+    )
+    return prefix.with_suffix(".model")

@@ -27,6 +27,8 @@ from transformers import (
     Qwen2Config,
 )
 
+from harness.sentencepiece_style import sentencepiece_model
+
 THAI = [
     "สวัสดีครับ ภาษาไทย ทดสอบ ประเทศไทย",
     "กรุงเทพมหานคร เป็นเมืองหลวงของประเทศไทย",
@@ -397,28 +399,13 @@ def test_folder_without_safetensors(make_model: Callable[..., Path], tmp_path: P
     _refused(["resize", broken, "--vocab-size", "500", "--init", "mean"], "without model.safetensors", tmp_path)
 
 
-def _sentencepiece(lines: list[str], prefix: Path, size: int) -> Path:
-    import sentencepiece as spm
-
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines),
-        model_prefix=str(prefix),
-        vocab_size=size,
-        model_type="bpe",
-        byte_fallback=True,
-        character_coverage=1.0,
-        minloglevel=2,
-    )
-    return prefix.with_suffix(".model")
-
-
 def test_sentencepiece_llama(tmp_path: Path) -> None:
     """A Llama whose tokenizer is tokenizer.model alone, grown by a merged SentencePiece model."""
     from transformers import LlamaTokenizer
 
     english = [line for text in english_texts()[:100] for line in text.splitlines() if line.strip()]
-    base_sp = _sentencepiece(english, tmp_path / "en", 400)
-    new_sp = _sentencepiece(THAI * 20, tmp_path / "th", 300)
+    base_sp = sentencepiece_model(english, tmp_path / "en", 400)
+    new_sp = sentencepiece_model(THAI * 20, tmp_path / "th", 300)
     src = tmp_path / "base"
     tokenizer = LlamaTokenizer(vocab_file=str(base_sp))
     torch.manual_seed(0)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from harness.sentencepiece_style import sentencepiece_model
 from nemo_vocab_ext.cli_tokenizer import tokenizer as tokenizer_cli
 from nemo_vocab_ext.errors import OutputExistsError, TokenizerError
 from nemo_vocab_ext.tokenization.bytelevel import byte_level_bytes, bytes_to_unicode
@@ -386,22 +387,10 @@ def test_train_bpe_files_errors(tmp_path: Path, content: str, key: str, message:
 
 @pytest.fixture(scope="module")
 def sp_models(work: Path, en_lines: list[str], th_train: list[str]) -> dict[str, Path]:
-    import sentencepiece as spm
-
-    out = {}
-    for name, lines, size in (("en", en_lines, 600), ("th", th_train[:8000], 800)):
-        prefix = work / f"sp_{name}"
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(lines),
-            model_prefix=str(prefix),
-            vocab_size=size,
-            model_type="bpe",
-            byte_fallback=True,
-            character_coverage=1.0,
-            minloglevel=2,
-        )
-        out[name] = prefix.with_suffix(".model")
-    return out
+    return {
+        name: sentencepiece_model(lines, work / f"sp_{name}", size)
+        for name, lines, size in (("en", en_lines, 600), ("th", th_train[:8000], 800))
+    }
 
 
 def test_sentencepiece_merge(

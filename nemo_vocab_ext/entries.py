@@ -140,11 +140,25 @@ class Deferred(Stored):
         dtype: DType,
         result: Callable[[], Sequence[Region | memoryview | np.ndarray]],
         ready: Sequence[Region] = (),
+        kept_from: Stored | None = None,
     ):
         self.shape = shape
         self.dtype = dtype
         self._result = result
         self._ready = list(ready)
+        # The entry whose leading rows ``ready`` are, as it stores them: a writer that can refer to
+        # that entry's stored bytes (a torch_dist folder's linked chunks) writes only the computed rows.
+        self.kept_from = kept_from
+
+    @property
+    def kept_rows(self) -> int:
+        """The rows ``ready`` holds."""
+        row_bytes = math.prod(self.shape[1:]) * self.dtype.itemsize
+        return sum(map(part_length, self._ready)) // row_bytes if row_bytes else 0
+
+    def computed_rows(self) -> Deferred:
+        """The rows after the kept ones, alone, as a tensor of their own."""
+        return Deferred((self.shape[0] - self.kept_rows, *self.shape[1:]), self.dtype, self._result)
 
     def parts(self) -> Iterator[Part]:
         import numpy as np

@@ -160,7 +160,8 @@ def resize_while_writing(
         # new table is computed.
         kept = None if raw is None else byte_prefix(raw, plan.rows.kept * row_bytes)
         computed = (plan.rows.new_rows - (plan.rows.kept if kept is not None else 0)) * row_bytes
-        jobs[identity] = _TableJob(key, (plan.rows.new_rows, *shape[1:]), dtype, kept, offset, computed)
+        kept_from = stored if kept is not None else None
+        jobs[identity] = _TableJob(key, (plan.rows.new_rows, *shape[1:]), dtype, kept, kept_from, offset, computed)
         offset += computed
     try:
         work = Beside.start(
@@ -178,7 +179,7 @@ def resize_while_writing(
         return [work.out_until(job.offset + job.nbytes)[job.offset :]]
 
     entries = {
-        identity: Deferred(job.shape, job.dtype, functools.partial(computed_rows, job), job.kept or ())
+        identity: Deferred(job.shape, job.dtype, functools.partial(computed_rows, job), job.kept or (), job.kept_from)
         for identity, job in jobs.items()
     }
     tables = {key: entries[same_table(ckpt, key)] for key in vocab_table_shapes(ckpt)}
@@ -194,6 +195,7 @@ class _TableJob:
     shape: tuple[int, ...]
     dtype: DType
     kept: list[Region] | None  # the kept rows where they lie; None: every row is computed
+    kept_from: Stored | None  # the old table they are the leading rows of
     offset: int
     nbytes: int
 

@@ -24,6 +24,7 @@ from nemo_vocab_ext.core.sizes import padded_vocab_size
 from nemo_vocab_ext.entries import tensor_meta
 from nemo_vocab_ext.errors import CheckpointFormatError, ConfigError, UnsafeCheckpointError
 from nemo_vocab_ext.formats.byteio import link_or_copy
+from nemo_vocab_ext.formats.dcp_records import MetadataIndex
 from nemo_vocab_ext.formats.megatron_run import (
     EMBEDDING_KEY,
     OUTPUT_LAYER_KEY,
@@ -35,7 +36,7 @@ from nemo_vocab_ext.formats.megatron_run import (
     iteration_folder_name,
     read_megatron_run,
 )
-from nemo_vocab_ext.formats.torch_dist import COMMON_FILE, read_torch_dist
+from nemo_vocab_ext.formats.torch_dist import COMMON_FILE, read_metadata, read_torch_dist
 
 HIDDEN = 64
 ITERATION = 10
@@ -294,8 +295,9 @@ def check_resized(source: Path, loaded: dict[str, torch.Tensor], old_vocab: int,
 
 
 def check_run_written(run: Path, resized: Path, tokenizer: Path, rows: int) -> Path:
-    """The resized run's folder: same iteration, the source's data files hard linked (same inode), the tables
-    in one new file, args and tokenizer describing the new tables. Returns its iteration folder."""
+    """The resized run's folder: same iteration, the source's data files hard linked (same inode), the
+    tables' kept rows in the source's chunks and their new rows in one new file, args and tokenizer
+    describing the new tables. Returns its iteration folder."""
     source, folder = run / iteration_folder_name(ITERATION), resized / iteration_folder_name(ITERATION)
     assert (resized / TRACKER_FILE).read_text() == str(ITERATION)
     shards = sorted(source.glob("*.distcp"))
@@ -303,6 +305,15 @@ def check_run_written(run: Path, resized: Path, tokenizer: Path, rows: int) -> P
         assert (folder / shard.name).stat().st_ino == shard.stat().st_ino, f"{shard.name} copied, not linked"
     new = [p for p in folder.glob("*.distcp") if p.name not in {s.name for s in shards}]
     assert len(new) == 1 and new[0].stat().st_nlink == 1
+    metadata = read_metadata(folder)
+    for key in (EMBEDDING_KEY, OUTPUT_LAYER_KEY):
+        if key not in metadata.state_dict_metadata:
+            continue
+        for chunk in metadata.state_dict_metadata[key].chunks:
+            file = metadata.storage_data[MetadataIndex(key, chunk.offsets)].relative_path
+            kept = chunk.offsets[0] < BASE_VOCAB
+            assert (file != new[0].name) == kept, f"{key} rows from {chunk.offsets[0]} in {file}"
+            assert not kept or chunk.offsets[0] + chunk.sizes[0] <= BASE_VOCAB  # the old padding is not kept
     args = torch.load(folder / COMMON_FILE, weights_only=False)["args"]
     assert args.padded_vocab_size == rows
     for name in ("vocab.json", "merges.txt"):

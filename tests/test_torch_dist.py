@@ -130,6 +130,35 @@ def test_chunks_that_miss_rows_are_refused(written: Path) -> None:
         read_torch_dist(written, ["model.embedding.word_embeddings.weight"])
 
 
+def _declare_rows(ckpt: Path, key: str, rows: int) -> None:
+    """Rewrite ``.metadata`` so that ``key`` (one chunk) is declared ``rows`` rows long, its stored bytes unchanged."""
+    meta_file = ckpt / ".metadata"
+    metadata = pickle.loads(meta_file.read_bytes())  # a file this test wrote: torch's own classes
+    record = metadata.state_dict_metadata[key]
+    size = torch.Size([rows, *record.size[1:]])
+    record.size, record.chunks[0] = size, dataclasses.replace(record.chunks[0], sizes=size)
+    meta_file.write_bytes(pickle.dumps(metadata))
+
+
+def test_a_chunk_is_the_leading_rows_of_a_longer_stored_tensor_as_torch_loads_it(tmp_path: Path) -> None:
+    # A resize refers to a table's kept rows in the source's chunks, which hold the old padding rows too.
+    import torch.distributed.checkpoint as dcp
+
+    key, table = "emb", torch.arange(32, dtype=torch.int32).reshape(8, 4)
+    write_torch_dist(tmp_path / "c", {key: table}, common=_saved({}))
+    _declare_rows(tmp_path / "c", key, 6)
+    ours = read_torch_dist(tmp_path / "c")[key]
+    theirs = {key: torch.zeros(6, 4, dtype=torch.int32)}
+    dcp.load(theirs, checkpoint_id=tmp_path / "c", no_dist=True)
+    assert torch.equal(ours, table[:6]) and torch.equal(theirs[key], table[:6])
+
+
+def test_a_chunk_longer_than_its_stored_tensor_is_refused(written: Path) -> None:
+    _declare_rows(written, "model.embedding.word_embeddings.weight", 9)
+    with pytest.raises(CheckpointFormatError, match=r"does not hold a torch.float32 tensor of shape \(9, 4\)"):
+        read_torch_dist(written, ["model.embedding.word_embeddings.weight"])
+
+
 def test_truncated_data_file_is_a_clear_error(written: Path) -> None:
     data_file = next(written.glob("*.distcp"))
     data_file.write_bytes(data_file.read_bytes()[:100])

@@ -4,7 +4,9 @@ A folder holds ``.metadata`` (a pickled ``torch.distributed.checkpoint`` Metadat
 global shape, dtype and where each chunk lives), ``__<rank>_<i>.distcp`` data files, ``common.pt``
 (megatron's non-sharded state) and ``metadata.json`` (the backend names).
 
-Each tensor item in a ``.distcp`` file is a ``torch.save`` file of one chunk; byte entries
+Each tensor item in a ``.distcp`` file is a ``torch.save`` file of one chunk (or of more rows than
+the chunk, which is then their leading rows: torch's loader narrows what it loads to the chunk, and a
+resize points its kept rows at the source's chunks so, instead of copying them); byte entries
 (``_extra_state`` blobs, megatron's ShardedObjects) are raw bytes. Entries are read lazily, one at a
 time (tensors come back global, their chunks joined), never unpickled beyond the restricted
 unpickler's allow-list. Output is streamed into one ``.distcp`` file: a tensor that comes from
@@ -13,6 +15,7 @@ another torch_dist checkpoint is copied chunk by chunk as stored, without decodi
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Callable, Hashable, Iterable, Mapping
@@ -21,9 +24,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Union
 
 from ..core.dtypes import DType
-from ..entries import Stored, held, tensor_bytes, tensor_meta, write_order
+from ..entries import Deferred, Stored, held, tensor_bytes, tensor_meta, write_order
 from ..errors import CheckpointFormatError, OutputExistsError
-from .byteio import FileRegion, InRegion, link_or_copy
+from .byteio import FileRegion, InRegion, byte_prefix, link_or_copy
 from .dcp_records import (
     BytesStorageMetadata,
     ChunkStorageMetadata,
@@ -209,13 +212,30 @@ class DistTensor(Stored):
     chunks: tuple[DistChunk, ...]
 
     def chunk_tensor(self, chunk: DistChunk) -> StoredTensor:
+        """The tensor stored for ``chunk``: of its shape, or with more rows (the chunk is its leading rows)."""
         value = read_torch_file(chunk.item, what=f"{chunk.item.path}: chunk {chunk.offsets} of {self.key!r}")
-        if not isinstance(value, StoredTensor) or value.shape != chunk.sizes or value.dtype != self.dtype:
+        if not isinstance(value, StoredTensor) or not _holds(value.shape, chunk.sizes) or value.dtype != self.dtype:
             raise CheckpointFormatError(
                 f"{chunk.item.path}: chunk {chunk.offsets} of {self.key!r} does not hold a {self.dtype} tensor of "
                 f"shape {chunk.sizes}"
             )
         return value
+
+    def chunk_raw(self, chunk: DistChunk) -> list[FileRegion] | None:
+        """The chunk's bytes where they lie (C order), None if they must be decoded."""
+        raw = self.chunk_tensor(chunk).raw()
+        return None if raw is None else byte_prefix(raw, math.prod(chunk.sizes) * self.dtype.itemsize)
+
+    def leading_rows(self, rows: int) -> list[DistChunk] | None:
+        """Chunks that hold exactly the first ``rows`` rows (each its stored tensor's leading rows), or
+        None when the chunks split more than the first dimension."""
+        if not self.shape or not _row_blocks(self.chunks, self.shape):
+            return None
+        return [
+            DistChunk(c.offsets, (min(c.sizes[0], rows - c.offsets[0]), *c.sizes[1:]), c.item)
+            for c in self.chunks
+            if c.offsets[0] < rows
+        ]
 
     def load(self) -> torch.Tensor:
         import torch
@@ -225,26 +245,20 @@ class DistTensor(Stored):
         out = torch.empty(self.shape, dtype=self.dtype.torch)
         for chunk, stored in chunks:
             target = out[tuple(slice(o, o + s) for o, s in zip(chunk.offsets, chunk.sizes, strict=False))]
-            raw = stored.raw()
+            raw = self.chunk_raw(chunk)
             if raw is not None and target.is_contiguous():
                 raw[0].read_into(tensor_bytes(target))  # straight into place: no intermediate copy
             else:
-                target.copy_(stored.load())
+                target.copy_(stored.load()[: chunk.sizes[0]] if chunk.sizes else stored.load())
         return out
 
     def raw(self) -> list[FileRegion] | None:
         # Chunks that split only the first dimension, in order, are the tensor's bytes back to back.
-        ordered = sorted(self.chunks, key=lambda c: c.offsets)
-        row = 0
-        for chunk in ordered:
-            if chunk.offsets[0] != row or tuple(chunk.offsets[1:]) != (0,) * (len(self.shape) - 1):
-                return None
-            if tuple(chunk.sizes[1:]) != self.shape[1:]:
-                return None
-            row += chunk.sizes[0] if chunk.sizes else 1
+        if not _row_blocks(self.chunks, self.shape):
+            return None
         regions: list[FileRegion] = []
-        for chunk in ordered:
-            raw = self.chunk_tensor(chunk).raw()
+        for chunk in sorted(self.chunks, key=lambda c: c.offsets):
+            raw = self.chunk_raw(chunk)
             if raw is None:
                 return None
             regions.extend(raw)
@@ -252,6 +266,25 @@ class DistTensor(Stored):
 
     def identity(self) -> Hashable:
         return tuple(c.item for c in self.chunks)
+
+
+def _holds(stored: tuple[int, ...], sizes: tuple[int, ...]) -> bool:
+    """Whether a stored tensor of shape ``stored`` holds a chunk of ``sizes`` as its leading rows."""
+    return stored == sizes or (len(stored) == len(sizes) > 0 and stored[1:] == sizes[1:] and stored[0] >= sizes[0])
+
+
+def _row_blocks(chunks: Iterable[DistChunk], shape: tuple[int, ...]) -> bool:
+    """Whether ``chunks`` split only the first dimension of ``shape``, back to back from row 0."""
+    if not shape:
+        return True  # a scalar: its one chunk
+    row = 0
+    for chunk in sorted(chunks, key=lambda c: c.offsets):
+        if chunk.offsets[0] != row or tuple(chunk.offsets[1:]) != (0,) * (len(shape) - 1):
+            return False
+        if tuple(chunk.sizes[1:]) != shape[1:]:
+            return False
+        row += chunk.sizes[0] if chunk.sizes else 1
+    return True
 
 
 @dataclass(frozen=True, eq=False)
@@ -338,7 +371,10 @@ def write_torch_dist(
     ``link_unchanged`` (folders on disk only): entries of another torch_dist checkpoint are not
     copied; the folder gets a symlink to each file that holds them (a .distcp file, or a whole
     .nemo archive) and the metadata points at their bytes where they lie. Only changed entries are
-    written. The folder then reads correctly only while those files exist.
+    written. The folder then reads correctly only while those files exist. A resized table
+    (:class:`~..entries.Deferred` kept from a torch_dist entry) refers to its kept rows in the source's
+    chunks, and only its computed rows are written. Linked chunks are not read: their bytes are the
+    source's, unchanged.
 
     ``hard_link_unchanged`` (folders on disk only): the same for entries in another folder's ``.distcp``
     files (others are copied), but each such file gets a hard link under its own name (a copy where
@@ -363,8 +399,8 @@ def write_torch_dist(
 
     with folder.file(data_file) as out:
 
-        def place(region: FileRegion) -> StorageInfo:
-            """Copy ``region`` into the data file, or (linking) point at it where it lies."""
+        def place(region: FileRegion, check: Callable[[], object] = lambda: None) -> StorageInfo:
+            """Copy ``region`` into the data file (``check`` it first), or (linking) point at it where it lies."""
             # Hard links only to data files: the bytes of a .nemo archive are copied out of it.
             if linking and (not hard_link_unchanged or region.path.suffix == ".distcp"):
                 name = links.get(region.path) or (
@@ -373,19 +409,42 @@ def write_torch_dist(
                 if name != data_file and (region.path in links or name not in links.values()):
                     links[region.path] = name
                     return StorageInfo(name, region.offset, region.length)
-            start = out.tell()  # not linked: a name already taken (two source files of one name)
+            check()  # not linked (a name already taken by two source files of one name): copied, so read
+            start = out.tell()
             out.copy_from(region)
             return StorageInfo(data_file, start, region.length)
+
+        def place_chunks(key: str, value: DistTensor, chunks: Iterable[DistChunk]) -> list[ChunkStorageMetadata]:
+            # A linked chunk is the source's own bytes, left as they are; a copied one is checked to
+            # hold its tensor first.
+            for chunk in chunks:
+                check = functools.partial(value.chunk_tensor, chunk)
+                storage[MetadataIndex(key, Size(chunk.offsets))] = place(chunk.item, check)
+            return [ChunkStorageMetadata(Size(c.offsets), Size(c.sizes)) for c in chunks]
 
         for key in write_order(tensors, lambda k: held(tensors, k)):
             value = held(tensors, key)
             if isinstance(value, DistTensor):
-                chunks = []
-                for chunk in value.chunks:
-                    value.chunk_tensor(chunk)  # a chunk is copied as stored: check it holds its tensor first
-                    storage[MetadataIndex(key, Size(chunk.offsets))] = place(chunk.item)
-                    chunks.append(ChunkStorageMetadata(Size(chunk.offsets), Size(chunk.sizes)))
+                chunks = place_chunks(key, value, value.chunks)
                 state[key] = TensorStorageMetadata(value.properties, Size(value.shape), chunks)
+                continue
+            if (
+                linking
+                and isinstance(value, Deferred)
+                and isinstance(value.kept_from, DistTensor)
+                and (kept := value.kept_from.leading_rows(value.kept_rows)) is not None
+            ):
+                # A resized table: its kept rows stay in the source's chunks (linked), its computed
+                # rows are one new chunk after them.
+                chunks = place_chunks(key, value.kept_from, kept)
+                rest = value.computed_rows()
+                if rest.shape[0]:
+                    offsets = Size([value.kept_rows, *[0] * (len(value.shape) - 1)])
+                    start = out.tell()
+                    write_torch_file(rest, out)
+                    storage[MetadataIndex(key, offsets)] = StorageInfo(data_file, start, out.tell() - start)
+                    chunks.append(ChunkStorageMetadata(offsets, Size(rest.shape)))
+                state[key] = TensorStorageMetadata(TensorProperties(dtype=value.dtype), Size(value.shape), chunks)
                 continue
             if isinstance(value, DistBytes):
                 storage[MetadataIndex(key)] = place(value.region)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Union
 
 from ..core.dtypes import DType
-from ..entries import Deferred, Stored, held, tensor_bytes, tensor_meta, write_order
+from ..entries import Deferred, Region, Stored, held, tensor_bytes, tensor_meta, write_order
 from ..errors import CheckpointFormatError, OutputExistsError
 from .byteio import FileRegion, InRegion, byte_prefix, link_or_copy
 from .dcp_records import (
@@ -221,7 +221,7 @@ class DistTensor(Stored):
             )
         return value
 
-    def chunk_raw(self, chunk: DistChunk) -> list[FileRegion] | None:
+    def chunk_raw(self, chunk: DistChunk) -> list[Region] | None:
         """The chunk's bytes where they lie (C order), None if they must be decoded."""
         raw = self.chunk_tensor(chunk).raw()
         return None if raw is None else byte_prefix(raw, math.prod(chunk.sizes) * self.dtype.itemsize)
@@ -252,11 +252,11 @@ class DistTensor(Stored):
                 target.copy_(stored.load()[: chunk.sizes[0]] if chunk.sizes else stored.load())
         return out
 
-    def raw(self) -> list[FileRegion] | None:
+    def raw(self) -> list[Region] | None:
         # Chunks that split only the first dimension, in order, are the tensor's bytes back to back.
         if not _row_blocks(self.chunks, self.shape):
             return None
-        regions: list[FileRegion] = []
+        regions: list[Region] = []
         for chunk in sorted(self.chunks, key=lambda c: c.offsets):
             raw = self.chunk_raw(chunk)
             if raw is None:

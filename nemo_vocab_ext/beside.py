@@ -8,6 +8,7 @@ kernel copy release the GIL), so it runs on a thread.
 
 from __future__ import annotations
 
+import mmap
 import threading
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
@@ -26,7 +27,9 @@ class Beside(Generic[T]):
     """
 
     def __init__(self, out_bytes: int) -> None:
-        self.out = memoryview(bytearray(out_bytes))
+        # Anonymous memory, not a bytearray: the kernel zeroes its pages as the work first writes them,
+        # instead of the caller zeroing all of them before the work starts (15 ms for 57 MB here).
+        self.out = memoryview(mmap.mmap(-1, out_bytes) if out_bytes else bytearray())
         self._changed = threading.Condition()
         self._filled: int | None = None  # None: the work has said nothing yet (not even that out[:0] is final)
         self._outcome: tuple[bool, Any] | None = None  # (succeeded, value or error) once it has ended

@@ -164,6 +164,9 @@ class Deferred(Stored):
         import numpy as np
 
         yield from self._ready
+        # An empty part before waiting: a writer that holds back regions to copy them as one (the kept
+        # rows) copies them now, while the rows are computed.
+        yield memoryview(b"")
         computed: list[Part] = []
         for part in self._result():
             if not isinstance(part, np.ndarray):

@@ -33,6 +33,7 @@ from .vocab import (
     resize_report,
     resized_tables,
     same_table,
+    start_row_means,
     tensor_parallel_of,
     vocab_table_shapes,
     vocab_tables,
@@ -126,7 +127,12 @@ def read_tokenizers(own: Path | None, new: Path | None) -> tuple[TokenizerInfo |
 
 
 def resize_while_writing(
-    ckpt: Checkpoint, plan: ResizePlan, tokenizers: tuple[Path | None, Path | None], wording: Wording, seed: int
+    ckpt: Checkpoint,
+    plan: ResizePlan,
+    tokenizers: tuple[Path | None, Path | None],
+    wording: Wording,
+    seed: int,
+    workers: int = 1,
 ) -> tuple[Checkpoint, Callable[[], list[TensorResize]]]:
     """:func:`~.vocab.apply_resize` with the tokenizers (files ``tokenizers``: own, new) read and checked
     and the new rows computed beside the caller (:class:`~.beside.Beside`) while it writes the result.
@@ -165,9 +171,9 @@ def resize_while_writing(
         offset += computed
     try:
         work = Beside.start(
-            _resize_tables_into, ckpt, plan, tokenizers, wording, seed, list(jobs.values()), out_bytes=offset
+            _resize_tables_into, ckpt, plan, tokenizers, wording, seed, list(jobs.values()), workers, out_bytes=offset
         )
-    except (MemoryError, OverflowError):  # a size no machine holds, from the config (override_vocab_size...)
+    except (MemoryError, OverflowError, OSError):  # a size no machine holds, from the config (override_vocab_size...)
         raise ResizeError(
             f"the new rows ({plan.rows.new_rows:,} rows in all) need {offset / 2**30:,.1f} GiB of memory, more "
             "than this machine gives; check the new vocabulary size and the config's padding settings"
@@ -208,6 +214,7 @@ def _resize_tables_into(
     wording: Wording,
     seed: int,
     jobs: list[_TableJob],
+    workers: int,
 ) -> list[TensorResize]:
     """The work beside the copy: the tokenizers read and checked, fvt's pieces taken, and the tables
     resized in the order of ``jobs`` (their order in ``work.out``), each one's computed rows put in
@@ -215,10 +222,11 @@ def _resize_tables_into(
     the rest is computed; what was done."""
     import numpy as np
 
-    pieces = checked_pieces(plan, *read_tokenizers(*tokenizers), wording)
     tables = vocab_tables(ckpt)
+    means = start_row_means(ckpt, plan, tables)  # beside the tokenizer work, which holds the GIL
+    pieces = checked_pieces(plan, *read_tokenizers(*tokenizers), wording)
     fallbacks: dict[str, int] = {}
-    resized = resized_tables(ckpt, plan, tables, pieces=pieces, seed=seed)
+    resized = resized_tables(ckpt, plan, tables, pieces=pieces, seed=seed, means=means, workers=workers)
     for job, (key, table, fallback_count) in zip(jobs, resized, strict=True):  # one order: vocab_table_shapes'
         fallbacks[key] = fallback_count
         rows = table.tail if job.kept is not None else table.array()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -9,14 +10,6 @@ from pathlib import Path
 from .atomic import refuse_existing, refuse_overlap, scratch_dir
 from .checkpoint import Checkpoint
 from .errors import ResizeError, UnsupportedError
-from .formats.megatron_run import (
-    OPTIMIZER_PREFIX,
-    canonical_tokenizer_files,
-    has_optimizer_state,
-    optimizer_keys,
-    state_without_optimizer,
-)
-from .formats.nemo import embed_tokenizer, tokenizer_config_files
 from .io import Format, Stage, load_checkpoint, no_stage, save_checkpoint, select, weights_for
 from .options import ResizeOptions
 from .pipeline import Wording, checked_pieces, prepare_resize, read_tokenizers, resize_while_writing, with_padding_of
@@ -109,7 +102,9 @@ def run_resize(
             checked_pieces(plan, *read_tokenizers(own_files, tokenizer), wording)
             return ["plan (dry run, nothing written):", *_lines(plan, hf, pad_to_multiple_of)]
         stage("resizing")
-        resized, finished = resize_while_writing(ckpt, plan, (own_files, tokenizer), wording, options.seed)
+        resized, finished = resize_while_writing(
+            ckpt, plan, (own_files, tokenizer), wording, options.seed, _compute_threads(fmt)
+        )
         if hf:
             from .formats.hf_folder import left_behind, with_new_rows, with_tokenizer
 
@@ -122,6 +117,10 @@ def run_resize(
                 with_new_rows(resized, plan.rows.new_rows), dst, fmt, force=force, verify=verify, stage=stage
             )
             return [f"wrote {dst}", *_lines(plan, hf, pad_to_multiple_of, finished()), *notes]
+        # Imported here: a Hugging Face resize starts copying sooner without these formats' modules.
+        from .formats.megatron_run import canonical_tokenizer_files
+        from .formats.nemo import embed_tokenizer, tokenizer_config_files
+
         if tokenizer is not None:
             files = tokenizer_config_files(tokenizer)
             if fmt is Format.MEGATRON:  # read back from tokenizer/ under megatron's names
@@ -140,6 +139,14 @@ def run_resize(
     return [f"wrote {dst}", *plan.lines(finished())]
 
 
+def _compute_threads(fmt: Format) -> int:
+    """Threads for fvt's new rows beside the writer: a Megatron run's writer links the model instead of
+    copying it and leaves every core to them; the other writers' kernel copy keeps one busy. (At most
+    8: the arithmetic waits on memory beyond that.)"""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(8, cores if fmt is Format.MEGATRON else cores - 1))
+
+
 def _lines(plan: ResizePlan, hf: bool, pad_to_multiple_of: int | None, done: Sequence[TensorResize] = ()) -> list[str]:
     """The plan's report; a Hugging Face folder's rows are padded as transformers pads them, not for
     tensor parallelism."""
@@ -153,6 +160,8 @@ def _lines(plan: ResizePlan, hf: bool, pad_to_multiple_of: int | None, done: Seq
 def _run_model(ckpt: Checkpoint, src: Path, drop_optimizer: bool) -> Checkpoint:
     """A Megatron run's model to resize: its optimizer state would keep the old tables' shapes (or hold
     their rows inside flat buffers), so it is refused, or dropped when asked."""
+    from .formats.megatron_run import OPTIMIZER_PREFIX, has_optimizer_state, optimizer_keys, state_without_optimizer
+
     if not has_optimizer_state(ckpt):
         return ckpt
     if not drop_optimizer:

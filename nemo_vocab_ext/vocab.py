@@ -5,7 +5,7 @@ Works on ``Checkpoint`` objects only, so the CLI and the NeMo plugin share one i
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -274,12 +274,15 @@ def resized_tables(
     *,
     pieces: Sequence[Sequence[int]] | None = None,
     seed: int = 0,
+    means: Mapping[int, Callable[[], np.ndarray]] | None = None,
+    workers: int = 1,
 ) -> Iterator[tuple[str, ResizedTable, int]]:
     """Each of ``tables`` (:func:`vocab_tables`) resized, in their order, tied copies once (under their
     first key), with its fvt fallbacks. Each is computed when asked for, so that a caller can write a
     table while the next one is computed; one generator draws the sampling inits' values for all.
 
-    ``pieces``: fvt's, of each new token (:func:`~.pipeline.checked_pieces`).
+    ``pieces``: fvt's, of each new token (:func:`~.pipeline.checked_pieces`); ``means``: the old rows'
+    means already being taken (:func:`start_row_means`); ``workers``: fvt's threads.
     """
     import numpy as np
 
@@ -293,9 +296,36 @@ def resized_tables(
             continue
         computed.add(id(old))
         tail, stats = rows_after_kept(
-            old, plan.rows, plan.init, dtype=dtypes[key], padding_init=plan.padding_init, pieces=pieces, rng=rng
+            old,
+            plan.rows,
+            plan.init,
+            dtype=dtypes[key],
+            padding_init=plan.padding_init,
+            pieces=pieces,
+            rng=rng,
+            mean=(means or {}).get(id(old)),
+            workers=workers,
         )
         yield key, ResizedTable(old, plan.rows.kept, tail), stats.fvt_fallbacks
+
+
+def start_row_means(
+    ckpt: Checkpoint, plan: ResizePlan, tables: Mapping[str, np.ndarray]
+) -> dict[int, Callable[[], np.ndarray]]:
+    """The old real rows' mean of each of ``tables`` (by ``id``) whose resize takes it whatever the
+    pieces, each started now on a thread: a resize reads the tokenizers first, mostly Python holding
+    the GIL, while the mean is numpy's and does not need it. Each value waits for its mean."""
+    from .beside import Beside
+    from .core.resize import mean_is_used, row_mean
+
+    if not plan.rows.old_vocab or not mean_is_used(plan.rows, plan.init, plan.padding_init):
+        return {}
+    dtypes = {key: dtype for key, (_, dtype) in vocab_table_shapes(ckpt).items()}
+    means: dict[int, Callable[[], np.ndarray]] = {}
+    for key, old in tables.items():
+        if id(old) not in means:
+            means[id(old)] = Beside.start(row_mean, old[: plan.rows.old_vocab], dtypes[key]).result
+    return means
 
 
 def resize_report(

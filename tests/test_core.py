@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from nemo_vocab_ext.checkpoint import DISTRIBUTED, Checkpoint
-from nemo_vocab_ext.core.dtypes import BY_NAME, dtype_of
+from nemo_vocab_ext.core import resize as core_resize
+from nemo_vocab_ext.core.dtypes import BY_NAME, DType, dtype_of
 from nemo_vocab_ext.core.keys import UnknownKeysError, find_vocab_keys, normalize_key
 from nemo_vocab_ext.core.resize import (
     from_float64,
@@ -119,6 +120,29 @@ def test_fvt_blocks_of_tokens_give_the_per_token_means() -> None:
     )
     expected = np.stack([table[ids].astype(np.float64).mean(axis=0) for ids in pieces]).astype(np.float32)
     assert np.array_equal(out[3000:5500], expected) and stats.fvt_fallbacks == 0
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_fvt_of_few_distinct_pieces_is_each_tokens_mean_either_way(
+    dtype: DType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A new script's tokens split into a few byte pieces: their rows are widened once. The rows are the
+    # pieces' float64 sum, in order, over their count, rounded once, as when every piece is widened at its use.
+    rng = np.random.default_rng(1)
+    table = torch_as_array(torch.from_numpy(rng.standard_normal((500, 64))).to(dtype.torch))
+    pieces = [[int(t) for t in rng.choice([3, 17, 250, 499], size=n)] for n in rng.integers(1, 12, size=300)]
+    plan = plan_rows(500, 500, 800, 800)
+    few, _ = rows_after_kept(table, plan, Init.FVT, dtype=dtype, padding_init=Init.MEAN, pieces=pieces)
+    monkeypatch.setattr(core_resize, "_FVT_DISTINCT_BYTES", 0)  # every piece widened where it is used
+    each, _ = rows_after_kept(table, plan, Init.FVT, dtype=dtype, padding_init=Init.MEAN, pieces=pieces)
+    old = torch.from_numpy(table.copy()).view(dtype.torch).double()
+    expected = []
+    for ids in pieces:
+        total = torch.zeros(64, dtype=torch.float64)
+        for i in ids:
+            total += old[i]
+        expected.append((total / len(ids)).float().to(dtype.torch))
+    assert few.tobytes() == each.tobytes() == torch_as_array(torch.stack(expected)).tobytes()
 
 
 def test_fvt_of_a_table_at_an_odd_offset_gathers_rows_without_copying_the_table() -> None:

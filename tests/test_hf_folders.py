@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
 
@@ -217,46 +217,58 @@ def test_sharded_index_rewritten(make_model: Callable[..., Path], thai_tokenizer
             assert (out / shard).read_bytes() == (src / shard).read_bytes()
 
 
-def test_the_first_shard_is_written_while_the_output_layer_is_computed(
+def test_every_shard_is_copied_before_a_table_is_awaited_and_each_table_is_written_once_computed(
     make_model: Callable[..., Path], thai_tokenizer: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An untied folder's writer takes each table's new rows as soon as they are computed: the shards
-    up to the output layer's are written (its own begun) before the output layer's rows are computed,
-    not after both tables; the folder is the same bit for bit."""
+    """An untied folder's writer copies every shard's stored entries before it waits for any table (the
+    embedding's rows are computed after the output layer's shard is begun), then takes each table as
+    soon as its rows are computed (the embedding's shard is complete before the output layer's rows
+    are); the folder is the same bit for bit."""
     import nemo_vocab_ext.core.resize as core_resize
     import nemo_vocab_ext.formats.hf_folder as hf_folder
 
     src = make_model("mistral", tied=False, shard=True)
     weight_map = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
-    head_shard = weight_map["lm_head.weight"]
-    assert weight_map["model.embed_tokens.weight"] < head_shard  # written first
+    embedding_shard, head_shard = weight_map["model.embed_tokens.weight"], weight_map["lm_head.weight"]
+    assert embedding_shard < head_shard  # written first
     merged = _merged(src, thai_tokenizer, tmp_path)
     expected = tmp_path / "expected"
     assert invoke_cli("resize", src, expected, "--tokenizer", merged).exit_code == 0
 
     events: list[str] = []
-    head_shard_begun = threading.Event()
-    compute_rows, write_shard = core_resize.rows_after_kept, hf_folder._write_file
+    head_copied, embedding_written = threading.Event(), threading.Event()
+    compute_rows, shard_writer = core_resize.rows_after_kept, hf_folder.shard_writer
 
     def computes(*args: Any, **kwargs: Any) -> Any:
-        if events:  # the second table, the output layer: it waits for the writer (at most 10 s)
-            head_shard_begun.wait(10)
+        # Each waits (at most 10 s) for what the writer must have done without it.
+        (embedding_written if events.count("table computed") else head_copied).wait(10)
         rows = compute_rows(*args, **kwargs)
         events.append("table computed")
         return rows
 
-    def writes(path: Path, *args: Any) -> None:
+    def writes(path: Path, *args: Any) -> Generator[None, None, None]:
+        steps = shard_writer(path, *args)
+        next(steps)
         if path.name == head_shard:
-            events.append("output layer's shard begun")
-            head_shard_begun.set()
-        write_shard(path, *args)
+            events.append("output layer's shard copied")
+            head_copied.set()
+        yield
+        next(steps, None)
+        if path.name == embedding_shard:
+            events.append("embedding's shard written")
+            embedding_written.set()
 
     monkeypatch.setattr(core_resize, "rows_after_kept", computes)
-    monkeypatch.setattr(hf_folder, "_write_file", writes)
+    monkeypatch.setattr(hf_folder, "shard_writer", writes)
     out = tmp_path / "out"
     result = invoke_cli("resize", src, out, "--tokenizer", merged)
     assert result.exit_code == 0, result.output
-    assert events == ["table computed", "output layer's shard begun", "table computed"]
+    assert events == [
+        "output layer's shard copied",
+        "table computed",
+        "embedding's shard written",
+        "table computed",
+    ]
     assert tree_digest(out) == tree_digest(expected)
 
 

@@ -162,14 +162,31 @@ class OutFile:
 
     def put(self, parts: Iterable[Part]) -> int:
         """Append each part: a file's region (copied in the kernel when it can be) or bytes in memory.
-        Returns the bytes appended."""
+        Regions that follow each other in one file are copied as one (a shard's tensors lie back to
+        back: one copy instead of one per tensor). Returns the bytes appended."""
         appended = 0
+        pending: Region | None = None  # a region not copied yet, which the next part may extend
         for part in parts:
-            if isinstance(part, memoryview):
-                self.write(part)
+            adjacent = (
+                pending is not None
+                and not isinstance(part, memoryview)
+                and part.path == pending.path
+                and part.offset == pending.offset + pending.length
+            )
+            if adjacent:
+                assert pending is not None and not isinstance(part, memoryview)
+                pending = FileRegion(pending.path, pending.offset, pending.length + part.length)
             else:
-                self.copy_from(part)
+                if pending is not None:
+                    self.copy_from(pending)
+                pending = None
+                if isinstance(part, memoryview):
+                    self.write(part)
+                else:
+                    pending = part
             appended += part_length(part)
+        if pending is not None:
+            self.copy_from(pending)
         return appended
 
     def copy_from(self, region: Region) -> None:

@@ -10,6 +10,7 @@ the architecture ``config.json`` names (:data:`~..core.keys.HF_ARCHITECTURES`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import replace
@@ -21,7 +22,7 @@ from ..core.keys import UnknownArchitectureError
 from ..entries import Entries, tensor_meta
 from ..errors import CheckpointFormatError, UnsupportedError
 from .folder import InFolder
-from .safetensors_io import INDEX, SINGLE_NAME, _file_entries, _json, _Planned, _shard_files, _write_file
+from .safetensors_io import INDEX, SINGLE_NAME, _file_entries, _json, _Planned, _shard_files, shard_writer
 from .untrusted import MAX_CONFIG_BYTES, check_config
 
 CONFIG_FILE = "config.json"
@@ -125,8 +126,18 @@ def write_hf_folder(ckpt: Checkpoint, dst: Path) -> None:
             raise CheckpointFormatError(f"{dst}: entry '{key}' is not a tensor the index places in a shard")
         shape, dtype = meta
         shards.setdefault(shard, []).append(_Planned(key, dtype, shape, math.prod(shape) * dtype.itemsize))
-    for shard, planned in shards.items():
-        _write_file(dst / shard, planned, ckpt.tensors, {"format": "pt"})
+    with contextlib.ExitStack() as stack:
+        writers = [
+            stack.enter_context(contextlib.closing(shard_writer(dst / shard, planned, ckpt.tensors, {"format": "pt"})))
+            for shard, planned in shards.items()
+        ]
+        # Every shard's stored entries first, then the computed tables in shard order: a resize's
+        # embedding and output layer lie in different shards, and the copy then never waits for the
+        # first table while another shard's bytes are still to copy.
+        for writer in writers:
+            next(writer)
+        for writer in writers:
+            next(writer, None)
 
 
 def _totals(ckpt: Checkpoint) -> tuple[int, int]:

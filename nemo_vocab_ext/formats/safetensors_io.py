@@ -14,14 +14,26 @@ import base64
 import json
 import math
 import struct
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Generator, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeGuard
 
 from ..checkpoint import DISTRIBUTED, MP_RANK, SINGLE, TP_PP_RANK, Checkpoint, Value
 from ..core.dtypes import BY_SAFETENSORS, UINT8, DType
-from ..entries import Entries, Stored, entry_parts, held, is_tensor, same_bytes_key, tensor_meta, write_order
+from ..entries import (
+    Deferred,
+    Entries,
+    Part,
+    Stored,
+    entry_parts,
+    held,
+    is_tensor,
+    part_length,
+    same_bytes_key,
+    tensor_meta,
+    write_order,
+)
 from ..errors import CheckpointFormatError, ConfigError
 from .byteio import FileRegion, InRegion, OutFile
 from .folder import InFolder
@@ -108,6 +120,16 @@ def _plan(tensors: Mapping[str, Value]) -> tuple[list[_Planned], list[str], list
 
 
 def _write_file(path: Path, planned: list[_Planned], tensors: Mapping[str, Value], metadata: dict[str, str]) -> None:
+    for _ in shard_writer(path, planned, tensors, metadata):
+        pass
+
+
+def shard_writer(
+    path: Path, planned: list[_Planned], tensors: Mapping[str, Value], metadata: dict[str, str]
+) -> Generator[None, None, None]:
+    """Write one file in two steps: its header and every entry but those computed while it is written
+    (:class:`~..entries.Deferred`, last in the data), then, once resumed, those. A folder of shards
+    copies every shard's stored entries before it waits for any computed one."""
     header: dict[str, Any] = {"__metadata__": metadata}
     for p in planned:  # the header lists entries in their order; data comes in write order
         header[p.key] = {"dtype": p.dtype.safetensors, "shape": list(p.shape)}
@@ -118,14 +140,25 @@ def _write_file(path: Path, planned: list[_Planned], tensors: Mapping[str, Value
         offset += p.nbytes
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-(len(text) + 8) % _HEADER_ALIGN)
+    computed = [p for p in order if isinstance(held(tensors, p.key), Deferred)]  # last in write order
+
+    def parts(entries: list[_Planned]) -> Iterator[Part]:
+        # Stored bytes that are already what we write are copied, not decoded; entries are read one at a time.
+        for p in entries:
+            written = 0
+            for part in entry_parts(held(tensors, p.key)):
+                written += part_length(part)
+                yield part
+            if written != p.nbytes:
+                raise CheckpointFormatError(f"entry '{p.key}' changed size while it was written")
+
     with open(path, "wb") as f:
         out = OutFile(f)
         out.write(struct.pack("<Q", len(text)))
         out.write(text)
-        for p in order:
-            # Stored bytes that are already what we write are copied, not decoded.
-            if out.put(entry_parts(held(tensors, p.key))) != p.nbytes:
-                raise CheckpointFormatError(f"entry '{p.key}' changed size while it was written")
+        out.put(parts(order[: len(order) - len(computed)]))
+        yield
+        out.put(parts(computed))
 
 
 def write_safetensors(ckpt: Checkpoint, dst: Path, *, max_shard_bytes: int | None = None) -> None:

@@ -110,14 +110,15 @@ def test_fvt_is_the_mean_of_piece_rows_with_mean_fallback() -> None:
         resize_table(table, plan_rows(4, 4, 7, 8), Init.FVT, dtype=F32, padding_init=Init.MEAN)
 
 
-def test_fvt_blocks_of_tokens_give_the_per_token_means() -> None:
-    # More piece rows than one block holds, pieces of every length: each row is its pieces' mean.
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_fvt_blocks_of_tokens_give_the_per_token_means(workers: int) -> None:
+    # More piece rows than one block holds, pieces of every length: each row is its pieces' mean,
+    # whichever threads share the blocks.
     rng = np.random.default_rng(0)
     table = rng.integers(-64, 64, size=(3000, 3)).astype(np.float32)
     pieces = [[int(t) for t in rng.integers(0, 3000, size=n)] for n in rng.integers(1, 7, size=2500)]
-    out, stats = resize_table(
-        table, plan_rows(3000, 3000, 5500, 5504), Init.FVT, dtype=F32, padding_init=Init.MEAN, pieces=pieces
-    )
+    plan = plan_rows(3000, 3000, 5500, 5504)
+    out, stats = resize_table(table, plan, Init.FVT, dtype=F32, padding_init=Init.MEAN, pieces=pieces, workers=workers)
     expected = np.stack([table[ids].astype(np.float64).mean(axis=0) for ids in pieces]).astype(np.float32)
     assert np.array_equal(out[3000:5500], expected) and stats.fvt_fallbacks == 0
 

@@ -186,6 +186,7 @@ def _fvt_rows(
     wide = None
     if distinct.size * 4 <= ids.size and distinct.size * width * 8 <= _FVT_DISTINCT_BYTES:
         picked = np.empty((distinct.size, width), dtype=rows.dtype)
+        # Ids out of range (their tokens fall back to the mean) are clipped, and their rows never used.
         np.take(source, distinct, axis=0, out=picked if rows.flags.aligned else picked.view(np.uint8), mode="clip")
         wide = widen(picked, dtype).astype(np.float64)
         ids = where.reshape(-1)

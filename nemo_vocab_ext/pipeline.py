@@ -166,8 +166,7 @@ def resize_while_writing(
         # new table is computed.
         kept = None if raw is None else byte_prefix(raw, plan.rows.kept * row_bytes)
         computed = (plan.rows.new_rows - (plan.rows.kept if kept is not None else 0)) * row_bytes
-        kept_from = stored if kept is not None else None
-        jobs[identity] = _TableJob(key, (plan.rows.new_rows, *shape[1:]), dtype, kept, kept_from, offset, computed)
+        jobs[identity] = _TableJob(key, (plan.rows.new_rows, *shape[1:]), dtype, kept, offset, computed)
         offset += computed
     try:
         work = Beside.start(
@@ -184,8 +183,14 @@ def resize_while_writing(
         # while the next is computed.
         return [work.out_until(job.offset + job.nbytes)[job.offset :]]
 
-    entries = {
-        identity: Deferred(job.shape, job.dtype, functools.partial(computed_rows, job), job.kept or (), job.kept_from)
+    entries = {  # kept rows: the leading rows of the old table, where it stores them
+        identity: Deferred(
+            job.shape,
+            job.dtype,
+            functools.partial(computed_rows, job),
+            job.kept or (),
+            held(ckpt.tensors, job.key) if job.kept is not None else None,
+        )
         for identity, job in jobs.items()
     }
     tables = {key: entries[same_table(ckpt, key)] for key in vocab_table_shapes(ckpt)}
@@ -201,7 +206,6 @@ class _TableJob:
     shape: tuple[int, ...]
     dtype: DType
     kept: list[Region] | None  # the kept rows where they lie; None: every row is computed
-    kept_from: Stored | None  # the old table they are the leading rows of
     offset: int
     nbytes: int
 

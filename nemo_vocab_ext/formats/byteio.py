@@ -167,24 +167,18 @@ class OutFile:
         appended = 0
         pending: Region | None = None  # a region not copied yet, which the next part may extend
         for part in parts:
-            adjacent = (
-                pending is not None
-                and not isinstance(part, memoryview)
-                and part.path == pending.path
-                and part.offset == pending.offset + pending.length
-            )
-            if adjacent:
-                assert pending is not None and not isinstance(part, memoryview)
+            appended += part_length(part)
+            if isinstance(part, memoryview):
+                if pending is not None:
+                    self.copy_from(pending)
+                    pending = None
+                self.write(part)
+            elif pending is not None and part.path == pending.path and part.offset == pending.offset + pending.length:
                 pending = FileRegion(pending.path, pending.offset, pending.length + part.length)
             else:
                 if pending is not None:
                     self.copy_from(pending)
-                pending = None
-                if isinstance(part, memoryview):
-                    self.write(part)
-                else:
-                    pending = part
-            appended += part_length(part)
+                pending = part
         if pending is not None:
             self.copy_from(pending)
         return appended

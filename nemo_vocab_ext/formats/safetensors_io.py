@@ -140,7 +140,8 @@ def shard_writer(
         offset += p.nbytes
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-(len(text) + 8) % _HEADER_ALIGN)
-    computed = [p for p in order if isinstance(held(tensors, p.key), Deferred)]  # last in write order
+    computed = [p for p in order if isinstance(held(tensors, p.key), Deferred)]
+    stored = [p for p in order if p not in computed]
 
     def parts(entries: list[_Planned]) -> Iterator[Part]:
         # Stored bytes that are already what we write are copied, not decoded; entries are read one at a time.
@@ -156,7 +157,7 @@ def shard_writer(
         out = OutFile(f)
         out.write(struct.pack("<Q", len(text)))
         out.write(text)
-        out.put(parts(order[: len(order) - len(computed)]))
+        out.put(parts(stored))
         yield
         out.put(parts(computed))
 

@@ -230,11 +230,19 @@ def _resize_tables_into(
     means = start_row_means(ckpt, plan, tables)  # beside the tokenizer work, which holds the GIL
     pieces = checked_pieces(plan, *read_tokenizers(*tokenizers), wording)
     fallbacks: dict[str, int] = {}
-    resized = resized_tables(ckpt, plan, tables, pieces=pieces, seed=seed, means=means, workers=workers)
+    tails = {}  # each table's computed rows, straight into the output buffer
+    for job in jobs:
+        rows = np.frombuffer(work.out, job.dtype.numpy, job.nbytes // job.dtype.itemsize, job.offset)
+        rows = rows.reshape(-1, *job.shape[1:])
+        if job.kept is None:  # the whole table is written from here: its kept rows too
+            rows[: plan.rows.kept] = tables[job.key][: plan.rows.kept]
+            rows = rows[plan.rows.kept :]
+        tails[job.key] = rows
+    resized = resized_tables(ckpt, plan, tables, pieces=pieces, seed=seed, means=means, workers=workers, tails=tails)
     for job, (key, table, fallback_count) in zip(jobs, resized, strict=True):  # one order: vocab_table_shapes'
+        if table.tail is not tails[job.key]:  # the rows would not reach the writer
+            raise AssertionError(f"{key}: resized out of order (expected {job.key})")
         fallbacks[key] = fallback_count
-        rows = table.tail if job.kept is not None else table.array()
-        np.frombuffer(work.out, rows.dtype, rows.size, job.offset).reshape(rows.shape)[...] = rows
         if job is not jobs[-1]:
             # The last table is filled when the work has succeeded: a writer cannot finish the
             # checkpoint before the whole work has.

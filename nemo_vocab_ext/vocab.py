@@ -276,13 +276,15 @@ def resized_tables(
     seed: int = 0,
     means: Mapping[int, Callable[[], np.ndarray]] | None = None,
     workers: int = 1,
+    tails: Mapping[str, np.ndarray] | None = None,
 ) -> Iterator[tuple[str, ResizedTable, int]]:
     """Each of ``tables`` (:func:`vocab_tables`) resized, in their order, tied copies once (under their
     first key), with its fvt fallbacks. Each is computed when asked for, so that a caller can write a
     table while the next one is computed; one generator draws the sampling inits' values for all.
 
     ``pieces``: fvt's, of each new token (:func:`~.pipeline.checked_pieces`); ``means``: the old rows'
-    means already being taken (:func:`start_row_means`); ``workers``: fvt's threads.
+    means already being taken (:func:`start_row_means`); ``workers``: fvt's threads; ``tails``: where
+    each table's computed rows go, by key (a writer's buffer), else new arrays.
     """
     import numpy as np
 
@@ -305,6 +307,7 @@ def resized_tables(
             rng=rng,
             mean=(means or {}).get(id(old)),
             workers=workers,
+            out=(tails or {}).get(key),
         )
         yield key, ResizedTable(old, plan.rows.kept, tail), stats.fvt_fallbacks
 

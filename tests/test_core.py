@@ -229,6 +229,20 @@ def test_rows_after_kept_are_the_whole_difference_and_the_old_table_is_only_read
     assert np.array_equal(fvt[0], [10.0, 11.0]) and np.array_equal(zeros[0], [0.0, 0.0])
 
 
+def test_rows_after_kept_fill_the_buffer_they_are_given_and_refuse_one_of_another_shape() -> None:
+    # A writer's buffer takes the rows where they are computed: the same rows as a fresh array, in it.
+    old = _table(8)
+    plan = plan_rows(5, 8, 7, 12)  # 2 new tokens (fvt: old 0 and 2; old 1), 5 padding rows
+    expected, _ = rows_after_kept(old, plan, Init.FVT, dtype=F32, padding_init=Init.MEAN, pieces=[[0, 2], [1]])
+    buffer = np.full((7, 2), -1.0, dtype=np.float32)
+    tail, _ = rows_after_kept(old, plan, Init.FVT, dtype=F32, padding_init=Init.MEAN, pieces=[[0, 2], [1]], out=buffer)
+    assert tail is buffer and np.array_equal(buffer, expected)
+    assert np.array_equal(buffer[:2], [[10.0, 11.0], [10.0, 11.0]])
+    for wrong in (np.empty((6, 2), np.float32), np.empty((7, 2), np.float64)):
+        with pytest.raises(ValueError, match="expected an output of shape"):
+            rows_after_kept(old, plan, Init.MEAN, dtype=F32, padding_init=Init.MEAN, out=wrong)
+
+
 def test_bf16_rows_stay_bit_exact() -> None:
     table = torch_as_array(torch.randn(6, 4).to(torch.bfloat16))
     out, _ = resize_table(table, plan_rows(6, 6, 9, 12), Init.MEAN, dtype=BF16, padding_init=Init.MEAN)

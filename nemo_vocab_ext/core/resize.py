@@ -289,14 +289,17 @@ def rows_after_kept(
     rng: np.random.Generator | None = None,
     mean: Callable[[], np.ndarray] | None = None,
     workers: int = 1,
+    out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, ResizeStats]:
-    """Rows ``[plan.kept, plan.new_rows)`` of the resized table, and what was done to its rows.
+    """Rows ``[plan.kept, plan.new_rows)`` of the resized table (in ``out`` where given), and what was
+    done to its rows.
 
     The resized table is ``old[: plan.kept]`` followed by these rows, so the kept rows need never be
     copied in memory: a writer copies their stored bytes as they lie. ``old`` is the full (joined) old
     table of ``dtype``'s stored elements, only read. ``pieces[i]`` are the old tokenizer's ids for new
     token ``plan.old_vocab + i`` (inits that ``needs_pieces``). ``mean``: gives the old real rows'
-    float64 mean where it is already being taken (:func:`mean_is_used`); ``workers``: fvt's threads.
+    float64 mean where it is already being taken (:func:`mean_is_used`); ``workers``: fvt's threads;
+    ``out``: where the rows go (a writer's buffer: the rows are then neither allocated nor copied).
     """
     _check_table(old, plan)
     if padding_init.needs_pieces:
@@ -307,7 +310,10 @@ def rows_after_kept(
     # At most one pass over the old rows for their mean, which both row classes may use (fvt only
     # for tokens without pieces).
     mean = functools.cache(mean or functools.partial(row_mean, old_real, dtype))
-    tail = np.empty((plan.new_rows - plan.kept, *old.shape[1:]), dtype=old.dtype)
+    shape = (plan.new_rows - plan.kept, *old.shape[1:])
+    if out is not None and (out.shape != shape or out.dtype != old.dtype):
+        raise ValueError(f"expected an output of shape {shape} and dtype {old.dtype}, got {out.shape} {out.dtype}")
+    tail = np.empty(shape, dtype=old.dtype) if out is None else out
     fallbacks = init_rows(
         old_real, tail[:new_count], init, dtype=dtype, pieces=pieces, rng=rng, mean=mean, workers=workers
     )

@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
 import bench  # noqa: E402
 import make_checkpoint as mc  # noqa: E402
@@ -84,3 +86,22 @@ def test_bench_resizes_a_hf_folder_and_a_megatron_run(tmp_path: Path) -> None:
     assert run["ratio_target"] == bench.MEGATRON_RATIO_TARGET
     names = [t["target"] for t in result["targets"]]
     assert f"{run['name']}: bytes written" in names
+
+
+def test_ab_commits_runs_both_versions_in_pairs_and_refuses_a_failing_command(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import ab_commits
+
+    base, merged, src = tmp_path / "base_tok", tmp_path / "merged_tok", tmp_path / "base.nemo"
+    shape = mc.SIZES["tiny"]
+    mc.make_base_tokenizer(shape.vocab, base)
+    mc.make_merged_tokenizer(base, shape.new_tokens, merged)
+    mc.write_checkpoint(src, "nemo", shape, layout="distributed", tied=True, tokenizer_dir=base)
+    out = tmp_path / "out.nemo"
+    ab_commits.main(["--base", "HEAD", "--pairs", "2", "--", "resize", str(src), str(out), "--tokenizer", str(merged)])
+    printed = capsys.readouterr().out
+    assert "base = HEAD" in printed and printed.count("(2 runs)") == 2 and "base - this, per pair" in printed
+    assert not out.exists()  # each run's output removed
+    with pytest.raises(SystemExit, match="resize exited 2: Error: .* does not exist"):
+        ab_commits.main(["--base", "HEAD", "--pairs", "2", "--", "resize", str(tmp_path / "nothing"), str(out)])

@@ -112,7 +112,8 @@ class TokenizerInfo:
         if self.kind == KIND_SENTENCEPIECE:
             ids: list[list[int]] = self.backend.encode(list(texts))
             return ids
-        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+        # The _fast variant skips the offsets, which are not used (ids as encode_batch gives them).
+        return [e.ids for e in self.backend.encode_batch_fast(list(texts), add_special_tokens=False)]
 
     def token_bytes(self, i: int) -> bytes:
         """The raw bytes token ``i`` stands for (a byte-level token may hold part of a UTF-8 character)."""

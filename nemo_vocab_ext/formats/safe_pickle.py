@@ -517,7 +517,12 @@ def _check_nesting(value: Any, what: str) -> None:
     visit(value, 0)
 
 
+_LEAVES = frozenset({int, float, str, bytes, bool, type(None)})  # exactly these types: most of a .metadata
+
+
 def _children(obj: Any) -> Iterable[Any] | None:
+    if type(obj) in _LEAVES:
+        return None
     if isinstance(obj, dict):
         return [*obj.keys(), *obj.values()]
     if isinstance(obj, list | tuple | set | frozenset):

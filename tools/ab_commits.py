@@ -41,7 +41,7 @@ def run_once(args: list[str], out: Path, pythonpath: str | None, cwd: Path) -> f
     wall = time.perf_counter() - start
     if done.returncode:
         said = done.stderr.decode(errors="replace").strip().splitlines() or [""]
-        raise SystemExit(f"{' '.join(args[:1])} exited {done.returncode}: {said[-1]}")  # the error's own line
+        raise SystemExit(f"{args[0]} exited {done.returncode}: {said[-1]}")  # the error's own line
     return wall
 
 
@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- then the CLI's arguments")
     options = p.parse_args(argv)
     args = options.command[1:] if options.command[:1] == ["--"] else options.command
+    if options.pairs < 2:
+        p.error("--pairs: at least 2 (quartiles need two values)")
     if len(args) < 3:
         p.error("give the command after --: e.g. -- resize SRC OUT --tokenizer TOK")
     out = Path(args[2]).resolve()

@@ -164,8 +164,8 @@ class Deferred(Stored):
         import numpy as np
 
         yield from self._ready
-        # An empty part before waiting: a writer that holds back regions to copy them as one (the kept
-        # rows) copies them now, while the rows are computed.
+        # An empty part before waiting: the writer copies the kept rows now, while the rows are computed
+        # (OutFile.put holds regions back to join them).
         yield memoryview(b"")
         computed: list[Part] = []
         for part in self._result():

@@ -191,10 +191,12 @@ def _fvt_rows(
         wide = widen(picked, dtype).astype(np.float64)
         ids = where.reshape(-1)
 
+    gather_from = source if wide is None else wide
+
     def sum_blocks(mine: Sequence[np.ndarray]) -> None:
         # Buffers reused by every block (fresh memory for each would cost page faults).
         block_sums = np.empty((_FVT_BLOCK_TOKENS, width), dtype=np.float64)
-        gathered = np.empty((_FVT_BLOCK_TOKENS, width), dtype=np.float64 if wide is not None else rows.dtype)
+        gathered = np.empty((_FVT_BLOCK_TOKENS, width), dtype=rows.dtype if wide is None else np.float64)
         target = gathered if wide is not None or rows.flags.aligned else gathered.view(np.uint8)
         scratch = np.empty(block_sums.size * 4, dtype=np.uint8)
         for chunk in mine:
@@ -204,12 +206,9 @@ def _fvt_rows(
             for k in range(int(counts[0])):
                 have = int(np.count_nonzero(counts > k))
                 # mode="clip": ids are in range (checked above), and "raise" would buffer every gather.
-                if wide is not None:
-                    np.take(wide, ids[first[:have] + k], axis=0, out=target[:have], mode="clip")
-                    sums[:have] += gathered[:have]  # pieces added in order, in float64
-                else:
-                    np.take(source, ids[first[:have] + k], axis=0, out=target[:have], mode="clip")
-                    sums[:have] += widen(gathered[:have], dtype, scratch)
+                np.take(gather_from, ids[first[:have] + k], axis=0, out=target[:have], mode="clip")
+                # Pieces added in order, in float64.
+                sums[:have] += gathered[:have] if wide is not None else widen(gathered[:have], dtype, scratch)
             sums /= counts[:, None]
             if norm is not None:
                 _rescale(sums, norm)

@@ -163,7 +163,9 @@ class OutFile:
     def put(self, parts: Iterable[Part]) -> int:
         """Append each part: a file's region (copied in the kernel when it can be) or bytes in memory.
         Regions that follow each other in one file are copied as one (a shard's tensors lie back to
-        back: one copy instead of one per tensor). Returns the bytes appended."""
+        back: one copy instead of one per tensor); bytes, even none, first copy the regions held back,
+        so a producer about to wait yields an empty part to have what it gave copied meanwhile.
+        Returns the bytes appended."""
         appended = 0
         pending: Region | None = None  # a region not copied yet, which the next part may extend
         for part in parts:
@@ -172,7 +174,8 @@ class OutFile:
                 if pending is not None:
                     self.copy_from(pending)
                     pending = None
-                self.write(part)
+                if part:
+                    self.write(part)
             elif pending is not None and part.path == pending.path and part.offset == pending.offset + pending.length:
                 pending = FileRegion(pending.path, pending.offset, pending.length + part.length)
             else:
